@@ -1,0 +1,141 @@
+//! The `imds-broker` command line: `serve` runs the daemon, `check` validates a config file.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::credentials::{self, ProcessSettings, StsSource, SystemClock};
+use crate::state::AppState;
+use crate::token::TokenKey;
+use crate::{server, signal};
+
+/// EX_USAGE from sysexits.h: the configuration (or the command line) is wrong.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(name = "imds-broker", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Log line format on stderr.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Validate a config file: exit 0 if it is valid, 1 with one line per problem if not.
+    Check {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+pub async fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve { config, log_format } => serve(config, log_format).await,
+        Command::Check { config } => check(config),
+    }
+}
+
+fn check(path: PathBuf) -> ExitCode {
+    match Config::load(&path) {
+        Ok(config) => {
+            println!("{}: OK, {} app(s)", path.display(), config.apps.len());
+            for app in &config.apps {
+                println!(
+                    "  {}: {:?} -> {} ({}s, session {})",
+                    app.name,
+                    app.matcher,
+                    app.role_arn,
+                    app.duration.as_secs(),
+                    app.session_name
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
+    init_tracing(log_format);
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!("invalid configuration:\n{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let settings = ProcessSettings::load().await;
+    if let Err(e) = credentials::check_not_own_source(&settings, &config.server.listen) {
+        tracing::error!("{e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let token_key = match TokenKey::load_or_create(&config.server.state_dir) {
+        Ok(key) => key,
+        Err(e) => {
+            tracing::error!("cannot load the token key: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let source = Arc::new(StsSource::new(&config.sts).await);
+    let listeners = match server::bind(&config.server.listen).await {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    announce(&listeners);
+    tracing::info!(
+        config = %config.path.display(),
+        apps = config.apps.len(),
+        "imds-broker started"
+    );
+    let state = AppState::new(config, token_key, source, Arc::new(SystemClock));
+    server::run(state, listeners, signal::shutdown()).await;
+    ExitCode::SUCCESS
+}
+
+/// One `listening on ADDR` line per listener on stdout, so scripts and tests can use port 0.
+fn announce(listeners: &[tokio::net::TcpListener]) {
+    let mut out = std::io::stdout().lock();
+    for l in listeners {
+        if let Ok(addr) = l.local_addr() {
+            let _ = writeln!(out, "listening on {addr}");
+        }
+    }
+    let _ = out.flush();
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

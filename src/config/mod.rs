@@ -1,0 +1,643 @@
+//! Configuration: loads the TOML file, refuses files others can write, and turns the raw serde
+//! structs into a validated [`Config`] whose every error names the file, line and field.
+
+mod raw;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+pub use raw::ImdsV1;
+use raw::{RawApp, RawConfig, RawDuration, RawMatch};
+
+use crate::arn::RoleArn;
+use crate::credentials::AssumeRoleInput;
+use crate::policy::Matcher;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/imds-broker/config.toml";
+pub const DEFAULT_LISTEN: &str = "169.254.169.254:80";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/imds-broker";
+
+/// IMDS token TTL bounds (EC2: 1 s to 6 h).
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(21_600);
+/// STS AssumeRole `DurationSeconds` bounds.
+pub const MIN_SESSION: Duration = Duration::from_secs(900);
+pub const MAX_SESSION: Duration = Duration::from_secs(43_200);
+pub const DEFAULT_SESSION: Duration = Duration::from_secs(3_600);
+/// botocore rewrites the expiry of credentials with less than this left, and the Java SDKs refetch
+/// on every call, so nothing below it is ever served.
+pub const MIN_REMAINING_FLOOR: Duration = Duration::from_secs(25 * 60);
+pub const DEFAULT_MIN_REMAINING: Duration = Duration::from_secs(30 * 60);
+/// A session must stay servable for at least this long after issue, or the broker would spend
+/// its time calling STS: `duration >= min_remaining + MIN_SERVABLE`.
+pub const MIN_SERVABLE: Duration = Duration::from_secs(15 * 60);
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub server: ServerConfig,
+    pub sts: StsConfig,
+    pub credentials: CredentialPolicy,
+    pub instance: InstanceInfo,
+    pub apps: Vec<App>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    pub imdsv1: ImdsV1,
+    pub token_max_ttl: Duration,
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct StsConfig {
+    pub region: String,
+    pub endpoint_url: Option<String>,
+    pub default_duration: Duration,
+}
+
+/// When cached credentials stop being served and when their refresh starts.
+#[derive(Debug, Clone, Copy)]
+pub struct CredentialPolicy {
+    /// Credentials with less validity than this are never served.
+    pub min_remaining: Duration,
+}
+
+/// The values IMDS reports about "the instance"; synthesized where the operator gave none.
+#[derive(Debug, Clone)]
+pub struct InstanceInfo {
+    pub region: String,
+    pub availability_zone: String,
+    pub instance_id: String,
+    pub instance_type: String,
+    pub ami_id: String,
+    pub hostname: String,
+}
+
+/// One `[[app]]`: who it is and which role it gets.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub name: String,
+    pub matcher: Matcher,
+    pub role_arn: RoleArn,
+    pub duration: Duration,
+    pub session_name: String,
+}
+
+impl App {
+    /// Everything that goes into AssumeRole: the credential cache key.
+    pub fn assume_role_input(&self) -> AssumeRoleInput {
+        AssumeRoleInput {
+            role_arn: self.role_arn.clone(),
+            session_name: self.session_name.clone(),
+            duration: self.duration,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: refusing config file: {reason}", path.display())]
+    Permissions { path: PathBuf, reason: String },
+    #[error("{}", Problems(problems))]
+    Invalid { problems: Vec<Problem> },
+}
+
+/// One validation failure, positioned in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.path.display(),
+            self.line,
+            self.column,
+            self.field,
+            self.message
+        )
+    }
+}
+
+struct Problems<'a>(&'a [Problem]);
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads, permission-checks and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        check_permissions(path)?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut v = Validator {
+            text,
+            path,
+            problems: Vec::new(),
+        };
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                v.push(span, "(file)", e.message().trim_end());
+                return Err(ConfigError::Invalid {
+                    problems: v.problems,
+                });
+            }
+        };
+        let config = v.validate(raw);
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                problems: v.problems,
+            })
+        }
+    }
+}
+
+/// The file must not be writable by anyone but root or the daemon's own user: whoever can write
+/// it decides which app gets which role.
+fn check_permissions(path: &Path) -> Result<(), ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let me = nix::unistd::geteuid().as_raw();
+    let refuse = |reason: String| ConfigError::Permissions {
+        path: path.to_owned(),
+        reason,
+    };
+    let mode = meta.mode();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(refuse(format!(
+            "owned by uid {}, not by root or the daemon's user (uid {me})",
+            meta.uid()
+        )));
+    }
+    if mode & 0o002 != 0 {
+        return Err(refuse(format!("world-writable (mode {:o})", mode & 0o7777)));
+    }
+    if mode & 0o020 != 0 && meta.gid() != 0 {
+        return Err(refuse(format!(
+            "writable by group {} (mode {:o})",
+            meta.gid(),
+            mode & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    path: &'a Path,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn push(&mut self, span: Range<usize>, field: &str, message: impl Into<String>) {
+        let (line, column) = line_col(self.text, span.start);
+        self.problems.push(Problem {
+            path: self.path.to_owned(),
+            line,
+            column,
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn validate(&mut self, raw: RawConfig) -> Config {
+        let server = self.server(raw.server);
+        let sts_duration = self.duration(
+            raw.sts.default_duration.as_ref(),
+            "sts.default_duration",
+            DEFAULT_SESSION,
+        );
+        let endpoint_url = raw.sts.endpoint_url.map(|u| {
+            let url = u.get_ref().trim().to_owned();
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                self.push(
+                    u.span(),
+                    "sts.endpoint_url",
+                    "must start with http:// or https://",
+                );
+            }
+            url
+        });
+        let region = raw.sts.region.get_ref().clone();
+        if !is_region(&region) {
+            self.push(
+                raw.sts.region.span(),
+                "sts.region",
+                format!("{region:?} is not an AWS region name"),
+            );
+        }
+        let min_remaining = self.duration(
+            raw.credentials.min_remaining.as_ref(),
+            "credentials.min_remaining",
+            DEFAULT_MIN_REMAINING,
+        );
+        if let Some(m) = &raw.credentials.min_remaining
+            && min_remaining < MIN_REMAINING_FLOOR
+        {
+            self.push(
+                m.span(),
+                "credentials.min_remaining",
+                format!(
+                    "must be at least {} (SDKs treat credentials with less left as expired)",
+                    humantime::format_duration(MIN_REMAINING_FLOOR)
+                ),
+            );
+        }
+        let credentials = CredentialPolicy { min_remaining };
+        let instance = self.instance(raw.instance, &region);
+        let sts = StsConfig {
+            region,
+            endpoint_url,
+            default_duration: sts_duration,
+        };
+        self.check_servable(
+            raw.sts.default_duration.as_ref(),
+            "sts.default_duration",
+            sts.default_duration,
+            credentials,
+        );
+
+        let mut apps: Vec<App> = Vec::with_capacity(raw.apps.len());
+        for (i, raw_app) in raw.apps.into_iter().enumerate() {
+            if let Some(app) = self.app(i, raw_app, &sts, credentials, &instance.hostname, &apps) {
+                apps.push(app);
+            }
+        }
+
+        Config {
+            path: self.path.to_owned(),
+            server,
+            sts,
+            credentials,
+            instance,
+            apps,
+        }
+    }
+
+    fn server(&mut self, raw: raw::RawServer) -> ServerConfig {
+        let mut listen = Vec::new();
+        match raw.listen {
+            None => listen.push(DEFAULT_LISTEN.parse().expect("constant address parses")),
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    self.push(list.span(), "server.listen", "needs at least one address");
+                }
+                for entry in list.get_ref() {
+                    match entry.get_ref().parse::<SocketAddr>() {
+                        Ok(addr) => listen.push(addr),
+                        Err(_) => self.push(
+                            entry.span(),
+                            "server.listen",
+                            format!(
+                                "{:?} is not an IP:port address (e.g. 169.254.169.254:80, [fd00:ec2::254]:80)",
+                                entry.get_ref()
+                            ),
+                        ),
+                    }
+                }
+            }
+        }
+        let token_max_ttl = self.duration(
+            raw.token_max_ttl.as_ref(),
+            "server.token_max_ttl",
+            MAX_TOKEN_TTL,
+        );
+        if let Some(t) = &raw.token_max_ttl
+            && (token_max_ttl < Duration::from_secs(1) || token_max_ttl > MAX_TOKEN_TTL)
+        {
+            self.push(
+                t.span(),
+                "server.token_max_ttl",
+                "must be between 1 and 21600 seconds",
+            );
+        }
+        ServerConfig {
+            listen,
+            imdsv1: raw.imdsv1.unwrap_or_default(),
+            token_max_ttl,
+            state_dir: raw
+                .state_dir
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        }
+    }
+
+    fn instance(&mut self, raw: raw::RawInstance, sts_region: &str) -> InstanceInfo {
+        let hostname = raw.hostname.unwrap_or_else(local_hostname);
+        let region = raw.region.unwrap_or_else(|| sts_region.to_owned());
+        let availability_zone = match raw.availability_zone {
+            // botocore derives the region by dropping the zone's last character.
+            Some(az)
+                if !az.get_ref().starts_with(&region) || az.get_ref().len() != region.len() + 1 =>
+            {
+                self.push(
+                    az.span(),
+                    "instance.availability_zone",
+                    format!("must be the region {region:?} plus one letter (SDKs derive the region from it)"),
+                );
+                az.into_inner()
+            }
+            Some(az) => az.into_inner(),
+            None => format!("{region}a"),
+        };
+        let seed = host_seed(&hostname);
+        InstanceInfo {
+            region,
+            availability_zone,
+            instance_id: raw
+                .instance_id
+                .unwrap_or_else(|| format!("i-{}", &seed[..17])),
+            instance_type: raw.instance_type.unwrap_or_else(|| "imds-broker".into()),
+            ami_id: raw
+                .ami_id
+                .unwrap_or_else(|| format!("ami-{}", &seed[17..34])),
+            hostname,
+        }
+    }
+
+    fn app(
+        &mut self,
+        index: usize,
+        raw: Spanned<RawApp>,
+        sts: &StsConfig,
+        policy: CredentialPolicy,
+        hostname: &str,
+        earlier: &[App],
+    ) -> Option<App> {
+        let raw = raw.into_inner();
+        let field = |f: &str| format!("app[{index}].{f}");
+        let name = raw.name.get_ref().clone();
+        let name_ok = (1..=64).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !name_ok {
+            self.push(
+                raw.name.span(),
+                &field("name"),
+                "must be 1-64 characters of [A-Za-z0-9_.-]",
+            );
+        }
+        if earlier.iter().any(|a| a.name == name) {
+            self.push(
+                raw.name.span(),
+                &field("name"),
+                format!("duplicate app name {name:?}"),
+            );
+        }
+        let role_arn = match raw.role_arn.get_ref().parse::<RoleArn>() {
+            Ok(arn) => Some(arn),
+            Err(e) => {
+                self.push(
+                    raw.role_arn.span(),
+                    &field("role_arn"),
+                    format!("{:?}: {e}", raw.role_arn.get_ref()),
+                );
+                None
+            }
+        };
+        let duration = self.duration(
+            raw.duration.as_ref(),
+            &field("duration"),
+            sts.default_duration,
+        );
+        self.check_servable(raw.duration.as_ref(), &field("duration"), duration, policy);
+        let session_name = match raw.session_name {
+            Some(s) => {
+                if !is_sts_name(s.get_ref()) {
+                    self.push(
+                        s.span(),
+                        &field("session_name"),
+                        "must be 2-64 characters of [A-Za-z0-9_+=,.@-] (STS RoleSessionName)",
+                    );
+                }
+                s.into_inner()
+            }
+            None => default_session_name(&name, hostname),
+        };
+        let matcher = self.matcher(raw.matcher, &field("match"));
+        Some(App {
+            name,
+            matcher: matcher?,
+            role_arn: role_arn?,
+            duration,
+            session_name,
+        })
+    }
+
+    fn matcher(&mut self, raw: Spanned<RawMatch>, field: &str) -> Option<Matcher> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let uid = match (raw.uid, raw.user) {
+            (Some(_), Some(user)) => {
+                self.push(
+                    user.span(),
+                    &format!("{field}.user"),
+                    "give either uid or user, not both",
+                );
+                return None;
+            }
+            (Some(uid), None) => Some(uid),
+            (None, Some(user)) => match nix::unistd::User::from_name(user.get_ref()) {
+                Ok(Some(u)) => Some(u.uid.as_raw()),
+                Ok(None) => {
+                    self.push(
+                        user.span(),
+                        &format!("{field}.user"),
+                        format!("no such user {:?} on this host", user.get_ref()),
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    self.push(
+                        user.span(),
+                        &format!("{field}.user"),
+                        format!("cannot look up user {:?}: {e}", user.get_ref()),
+                    );
+                    return None;
+                }
+            },
+            (None, None) => None,
+        };
+        let matcher = Matcher { uid };
+        if matcher.is_empty() {
+            // An empty match would hand this role to every caller on the host.
+            self.push(
+                span,
+                field,
+                "needs at least one criterion (uid or user); an empty match would match every caller",
+            );
+            return None;
+        }
+        Some(matcher)
+    }
+
+    fn duration(
+        &mut self,
+        raw: Option<&Spanned<RawDuration>>,
+        field: &str,
+        default: Duration,
+    ) -> Duration {
+        let Some(raw) = raw else { return default };
+        match raw.get_ref() {
+            RawDuration::Seconds(s) => Duration::from_secs(*s),
+            RawDuration::Human(h) => match humantime::parse_duration(h) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.push(
+                        raw.span(),
+                        field,
+                        format!(
+                            "{h:?} is not a duration ({e}); use seconds or e.g. \"1h\", \"45m\""
+                        ),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    /// A session must be a legal STS duration and leave time to serve it before `min_remaining`.
+    fn check_servable(
+        &mut self,
+        raw: Option<&Spanned<RawDuration>>,
+        field: &str,
+        duration: Duration,
+        policy: CredentialPolicy,
+    ) {
+        let Some(raw) = raw else { return };
+        if !(MIN_SESSION..=MAX_SESSION).contains(&duration) {
+            self.push(
+                raw.span(),
+                field,
+                "must be between 900 and 43200 seconds (STS DurationSeconds)",
+            );
+        } else if duration < policy.min_remaining + MIN_SERVABLE {
+            self.push(
+                raw.span(),
+                field,
+                format!(
+                    "must be at least credentials.min_remaining ({}) + {}, or credentials would be refreshed as soon as they are issued",
+                    humantime::format_duration(policy.min_remaining),
+                    humantime::format_duration(MIN_SERVABLE)
+                ),
+            );
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+fn is_region(s: &str) -> bool {
+    (4..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.contains('-')
+}
+
+fn is_sts_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "_+=,.@-".contains(c)
+}
+
+fn is_sts_name(s: &str) -> bool {
+    (2..=64).contains(&s.len()) && s.chars().all(is_sts_name_char)
+}
+
+/// `app@host`, with characters STS refuses replaced and cut to the 64-character limit.
+pub fn default_session_name(app: &str, hostname: &str) -> String {
+    let mut name: String = format!("{app}@{hostname}")
+        .chars()
+        .map(|c| if is_sts_name_char(c) { c } else { '-' })
+        .take(64)
+        .collect();
+    while name.len() < 2 {
+        name.push('-');
+    }
+    name
+}
+
+fn local_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// A stable per-host hex string for synthesized ids, from the machine id when there is one.
+fn host_seed(hostname: &str) -> String {
+    let machine_id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let digest = Sha256::digest(format!("{}|{hostname}", machine_id.trim()));
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_names_are_sanitized_and_bounded() {
+        assert_eq!(
+            default_session_name("billing", "web-1.example"),
+            "billing@web-1.example"
+        );
+        assert_eq!(default_session_name("a", "h st/x"), "a@h-st-x");
+        assert_eq!(default_session_name(&"x".repeat(80), "h").len(), 64);
+    }
+
+    #[test]
+    fn line_and_column_are_one_based() {
+        let text = "a\nbc\nd";
+        assert_eq!(line_col(text, 0), (1, 1));
+        assert_eq!(line_col(text, 3), (2, 2));
+        assert_eq!(line_col(text, 5), (3, 1));
+    }
+}

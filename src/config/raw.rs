@@ -1,0 +1,88 @@
+//! The config file exactly as written: serde structs that reject unknown keys and keep the source
+//! positions of every value that is validated later, so errors can name the line.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    pub sts: RawSts,
+    #[serde(default)]
+    pub credentials: RawCredentials,
+    #[serde(default)]
+    pub instance: RawInstance,
+    #[serde(default, rename = "app")]
+    pub apps: Vec<Spanned<RawApp>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<Spanned<Vec<Spanned<String>>>>,
+    pub imdsv1: Option<ImdsV1>,
+    pub token_max_ttl: Option<Spanned<RawDuration>>,
+    pub state_dir: Option<String>,
+}
+
+/// Whether tokenless (IMDSv1) GETs are answered. Disabled unless an operator opts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImdsV1 {
+    #[default]
+    Disabled,
+    Allowed,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSts {
+    pub region: Spanned<String>,
+    pub endpoint_url: Option<Spanned<String>>,
+    pub default_duration: Option<Spanned<RawDuration>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredentials {
+    pub min_remaining: Option<Spanned<RawDuration>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInstance {
+    pub region: Option<String>,
+    pub availability_zone: Option<Spanned<String>>,
+    pub instance_id: Option<String>,
+    pub instance_type: Option<String>,
+    pub ami_id: Option<String>,
+    pub hostname: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApp {
+    pub name: Spanned<String>,
+    #[serde(rename = "match")]
+    pub matcher: Spanned<RawMatch>,
+    pub role_arn: Spanned<String>,
+    pub duration: Option<Spanned<RawDuration>>,
+    pub session_name: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub uid: Option<u32>,
+    pub user: Option<Spanned<String>>,
+}
+
+/// Seconds as an integer, or a human string such as `"1h"` or `"90m"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawDuration {
+    Seconds(u64),
+    Human(String),
+}

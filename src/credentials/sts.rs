@@ -1,0 +1,110 @@
+//! The real credential source: STS AssumeRole through aws-sdk-sts, with the daemon's own source
+//! credentials from the aws-config default chain.
+
+use std::time::SystemTime;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_sts::operation::assume_role::AssumeRoleError;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+
+use super::{AssumeRoleInput, CredentialSource, Credentials, StsError};
+use crate::config::StsConfig;
+use crate::secret::Secret;
+
+/// Error codes STS (and the SDK's standard retry classifier) treat as throttling.
+const THROTTLING_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "SlowDown",
+    "PriorRequestNotComplete",
+];
+
+pub struct StsSource {
+    client: aws_sdk_sts::Client,
+}
+
+impl StsSource {
+    pub async fn new(config: &StsConfig) -> Self {
+        let shared = aws_config::defaults(BehaviorVersion::latest())
+            .region(aws_config::Region::new(config.region.clone()))
+            .load()
+            .await;
+        let mut builder = aws_sdk_sts::config::Builder::from(&shared);
+        if let Some(url) = &config.endpoint_url {
+            builder = builder.endpoint_url(url);
+        }
+        Self {
+            client: aws_sdk_sts::Client::from_conf(builder.build()),
+        }
+    }
+}
+
+impl CredentialSource for StsSource {
+    fn assume_role(
+        &self,
+        input: AssumeRoleInput,
+    ) -> BoxFuture<'static, Result<Credentials, StsError>> {
+        let request = self
+            .client
+            .assume_role()
+            .role_arn(input.role_arn.as_str())
+            .role_session_name(&input.session_name)
+            .duration_seconds(input.duration.as_secs() as i32);
+        async move {
+            let out = request.send().await.map_err(classify)?;
+            let c = out
+                .credentials()
+                .ok_or_else(|| StsError::Unusable("response has no Credentials".into()))?;
+            let expiration = SystemTime::try_from(*c.expiration())
+                .map_err(|_| StsError::Unusable("Expiration out of range".into()))?;
+            Ok(Credentials {
+                access_key_id: c.access_key_id().to_owned(),
+                secret_access_key: Secret::new(c.secret_access_key()),
+                session_token: Secret::new(c.session_token()),
+                expiration,
+                issued_at: SystemTime::now(),
+            })
+        }
+        .boxed()
+    }
+}
+
+fn classify(err: SdkError<AssumeRoleError>) -> StsError {
+    match &err {
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status().as_u16();
+            let code = service.err().code().unwrap_or("Unknown").to_owned();
+            let message = service.err().message().unwrap_or_default().to_owned();
+            if THROTTLING_CODES.contains(&code.as_str()) || status == 429 {
+                StsError::Throttled { code }
+            } else if status >= 500 {
+                StsError::Unavailable(format!("{code} (HTTP {status})"))
+            } else {
+                StsError::Refused { code, message }
+            }
+        }
+        SdkError::ConstructionFailure(_) => StsError::Refused {
+            code: "InvalidRequest".into(),
+            message: error_chain(&err),
+        },
+        _ => StsError::Unavailable(error_chain(&err)),
+    }
+}
+
+/// The error and its causes on one line. SDK errors carry no credential material.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,198 @@
+//! The IMDS-compatible HTTP surface: the router, its ordered security layers, and the handlers
+//! for session tokens, metadata and role credentials.
+
+mod error;
+mod guard;
+mod metadata;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{Extensions, HeaderMap, HeaderValue, header};
+use axum::middleware::{from_fn, from_fn_with_state, map_response};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, put};
+use serde::Serialize;
+
+pub use error::ImdsError;
+pub use metadata::imds_time;
+
+use crate::config::MAX_TOKEN_TTL;
+use crate::credentials::Credentials;
+use crate::identity::Caller;
+use crate::policy;
+use crate::state::AppState;
+use metadata::{Node, View};
+
+pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+pub const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+
+/// The connection's resolved caller, put into every request's extensions by the server.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub caller: Arc<Caller>,
+    /// The daemon's own address on this connection (what the caller dialled).
+    pub local: std::net::SocketAddr,
+}
+
+pub(crate) fn caller_of(ext: &Extensions) -> Result<&ConnectionInfo, ImdsError> {
+    ext.get::<ConnectionInfo>()
+        .ok_or(ImdsError::Internal("connection identity missing"))
+}
+
+impl std::ops::Deref for ConnectionInfo {
+    type Target = Caller;
+    fn deref(&self) -> &Caller {
+        &self.caller
+    }
+}
+
+/// The whole IMDS router. Layers run outermost first: `Server` header, forwarded-request
+/// refusal, token check, then routing.
+pub fn router(state: AppState) -> Router {
+    let metadata = get(tree);
+    Router::new()
+        .route(
+            "/latest/api/token",
+            put(put_token).fallback(|| async { ImdsError::MethodNotAllowed { allow: "PUT" } }),
+        )
+        .route(
+            "/{version}/api/token",
+            any(|| async { ImdsError::Forbidden("tokens are only issued at /latest/api/token") }),
+        )
+        .route("/", get(|| async { text("latest".into()) }))
+        .route(
+            "/latest",
+            get(|| async { text("dynamic\nmeta-data".into()) }),
+        )
+        .route(
+            "/latest/",
+            get(|| async { text("dynamic\nmeta-data".into()) }),
+        )
+        .route("/latest/meta-data", metadata.clone())
+        .route("/latest/meta-data/", metadata.clone())
+        .route("/latest/meta-data/{*rest}", metadata.clone())
+        .route("/latest/dynamic", metadata.clone())
+        .route("/latest/dynamic/", metadata.clone())
+        .route("/latest/dynamic/{*rest}", metadata)
+        .fallback(|| async { ImdsError::NotFound })
+        .method_not_allowed_fallback(|| async {
+            ImdsError::MethodNotAllowed { allow: "GET, HEAD" }
+        })
+        .layer(from_fn_with_state(state.clone(), guard::require_token))
+        .layer(from_fn(guard::reject_forwarded))
+        .layer(map_response(guard::server_header))
+        .with_state(state)
+}
+
+fn text(body: String) -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"))],
+        body,
+    )
+        .into_response()
+}
+
+/// `PUT /latest/api/token`: a token bound to this caller, for the TTL asked (capped by config).
+async fn put_token(State(state): State<AppState>, request: Request) -> Result<Response, ImdsError> {
+    let conn = caller_of(request.extensions())?;
+    let requested = requested_ttl(request.headers())?;
+    let granted = requested.min(state.config().server.token_max_ttl.as_secs());
+    let token = state.token_key().mint(
+        &conn.token_binding(),
+        Duration::from_secs(granted),
+        state.now(),
+    );
+    let mut response = text(token);
+    response
+        .headers_mut()
+        .insert(TOKEN_TTL_HEADER, HeaderValue::from(granted));
+    Ok(response)
+}
+
+/// The TTL header must be a plain integer from 1 to 21600.
+fn requested_ttl(headers: &HeaderMap) -> Result<u64, ImdsError> {
+    const INVALID: ImdsError = ImdsError::BadRequest("missing or invalid token TTL");
+    let mut values = headers.get_all(TOKEN_TTL_HEADER).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return Err(INVALID);
+    };
+    let value = value.to_str().map_err(|_| INVALID)?;
+    if value.is_empty() || value.len() > 5 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(INVALID);
+    }
+    let ttl: u64 = value.parse().map_err(|_| INVALID)?;
+    if ttl == 0 || ttl > MAX_TOKEN_TTL.as_secs() {
+        return Err(INVALID);
+    }
+    Ok(ttl)
+}
+
+/// `GET /latest/meta-data/...` and `/latest/dynamic/...`.
+async fn tree(State(state): State<AppState>, request: Request) -> Result<Response, ImdsError> {
+    let conn = caller_of(request.extensions())?;
+    let config = state.config();
+    let app = policy::find_app(&config.apps, conn);
+    let view = View {
+        instance: &config.instance,
+        app,
+        started_at: state.started_at(),
+        local_ip: conn.local.ip(),
+    };
+    let path = request.uri().path();
+    let node = if let Some(rest) = path.strip_prefix("/latest/meta-data") {
+        metadata::segments(rest).and_then(|s| metadata::meta_data(&view, &s))
+    } else if let Some(rest) = path.strip_prefix("/latest/dynamic") {
+        metadata::segments(rest).and_then(|s| metadata::dynamic(&view, &s))
+    } else {
+        None
+    };
+    match node.ok_or(ImdsError::NotFound)? {
+        Node::Dir(entries) => Ok(text(entries.join("\n"))),
+        Node::Text(body) => Ok(text(body)),
+        Node::Credentials => {
+            let app = app.ok_or(ImdsError::NotFound)?;
+            let creds = state.cache().get(&app.assume_role_input()).await?;
+            tracing::info!(
+                app = %app.name,
+                caller = %conn.caller,
+                role = %app.role_arn,
+                access_key_id = %creds.access_key_id,
+                expires = %imds_time(creds.expiration),
+                "credentials issued"
+            );
+            Ok(text(credential_document(&creds, app.role_arn.account_id())))
+        }
+    }
+}
+
+/// The credential JSON every SDK parses: `Code`, the four string fields, second-precision
+/// `Expiration` with `Z`, and `AccountId` (read by the JS and Go SDKs when present).
+fn credential_document(creds: &Credentials, account_id: &str) -> String {
+    #[derive(Serialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Document<'a> {
+        code: &'static str,
+        last_updated: String,
+        #[serde(rename = "Type")]
+        kind: &'static str,
+        access_key_id: &'a str,
+        secret_access_key: &'a str,
+        token: &'a str,
+        expiration: String,
+        account_id: &'a str,
+    }
+    let doc = Document {
+        code: "Success",
+        last_updated: imds_time(creds.issued_at),
+        kind: "AWS-HMAC",
+        access_key_id: &creds.access_key_id,
+        secret_access_key: creds.secret_access_key.expose(),
+        token: creds.session_token.expose(),
+        expiration: imds_time(creds.expiration),
+        account_id,
+    };
+    serde_json::to_string_pretty(&doc).expect("plain struct serializes")
+}

@@ -1,0 +1,25 @@
+//! imds-broker: an EC2-IMDS-compatible endpoint that gives each local application short-lived
+//! credentials for its own IAM role.
+//!
+//! How a request flows through the modules:
+//! - [`server`] accepts a connection and asks [`identity`] who owns the other end (netlink
+//!   [`sock_diag`]), once per connection.
+//! - [`imds`] routes the request through its security layers (forwarded-request refusal,
+//!   [`token`] check) to the metadata tree or the credential handler.
+//! - [`policy`] maps the caller to an `[[app]]` of the [`config`]; [`credentials`] returns that
+//!   app's cached role credentials, calling STS AssumeRole when they need renewing.
+//! - [`cli`] is the binary's entry point; [`signal`] turns signals into shutdown.
+
+pub mod arn;
+pub mod cli;
+pub mod config;
+pub mod credentials;
+pub mod identity;
+pub mod imds;
+pub mod policy;
+pub mod secret;
+pub mod server;
+pub mod signal;
+pub mod sock_diag;
+pub mod state;
+pub mod token;

@@ -1,0 +1,153 @@
+//! Listeners and connections: binds the configured addresses, resolves each accepted
+//! connection's caller once, serves HTTP/1.1 on it with tight limits, and drains on shutdown.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use crate::identity::Caller;
+use crate::imds::{self, ConnectionInfo};
+use crate::state::AppState;
+
+/// A client must send a complete request head within this time, and an idle keep-alive
+/// connection is closed after it: slow or silent clients cannot hold connections open.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// IMDS requests are a request line and a few short headers.
+pub const MAX_HEADERS: usize = 32;
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// How long in-flight requests get to finish after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub source: io::Error,
+}
+
+/// Binds every address, or fails naming the one that could not be bound.
+pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, BindError> {
+    let mut listeners = Vec::with_capacity(addrs.len());
+    for &addr in addrs {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| BindError { addr, source })?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Serves IMDS on `listeners` until `shutdown` completes, then stops accepting and gives
+/// in-flight requests [`SHUTDOWN_GRACE`] to finish.
+pub async fn run(state: AppState, listeners: Vec<TcpListener>, shutdown: impl Future<Output = ()>) {
+    let router = imds::router(state);
+    let stop = CancellationToken::new();
+    let graceful = Arc::new(GracefulShutdown::new());
+    let accept_loops = TaskTracker::new();
+    for listener in listeners {
+        accept_loops.spawn(accept_loop(
+            listener,
+            router.clone(),
+            graceful.clone(),
+            stop.clone(),
+        ));
+    }
+    accept_loops.close();
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections");
+    stop.cancel();
+    accept_loops.wait().await;
+    let graceful = Arc::into_inner(graceful).expect("accept loops have ended");
+    let open = graceful.count();
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open_connections = open,
+            grace_secs = SHUTDOWN_GRACE.as_secs(),
+            "connections still open after the shutdown grace period; closing them"
+        );
+    }
+    tracing::info!("stopped");
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    router: axum::Router,
+    graceful: Arc<GracefulShutdown>,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tokio::spawn(serve_connection(
+                    stream,
+                    peer,
+                    router.clone(),
+                    graceful.watcher(),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    router: axum::Router,
+    watcher: Watcher,
+) {
+    let local = match stream.local_addr() {
+        Ok(local) => local,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "connection gone before it was identified");
+            return;
+        }
+    };
+    // Once per connection: every request on a keep-alive connection comes from the same socket,
+    // so from the same owner.
+    let caller = Caller::resolve(peer, local);
+    tracing::debug!(%caller, %local, "connection accepted");
+    let info = ConnectionInfo {
+        caller: Arc::new(caller),
+        local,
+    };
+    let service = router.map_request(move |mut request: axum::http::Request<Incoming>| {
+        request.extensions_mut().insert(info.clone());
+        request
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}

@@ -1,0 +1,258 @@
+//! IMDSv2 session tokens: stateless HMAC tokens bound to the caller that minted them, under a key
+//! persisted in the state directory, so every token stays valid for its whole TTL across restarts
+//! (aws-sdk-rust caches a token for up to 6 h and never drops it on 401).
+
+use std::fmt;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+const KEY_FILE: &str = "token.key";
+const KEY_LEN: usize = 32;
+const VERSION: u8 = 1;
+const NONCE_LEN: usize = 16;
+const MAC_LEN: usize = 32;
+const TOKEN_LEN: usize = 1 + 8 + NONCE_LEN + MAC_LEN;
+const DOMAIN: &[u8] = b"imds-broker/token/v1";
+
+/// The HMAC key. Never printed.
+#[derive(Clone)]
+pub struct TokenKey([u8; KEY_LEN]);
+
+impl fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenKey(<redacted>)")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{}: refusing token key readable or writable by others (mode {mode:o}); it must be 0600", path.display())]
+    Permissions { path: PathBuf, mode: u32 },
+    #[error("{}: token key must be exactly {KEY_LEN} bytes", path.display())]
+    Length { path: PathBuf },
+}
+
+impl TokenKey {
+    /// Loads the key from `state_dir`, creating the directory (0700) and a fresh random key
+    /// (0600) on first start.
+    pub fn load_or_create(state_dir: &Path) -> Result<Self, KeyError> {
+        let path = state_dir.join(KEY_FILE);
+        let io_err = |source| KeyError::Io {
+            path: path.clone(),
+            source,
+        };
+        match fs::File::open(&path) {
+            Ok(mut file) => {
+                let mode = file.metadata().map_err(io_err)?.mode() & 0o7777;
+                if mode & 0o077 != 0 {
+                    return Err(KeyError::Permissions { path, mode });
+                }
+                let mut key = [0u8; KEY_LEN];
+                let mut rest = Vec::new();
+                file.read_exact(&mut key)
+                    .map_err(|_| KeyError::Length { path: path.clone() })?;
+                file.read_to_end(&mut rest).map_err(io_err)?;
+                if !rest.is_empty() {
+                    return Err(KeyError::Length { path });
+                }
+                Ok(Self(key))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(state_dir)
+                    .map_err(io_err)?;
+                let mut key = [0u8; KEY_LEN];
+                rand::rng().fill_bytes(&mut key);
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(io_err)?;
+                file.write_all(&key).map_err(io_err)?;
+                file.sync_all().map_err(io_err)?;
+                Ok(Self(key))
+            }
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn random() -> Self {
+        let mut key = [0u8; KEY_LEN];
+        rand::rng().fill_bytes(&mut key);
+        Self(key)
+    }
+
+    fn mac(&self, expires_ms: u64, nonce: &[u8], binding: &str) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(DOMAIN);
+        mac.update(&[VERSION]);
+        mac.update(&expires_ms.to_be_bytes());
+        mac.update(nonce);
+        mac.update(binding.as_bytes());
+        mac
+    }
+
+    /// Mints a token for `binding` that expires `ttl` after `now`.
+    pub fn mint(&self, binding: &str, ttl: Duration, now: SystemTime) -> String {
+        let expires_ms = unix_ms(now).saturating_add(ttl.as_millis() as u64);
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        let tag = self
+            .mac(expires_ms, &nonce, binding)
+            .finalize()
+            .into_bytes();
+        let mut raw = Vec::with_capacity(TOKEN_LEN);
+        raw.push(VERSION);
+        raw.extend_from_slice(&expires_ms.to_be_bytes());
+        raw.extend_from_slice(&nonce);
+        raw.extend_from_slice(&tag);
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// Checks that `token` was minted by this key for `binding` and has not expired at `now`.
+    /// Returns the time it has left.
+    pub fn verify(
+        &self,
+        token: &str,
+        binding: &str,
+        now: SystemTime,
+    ) -> Result<Duration, TokenError> {
+        if token.len() > 2 * TOKEN_LEN {
+            return Err(TokenError::Malformed);
+        }
+        let raw = URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| TokenError::Malformed)?;
+        if raw.len() != TOKEN_LEN || raw[0] != VERSION {
+            return Err(TokenError::Malformed);
+        }
+        let expires_ms = u64::from_be_bytes(raw[1..9].try_into().expect("8 bytes"));
+        let nonce = &raw[9..9 + NONCE_LEN];
+        self.mac(expires_ms, nonce, binding)
+            .verify_slice(&raw[9 + NONCE_LEN..])
+            .map_err(|_| TokenError::NotValidForCaller)?;
+        let now_ms = unix_ms(now);
+        if now_ms >= expires_ms {
+            return Err(TokenError::Expired);
+        }
+        Ok(Duration::from_millis(expires_ms - now_ms))
+    }
+}
+
+/// Why a presented token was refused. All map to 401; the reason is for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("token is malformed")]
+    Malformed,
+    #[error("token was not minted by this daemon for this caller")]
+    NotValidForCaller,
+    #[error("token has expired")]
+    Expired,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trips_and_is_visible_ascii() {
+        let key = TokenKey::random();
+        let now = SystemTime::now();
+        let t = key.mint("local:uid=1000", Duration::from_secs(60), now);
+        assert!(t.bytes().all(|b| b.is_ascii_graphic()), "{t}");
+        let left = key.verify(&t, "local:uid=1000", now).unwrap();
+        assert_eq!(left, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn token_is_bound_to_caller_and_key() {
+        let key = TokenKey::random();
+        let now = SystemTime::now();
+        let t = key.mint("local:uid=1000", Duration::from_secs(60), now);
+        assert_eq!(
+            key.verify(&t, "local:uid=1001", now),
+            Err(TokenError::NotValidForCaller)
+        );
+        assert_eq!(
+            TokenKey::random().verify(&t, "local:uid=1000", now),
+            Err(TokenError::NotValidForCaller)
+        );
+    }
+
+    #[test]
+    fn token_expires_exactly_at_ttl() {
+        let key = TokenKey::random();
+        let now = SystemTime::now();
+        let t = key.mint("b", Duration::from_secs(1), now);
+        assert!(
+            key.verify(&t, "b", now + Duration::from_millis(999))
+                .is_ok()
+        );
+        assert_eq!(
+            key.verify(&t, "b", now + Duration::from_secs(1)),
+            Err(TokenError::Expired)
+        );
+    }
+
+    #[test]
+    fn tampered_or_garbage_tokens_are_refused() {
+        let key = TokenKey::random();
+        let now = SystemTime::now();
+        let t = key.mint("b", Duration::from_secs(60), now);
+        // Push the expiry forward by editing the token: the MAC must catch it.
+        let mut raw = URL_SAFE_NO_PAD.decode(&t).unwrap();
+        raw[3] ^= 0x40;
+        let forged = URL_SAFE_NO_PAD.encode(raw);
+        assert_eq!(
+            key.verify(&forged, "b", now),
+            Err(TokenError::NotValidForCaller)
+        );
+        for junk in ["", "abc", "!!!!", &"A".repeat(500)] {
+            assert_eq!(
+                key.verify(junk, "b", now),
+                Err(TokenError::Malformed),
+                "{junk}"
+            );
+        }
+    }
+
+    #[test]
+    fn key_persists_with_private_mode_and_bad_modes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let a = TokenKey::load_or_create(&state).unwrap();
+        let b = TokenKey::load_or_create(&state).unwrap();
+        assert_eq!(a.0, b.0, "a restart must load the same key");
+        let path = state.join(KEY_FILE);
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(&state).unwrap().mode() & 0o777, 0o700);
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            TokenKey::load_or_create(&state),
+            Err(KeyError::Permissions { .. })
+        ));
+    }
+}
