@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
 
-pub use cache::{CacheError, Clock, CredentialCache, SystemClock};
+pub use cache::{CacheError, Clock, CredentialCache, FAILURE_HOLD, REFRESH_LEAD, SystemClock};
 pub use self_loop::{ProcessSettings, SelfLoopError, Settings, check_not_own_source};
 pub use sts::StsSource;
 

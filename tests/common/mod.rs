@@ -1,0 +1,383 @@
+//! Shared test harness: an in-process daemon on an ephemeral loopback port, a fake STS that
+//! can be slowed, failed or counted, a clock the test moves by hand, and a raw HTTP/1.1 client
+//! that sends exactly the bytes a test writes.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use imds_broker::config::Config;
+use imds_broker::credentials::{AssumeRoleInput, Clock, CredentialSource, Credentials, StsError};
+use imds_broker::secret::Secret;
+use imds_broker::state::AppState;
+use imds_broker::token::TokenKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub const ROLE_A: &str = "arn:aws:iam::111122223333:role/app-a";
+
+/// A wall clock that only moves when the test says so.
+#[derive(Clone)]
+pub struct ManualClock(Arc<Mutex<SystemTime>>);
+
+impl ManualClock {
+    pub fn new() -> Self {
+        // Whole seconds, so IMDS timestamps of "now + n" are exact.
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        Self(Arc::new(Mutex::new(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(now),
+        )))
+    }
+
+    pub fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap() += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// What the fake STS does on its next calls.
+#[derive(Clone, Debug)]
+pub enum Behavior {
+    /// Issue credentials valid for the requested duration (or this override).
+    Issue {
+        lifetime: Option<Duration>,
+    },
+    Fail(StsError),
+}
+
+/// An in-process STS stand-in: counts calls, can hold every call until released, and issues
+/// unique credentials whose expiry follows the shared [`ManualClock`].
+pub struct FakeSts {
+    clock: ManualClock,
+    behavior: Mutex<Behavior>,
+    calls: AtomicUsize,
+    inputs: Mutex<Vec<AssumeRoleInput>>,
+    /// Level-triggered, so a call that starts after `open` never waits.
+    gate: watch::Sender<bool>,
+    called: Notify,
+}
+
+impl FakeSts {
+    pub fn new(clock: ManualClock) -> Arc<Self> {
+        Arc::new(Self {
+            clock,
+            behavior: Mutex::new(Behavior::Issue { lifetime: None }),
+            calls: AtomicUsize::new(0),
+            inputs: Mutex::new(Vec::new()),
+            gate: watch::Sender::new(true),
+            called: Notify::new(),
+        })
+    }
+
+    pub fn set(&self, behavior: Behavior) {
+        *self.behavior.lock().unwrap() = behavior;
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn inputs(&self) -> Vec<AssumeRoleInput> {
+        self.inputs.lock().unwrap().clone()
+    }
+
+    /// Makes calls wait (including ones already started) until [`FakeSts::open`].
+    pub fn close(&self) {
+        self.gate.send_replace(false);
+    }
+
+    pub fn open(&self) {
+        self.gate.send_replace(true);
+    }
+
+    /// Waits until at least `n` calls have been made (an event, not a sleep).
+    pub async fn wait_for_calls(&self, n: usize) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let notified = self.called.notified();
+                if self.calls() >= n {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .expect("fake STS was not called in time");
+    }
+}
+
+impl CredentialSource for FakeSts {
+    fn assume_role(
+        &self,
+        input: AssumeRoleInput,
+    ) -> BoxFuture<'static, Result<Credentials, StsError>> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        self.inputs.lock().unwrap().push(input.clone());
+        self.called.notify_waiters();
+        let behavior = self.behavior.lock().unwrap().clone();
+        let mut gate = self.gate.subscribe();
+        let clock = self.clock.clone();
+        async move {
+            // Err only if the fake is gone; then nobody is waiting for the answer anyway.
+            let _ = gate.wait_for(|open| *open).await;
+            match behavior {
+                Behavior::Fail(e) => Err(e),
+                Behavior::Issue { lifetime } => {
+                    let now = clock.now();
+                    Ok(Credentials {
+                        access_key_id: format!("ASIAFAKE{n:012}"),
+                        secret_access_key: Secret::new(format!(
+                            "fake-secret-{n}-{}",
+                            "x".repeat(24)
+                        )),
+                        session_token: Secret::new(format!("fake-session-token-{n}")),
+                        expiration: now + lifetime.unwrap_or(input.duration),
+                        issued_at: now,
+                    })
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+/// Config text for tests: an app mapped to this test process's own uid, so every connection the
+/// test makes is that app.
+pub fn config_text(state_dir: &Path, extra_server: &str) -> String {
+    let uid = nix::unistd::geteuid().as_raw();
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+state_dir = "{state}"
+{extra_server}
+
+[sts]
+region = "us-east-1"
+
+[[app]]
+name = "app-a"
+role_arn = "{ROLE_A}"
+[app.match]
+uid = {uid}
+"#,
+        state = state_dir.display()
+    )
+}
+
+/// Config text in which no rule matches this test process.
+pub fn unmapped_config_text(state_dir: &Path) -> String {
+    config_text(state_dir, "").replace(
+        &format!("uid = {}", nix::unistd::geteuid().as_raw()),
+        "uid = 4000000",
+    )
+}
+
+/// A running in-process daemon.
+pub struct TestDaemon {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    pub sts: Arc<FakeSts>,
+    pub clock: ManualClock,
+    pub dir: Arc<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestDaemon {
+    pub async fn start(config: impl FnOnce(&Path) -> String) -> Self {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let clock = ManualClock::new();
+        let sts = FakeSts::new(clock.clone());
+        Self::start_with(dir, config, clock, sts).await
+    }
+
+    pub async fn start_with(
+        dir: Arc<tempfile::TempDir>,
+        config: impl FnOnce(&Path) -> String,
+        clock: ManualClock,
+        sts: Arc<FakeSts>,
+    ) -> Self {
+        let state_dir = dir.path().join("state");
+        let text = config(&state_dir);
+        let config = Config::parse(&text, &PathBuf::from("test.toml")).expect("valid test config");
+        let key = TokenKey::load_or_create(&config.server.state_dir).unwrap();
+        let listeners = imds_broker::server::bind(&config.server.listen)
+            .await
+            .unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        let state = AppState::new(config, key, sts.clone(), Arc::new(clock.clone()));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(imds_broker::server::run(state.clone(), listeners, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            state,
+            sts,
+            clock,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the daemon and waits until it has drained.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap();
+    }
+
+    pub async fn send(&self, raw: &str) -> RawResponse {
+        send_raw(self.addr, raw.as_bytes()).await
+    }
+
+    /// Sends a HEAD request: the response has a length but no body.
+    pub async fn head(&self, path: &str, token: &str) -> RawResponse {
+        let raw = format!(
+            "HEAD {path} HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token: {token}\r\nConnection: close\r\n\r\n"
+        );
+        let mut stream = TcpStream::connect(self.addr).await.unwrap();
+        stream.write_all(raw.as_bytes()).await.unwrap();
+        read_head(&mut stream).await.0
+    }
+
+    /// A request with `Connection: close` and the given extra header lines.
+    pub async fn request(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> RawResponse {
+        let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n");
+        for (k, v) in headers {
+            raw.push_str(&format!("{k}: {v}\r\n"));
+        }
+        raw.push_str("Connection: close\r\n\r\n");
+        self.send(&raw).await
+    }
+
+    pub async fn token(&self, ttl: u64) -> String {
+        let r = self
+            .request(
+                "PUT",
+                "/latest/api/token",
+                &[("X-aws-ec2-metadata-token-ttl-seconds", &ttl.to_string())],
+            )
+            .await;
+        assert_eq!(r.status, 200, "token PUT failed: {r:?}");
+        r.body
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> RawResponse {
+        self.request("GET", path, &[("X-aws-ec2-metadata-token", token)])
+            .await
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Writes `raw` and reads the first response on the connection.
+pub async fn send_raw(addr: SocketAddr, raw: &[u8]) -> RawResponse {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw).await.unwrap();
+    read_response(&mut stream).await
+}
+
+/// Reads one HTTP/1.1 response (Content-Length framed, or to EOF).
+pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
+    let (mut response, mut body) = read_head(stream).await;
+    let length = response
+        .header("content-length")
+        .map(|v| v.parse::<usize>().unwrap());
+    match length {
+        Some(len) => {
+            while body.len() < len {
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "body cut short");
+                body.extend_from_slice(&chunk[..n]);
+            }
+            body.truncate(len);
+        }
+        None => {
+            stream.read_to_end(&mut body).await.unwrap();
+        }
+    }
+    response.body = String::from_utf8(body).unwrap();
+    response
+}
+
+/// Reads a response head; returns it (with an empty body) and the bytes read past it.
+async fn read_head(stream: &mut TcpStream) -> (RawResponse, Vec<u8>) {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("response head in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed before a response: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(buf[..head_end].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap();
+            (k.trim().to_owned(), v.trim().to_owned())
+        })
+        .collect();
+    let rest = buf[head_end + 4..].to_vec();
+    (
+        RawResponse {
+            status,
+            headers,
+            body: String::new(),
+        },
+        rest,
+    )
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}

@@ -1,0 +1,251 @@
+//! Config rejections: every fixture under `tests/fixtures/config/` is refused with a message that
+//! names the file, the line and the field; `check` and `serve` report them with the right exit
+//! status; files others can write are refused.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use imds_broker::config::{Config, ConfigError};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config")
+        .join(name)
+}
+
+fn problems(name: &str) -> Vec<String> {
+    let path = fixture(name);
+    match Config::load(&path) {
+        Ok(_) => panic!("{name} was accepted"),
+        Err(ConfigError::Invalid { problems }) => problems.iter().map(|p| p.to_string()).collect(),
+        Err(other) => panic!("{name}: unexpected error {other}"),
+    }
+}
+
+#[test]
+fn each_invalid_fixture_names_file_line_and_field() {
+    // (fixture, line, field, words the message must contain)
+    let cases: &[(&str, usize, &str, &str)] = &[
+        ("unknown_key.toml", 9, "(file)", "unknown field `rol_arn`"),
+        (
+            "bad_arn.toml",
+            9,
+            "app[0].role_arn",
+            "arn:aws:iam::123456789012:role/NAME",
+        ),
+        (
+            "duration_too_short.toml",
+            10,
+            "app[0].duration",
+            "between 900 and 43200",
+        ),
+        (
+            "duration_too_long.toml",
+            10,
+            "app[0].duration",
+            "between 900 and 43200",
+        ),
+        (
+            "duration_not_servable.toml",
+            10,
+            "app[0].duration",
+            "min_remaining",
+        ),
+        (
+            "duplicate_name.toml",
+            14,
+            "app[1].name",
+            "duplicate app name \"billing\"",
+        ),
+        (
+            "empty_match.toml",
+            10,
+            "app[0].match",
+            "at least one criterion",
+        ),
+        ("unknown_user.toml", 11, "app[0].match.user", "no such user"),
+        ("bad_listen.toml", 2, "server.listen", "not an IP:port"),
+        (
+            "bad_token_ttl.toml",
+            2,
+            "server.token_max_ttl",
+            "between 1 and 21600",
+        ),
+        (
+            "bad_imdsv1.toml",
+            2,
+            "(file)",
+            "unknown variant `sometimes`",
+        ),
+        ("missing_sts.toml", 1, "(file)", "missing field `sts`"),
+        (
+            "min_remaining_too_low.toml",
+            8,
+            "credentials.min_remaining",
+            "at least 25m",
+        ),
+        (
+            "uid_and_user.toml",
+            12,
+            "app[0].match.user",
+            "either uid or user",
+        ),
+        ("syntax.toml", 1, "(file)", ""),
+    ];
+    for (name, line, field, words) in cases {
+        let found = problems(name);
+        let expected_prefix = format!("{}:{line}:", fixture(name).display());
+        assert!(
+            found.iter().any(|p| p.starts_with(&expected_prefix)
+                && p.contains(&format!(": {field}: "))
+                && p.contains(words)),
+            "{name}: wanted line {line}, field {field}, {words:?}; got {found:#?}"
+        );
+    }
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let found = problems("bad_names.toml");
+    assert!(
+        found.iter().any(|p| p.contains("app[0].name")),
+        "{found:#?}"
+    );
+    assert!(
+        found.iter().any(|p| p.contains("app[0].session_name")),
+        "{found:#?}"
+    );
+    let found = problems("bad_sts_and_instance.toml");
+    assert!(
+        found.iter().any(|p| p.contains("sts.endpoint_url")),
+        "{found:#?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.contains("instance.availability_zone")),
+        "{found:#?}"
+    );
+}
+
+#[test]
+fn valid_fixture_loads_with_defaults_applied() {
+    let config = Config::load(&fixture("valid.toml")).unwrap();
+    assert_eq!(config.apps.len(), 2);
+    let billing = &config.apps[0];
+    assert_eq!(billing.matcher.uid, Some(0), "user names resolve at load");
+    assert_eq!(billing.duration.as_secs(), 7200);
+    let etl = &config.apps[1];
+    assert_eq!(etl.role_arn.role_name(), "etl");
+    assert_eq!(etl.session_name, "etl-job");
+    assert_eq!(etl.duration.as_secs(), 3600);
+    assert_eq!(
+        config.server.imdsv1,
+        imds_broker::config::ImdsV1::Disabled,
+        "IMDSv1 is off unless allowed"
+    );
+    assert_eq!(config.instance.availability_zone, "us-east-1a");
+}
+
+#[test]
+fn files_others_can_write_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::copy(fixture("valid.toml"), &path).unwrap();
+    for mode in [0o666, 0o602] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let err = Config::load(&path).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Permissions { .. }),
+            "{mode:o}: {err}"
+        );
+        assert!(err.to_string().contains("world-writable"), "{err}");
+    }
+    // Group-writable is only acceptable when the group is root.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).unwrap();
+    nix::unistd::chown(&path, None, Some(nix::unistd::Gid::from_raw(4242))).unwrap();
+    let err = Config::load(&path).unwrap_err();
+    assert!(err.to_string().contains("writable by group 4242"), "{err}");
+    nix::unistd::chown(&path, None, Some(nix::unistd::Gid::from_raw(0))).unwrap();
+    assert!(Config::load(&path).is_ok());
+    // Owned by somebody else entirely.
+    nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(4242)), None).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = Config::load(&path).unwrap_err();
+    assert!(err.to_string().contains("owned by uid 4242"), "{err}");
+}
+
+fn broker() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_imds-broker"))
+}
+
+#[test]
+fn check_command_exit_status_and_messages() {
+    let ok = broker()
+        .args(["check", "--config"])
+        .arg(fixture("valid.toml"))
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("OK, 2 app(s)"));
+
+    let bad = broker()
+        .args(["check", "--config"])
+        .arg(fixture("bad_arn.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.starts_with(&format!(
+            "{}:9:12: app[0].role_arn:",
+            fixture("bad_arn.toml").display()
+        )),
+        "{stderr}"
+    );
+
+    let missing = broker()
+        .args(["check", "--config", "/nonexistent/imds-broker.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+}
+
+#[test]
+fn serve_exits_64_on_invalid_config() {
+    let out = broker()
+        .args(["serve", "--config"])
+        .arg(fixture("bad_arn.toml"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("app[0].role_arn"));
+}
+
+#[test]
+fn serve_refuses_to_be_its_own_credential_source() {
+    // The default chain would read IMDS at 169.254.169.254:80, the default listen address.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "[sts]\nregion = \"us-east-1\"\n").unwrap();
+    let out = broker()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env_remove("AWS_EC2_METADATA_DISABLED")
+        .env_remove("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+        .env("AWS_CONFIG_FILE", dir.path().join("none"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("would read IMDS at http://169.254.169.254"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("AWS_EC2_METADATA_DISABLED=true"),
+        "{stderr}"
+    );
+}

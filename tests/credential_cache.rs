@@ -1,0 +1,172 @@
+//! The credential cache against a fake STS and a hand-moved clock: one STS call per cold entry
+//! however many callers wait, refresh before `min_remaining`, nothing short-lived or expired
+//! ever served, and a failing STS not hammered.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Behavior, FakeSts, ManualClock};
+use imds_broker::arn::RoleArn;
+use imds_broker::config::{CredentialPolicy, DEFAULT_MIN_REMAINING};
+use imds_broker::credentials::{AssumeRoleInput, CacheError, CredentialCache, StsError};
+
+fn input(role: &str) -> AssumeRoleInput {
+    AssumeRoleInput {
+        role_arn: format!("arn:aws:iam::111122223333:role/{role}")
+            .parse::<RoleArn>()
+            .unwrap(),
+        session_name: format!("{role}@host"),
+        duration: Duration::from_secs(3600),
+    }
+}
+
+fn cache() -> (Arc<CredentialCache>, Arc<FakeSts>, ManualClock) {
+    let clock = ManualClock::new();
+    let sts = FakeSts::new(clock.clone());
+    let cache = CredentialCache::new(
+        sts.clone(),
+        Arc::new(clock.clone()),
+        CredentialPolicy {
+            min_remaining: DEFAULT_MIN_REMAINING,
+        },
+    );
+    (Arc::new(cache), sts, clock)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn concurrent_cold_requests_share_one_sts_call() {
+    let (cache, sts, _) = cache();
+    sts.close();
+    let waiters: Vec<_> = (0..1000)
+        .map(|_| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.get(&input("a")).await })
+        })
+        .collect();
+    sts.wait_for_calls(1).await;
+    // On a current-thread runtime one yield lets every spawned task run to its await point, so
+    // all 1000 are waiting on the in-flight call before STS answers.
+    tokio::task::yield_now().await;
+    sts.open();
+    let mut keys = std::collections::HashSet::new();
+    for w in waiters {
+        keys.insert(w.await.unwrap().unwrap().access_key_id.clone());
+    }
+    assert_eq!(sts.calls(), 1);
+    assert_eq!(keys.len(), 1, "everyone got the same credentials");
+}
+
+#[tokio::test]
+async fn different_inputs_never_share_credentials() {
+    let (cache, sts, _) = cache();
+    let a = cache.get(&input("a")).await.unwrap();
+    let b = cache.get(&input("b")).await.unwrap();
+    let mut longer = input("a");
+    longer.duration = Duration::from_secs(7200);
+    let c = cache.get(&longer).await.unwrap();
+    assert_eq!(sts.calls(), 3);
+    assert_ne!(a.access_key_id, b.access_key_id);
+    assert_ne!(a.access_key_id, c.access_key_id);
+    // Cached: no further call.
+    assert_eq!(
+        cache.get(&input("a")).await.unwrap().access_key_id,
+        a.access_key_id
+    );
+    assert_eq!(sts.calls(), 3);
+}
+
+#[tokio::test]
+async fn refresh_starts_ahead_and_served_credentials_keep_min_remaining() {
+    let (cache, sts, clock) = cache();
+    let first = cache.get(&input("a")).await.unwrap();
+    // 1 h session, 30 min floor, refresh 10 min before the floor: at 19 min old nothing happens.
+    clock.advance(Duration::from_secs(19 * 60));
+    assert_eq!(
+        cache.get(&input("a")).await.unwrap().access_key_id,
+        first.access_key_id
+    );
+    assert_eq!(sts.calls(), 1);
+    // At 21 min old (39 min left) the old credentials are still served while a refresh runs.
+    clock.advance(Duration::from_secs(2 * 60));
+    sts.close();
+    let during = cache.get(&input("a")).await.unwrap();
+    assert_eq!(
+        during.access_key_id, first.access_key_id,
+        "no caller waits for the refresh"
+    );
+    sts.wait_for_calls(2).await;
+    sts.open();
+    // Once it lands, the new credentials are served (bounded: the refresh task needs a few polls).
+    let mut after = None;
+    for _ in 0..1000 {
+        let c = cache.get(&input("a")).await.unwrap();
+        if c.access_key_id != first.access_key_id {
+            after = Some(c);
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let after = after.expect("the background refresh landed");
+    let now = imds_broker::credentials::Clock::now(&clock);
+    assert!(after.remaining(now) > DEFAULT_MIN_REMAINING);
+    assert_eq!(sts.calls(), 2, "one background refresh");
+}
+
+#[tokio::test]
+async fn credentials_below_min_remaining_are_never_served() {
+    let (cache, sts, clock) = cache();
+    let first = cache.get(&input("a")).await.unwrap();
+    // Past the floor (31 min old, 29 min left) and STS is down: an error, not the old ones.
+    clock.advance(Duration::from_secs(31 * 60));
+    sts.set(Behavior::Fail(StsError::Unavailable("down".into())));
+    let err = cache.get(&input("a")).await.unwrap_err();
+    assert_eq!(err, CacheError::Sts(StsError::Unavailable("down".into())));
+    // STS back: fresh credentials.
+    sts.set(Behavior::Issue { lifetime: None });
+    tokio::time::pause();
+    tokio::time::advance(imds_broker::credentials::FAILURE_HOLD).await;
+    let fresh = cache.get(&input("a")).await.unwrap();
+    assert_ne!(fresh.access_key_id, first.access_key_id);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_sts_is_not_called_at_request_rate() {
+    let (cache, sts, _) = cache();
+    sts.set(Behavior::Fail(StsError::Throttled {
+        code: "Throttling".into(),
+    }));
+    for _ in 0..50 {
+        assert!(cache.get(&input("a")).await.is_err());
+    }
+    assert_eq!(sts.calls(), 1, "failures are held for FAILURE_HOLD");
+    tokio::time::advance(imds_broker::credentials::FAILURE_HOLD).await;
+    assert!(cache.get(&input("a")).await.is_err());
+    assert_eq!(sts.calls(), 2);
+}
+
+#[tokio::test]
+async fn short_sessions_from_sts_are_refused() {
+    let (cache, sts, _) = cache();
+    sts.set(Behavior::Issue {
+        lifetime: Some(Duration::from_secs(20 * 60)),
+    });
+    let err = cache.get(&input("a")).await.unwrap_err();
+    assert!(
+        matches!(err, CacheError::Sts(StsError::Unusable(_))),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn retain_drops_only_entries_not_kept() {
+    let (cache, sts, _) = cache();
+    cache.get(&input("a")).await.unwrap();
+    cache.get(&input("b")).await.unwrap();
+    cache.retain(|i| i.role_arn.role_name() == "a");
+    cache.get(&input("a")).await.unwrap();
+    assert_eq!(sts.calls(), 2, "a kept");
+    cache.get(&input("b")).await.unwrap();
+    assert_eq!(sts.calls(), 3, "b dropped and fetched again");
+}
