@@ -60,7 +60,7 @@ fn check(path: PathBuf) -> ExitCode {
             println!("{}: OK, {} app(s)", path.display(), config.apps.len());
             for app in &config.apps {
                 println!(
-                    "  {}: {:?} -> {} ({}s, session {})",
+                    "  {}: {} -> {} ({}s, session {})",
                     app.name,
                     app.matcher,
                     app.role_arn,
@@ -106,6 +106,13 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let shutdown = match signal::shutdown() {
+        Ok(shutdown) => shutdown,
+        Err(e) => {
+            tracing::error!("cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     announce(&listeners);
     tracing::info!(
         config = %config.path.display(),
@@ -113,7 +120,7 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
         "imds-broker started"
     );
     let state = AppState::new(config, token_key, source, Arc::new(SystemClock));
-    server::run(state, listeners, signal::shutdown()).await;
+    server::run(state, listeners, shutdown).await;
     ExitCode::SUCCESS
 }
 

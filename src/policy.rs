@@ -25,6 +25,15 @@ impl Matcher {
     }
 }
 
+impl std::fmt::Display for Matcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.uid {
+            Some(uid) => write!(f, "uid={uid}"),
+            None => f.write_str("(nothing)"),
+        }
+    }
+}
+
 /// The first app whose rule matches `caller`, if any.
 pub fn find_app<'a>(apps: &'a [App], caller: &Caller) -> Option<&'a App> {
     apps.iter().find(|app| app.matcher.matches(caller))

@@ -1,14 +1,21 @@
 //! Process signals: which one arrived is logged, so an operator can tell a stop from a crash.
 
+use std::future::Future;
+use std::io;
+
 use tokio::signal::unix::{SignalKind, signal};
 
-/// Completes on the first SIGTERM or SIGINT.
-pub async fn shutdown() {
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(signal = name, "shutdown requested");
+/// Installs the SIGTERM and SIGINT handlers now, and returns a future that completes on the
+/// first of them. Installing eagerly matters: a signal that arrives after the daemon announced
+/// it is listening, but before anything polled this future, must still mean a clean shutdown.
+pub fn shutdown() -> io::Result<impl Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutdown requested");
+    })
 }
