@@ -28,9 +28,7 @@ fn cache() -> (Arc<CredentialCache>, Arc<FakeSts>, ManualClock) {
     let cache = CredentialCache::new(
         sts.clone(),
         Arc::new(clock.clone()),
-        CredentialPolicy {
-            min_remaining: DEFAULT_MIN_REMAINING,
-        },
+        CredentialPolicy::default(),
     );
     (Arc::new(cache), sts, clock)
 }

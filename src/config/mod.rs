@@ -34,6 +34,14 @@ pub const DEFAULT_SESSION: Duration = Duration::from_secs(3_600);
 /// on every call, so nothing below it is ever served.
 pub const MIN_REMAINING_FLOOR: Duration = Duration::from_secs(25 * 60);
 pub const DEFAULT_MIN_REMAINING: Duration = Duration::from_secs(30 * 60);
+/// Refreshes start at a random point of this window before `min_remaining` is reached, so apps
+/// and hosts spread their STS calls.
+pub const DEFAULT_REFRESH_WINDOW: Duration = Duration::from_secs(10 * 60);
+/// An app nobody asked for in this long is no longer refreshed in the background.
+pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(60 * 60);
+/// Global AssumeRole budget: sustained calls per second, and the burst above it.
+pub const DEFAULT_STS_CALLS_PER_SECOND: u32 = 10;
+pub const DEFAULT_STS_BURST: u32 = 50;
 /// A session must stay servable for at least this long after issue, or the broker would spend
 /// its time calling STS: `duration >= min_remaining + MIN_SERVABLE`.
 pub const MIN_SERVABLE: Duration = Duration::from_secs(15 * 60);
@@ -62,6 +70,9 @@ pub struct StsConfig {
     pub region: String,
     pub endpoint_url: Option<String>,
     pub default_duration: Duration,
+    /// Global AssumeRole budget shared by every app.
+    pub max_calls_per_second: u32,
+    pub burst: u32,
 }
 
 /// When cached credentials stop being served and when their refresh starts.
@@ -69,6 +80,20 @@ pub struct StsConfig {
 pub struct CredentialPolicy {
     /// Credentials with less validity than this are never served.
     pub min_remaining: Duration,
+    /// Background refresh starts at a random point within this window before `min_remaining`.
+    pub refresh_window: Duration,
+    /// Apps not asked for in this long are not refreshed in the background.
+    pub idle_after: Duration,
+}
+
+impl Default for CredentialPolicy {
+    fn default() -> Self {
+        Self {
+            min_remaining: DEFAULT_MIN_REMAINING,
+            refresh_window: DEFAULT_REFRESH_WINDOW,
+            idle_after: DEFAULT_IDLE_AFTER,
+        }
+    }
 }
 
 /// The values IMDS reports about "the instance"; synthesized where the operator gave none.
@@ -90,6 +115,8 @@ pub struct App {
     pub role_arn: RoleArn,
     pub duration: Duration,
     pub session_name: String,
+    /// Obtain credentials at start-up and keep them warm, so the first request is a cache hit.
+    pub prefetch: bool,
 }
 
 impl App {
@@ -286,12 +313,51 @@ impl Validator<'_> {
                 ),
             );
         }
-        let credentials = CredentialPolicy { min_remaining };
+        let refresh_window = self.duration(
+            raw.credentials.refresh_window.as_ref(),
+            "credentials.refresh_window",
+            DEFAULT_REFRESH_WINDOW,
+        );
+        if let Some(w) = &raw.credentials.refresh_window
+            && !(Duration::from_secs(60)..=MIN_SERVABLE).contains(&refresh_window)
+        {
+            self.push(
+                w.span(),
+                "credentials.refresh_window",
+                format!(
+                    "must be between 1m and {} (it must fit in the servable part of a session)",
+                    humantime::format_duration(MIN_SERVABLE)
+                ),
+            );
+        }
+        let idle_after = self.duration(
+            raw.credentials.idle_after.as_ref(),
+            "credentials.idle_after",
+            DEFAULT_IDLE_AFTER,
+        );
+        if let Some(i) = &raw.credentials.idle_after
+            && idle_after < Duration::from_secs(60)
+        {
+            self.push(i.span(), "credentials.idle_after", "must be at least 1m");
+        }
+        let credentials = CredentialPolicy {
+            min_remaining,
+            refresh_window,
+            idle_after,
+        };
+        let max_calls_per_second = self.positive(
+            raw.sts.max_calls_per_second.as_ref(),
+            "sts.max_calls_per_second",
+            DEFAULT_STS_CALLS_PER_SECOND,
+        );
+        let burst = self.positive(raw.sts.burst.as_ref(), "sts.burst", DEFAULT_STS_BURST);
         let instance = self.instance(raw.instance, &region);
         let sts = StsConfig {
             region,
             endpoint_url,
             default_duration: sts_duration,
+            max_calls_per_second,
+            burst,
         };
         self.check_servable(
             raw.sts.default_duration.as_ref(),
@@ -465,6 +531,7 @@ impl Validator<'_> {
             role_arn: role_arn?,
             duration,
             session_name,
+            prefetch: raw.prefetch,
         })
     }
 
@@ -513,6 +580,17 @@ impl Validator<'_> {
             return None;
         }
         Some(matcher)
+    }
+
+    fn positive(&mut self, raw: Option<&Spanned<u32>>, field: &str, default: u32) -> u32 {
+        match raw {
+            None => default,
+            Some(v) if *v.get_ref() == 0 => {
+                self.push(v.span(), field, "must be at least 1");
+                default
+            }
+            Some(v) => *v.get_ref(),
+        }
     }
 
     fn duration(

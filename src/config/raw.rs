@@ -42,12 +42,16 @@ pub struct RawSts {
     pub region: Spanned<String>,
     pub endpoint_url: Option<Spanned<String>>,
     pub default_duration: Option<Spanned<RawDuration>>,
+    pub max_calls_per_second: Option<Spanned<u32>>,
+    pub burst: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCredentials {
     pub min_remaining: Option<Spanned<RawDuration>>,
+    pub refresh_window: Option<Spanned<RawDuration>>,
+    pub idle_after: Option<Spanned<RawDuration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,6 +74,8 @@ pub struct RawApp {
     pub role_arn: Spanned<String>,
     pub duration: Option<Spanned<RawDuration>>,
     pub session_name: Option<Spanned<String>>,
+    #[serde(default)]
+    pub prefetch: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
