@@ -10,6 +10,8 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::credentials::{self, ProcessSettings, StsSource, SystemClock};
+use crate::explain::{self, Subject};
+use crate::policy;
 use crate::state::AppState;
 use crate::token::TokenKey;
 use crate::{server, signal};
@@ -39,6 +41,27 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Show which rule a process (or uid, cgroup, source address) matches, and why.
+    /// Exit 0 if a rule matched, 1 if none did.
+    Explain {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// A running process.
+        #[arg(long, conflicts_with_all = ["uid", "source"])]
+        pid: Option<u32>,
+        /// A local caller with this uid (optionally with --gid, --exe, --cgroup).
+        #[arg(long, conflicts_with = "source")]
+        uid: Option<u32>,
+        #[arg(long, requires = "uid")]
+        gid: Option<u32>,
+        #[arg(long, requires = "uid")]
+        exe: Option<PathBuf>,
+        #[arg(long, requires = "uid")]
+        cgroup: Option<String>,
+        /// A caller from another host or network namespace.
+        #[arg(long)]
+        source: Option<std::net::IpAddr>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -51,6 +74,55 @@ pub async fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve { config, log_format } => serve(config, log_format).await,
         Command::Check { config } => check(config),
+        Command::Explain {
+            config,
+            pid,
+            uid,
+            gid,
+            exe,
+            cgroup,
+            source,
+        } => {
+            let subject = match (pid, uid, source) {
+                (Some(pid), _, _) => Subject::Pid(pid),
+                (_, Some(uid), _) => Subject::Local {
+                    uid,
+                    gid,
+                    exe,
+                    cgroup,
+                },
+                (_, _, Some(ip)) => Subject::Source(ip),
+                _ => {
+                    eprintln!("explain needs one of --pid, --uid or --source");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            explain(config, subject)
+        }
+    }
+}
+
+fn explain(path: PathBuf, subject: Subject) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let caller = match explain::caller_for(&subject, &config) {
+        Ok(caller) => caller,
+        Err(e) => {
+            eprintln!("cannot read {subject:?}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let (report, matched) = explain::report(&config, &caller);
+    print!("{report}");
+    if matched {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -58,6 +130,12 @@ fn check(path: PathBuf) -> ExitCode {
     match Config::load(&path) {
         Ok(config) => {
             println!("{}: OK, {} app(s)", path.display(), config.apps.len());
+            for (i, j) in policy::shadowed(&config.apps) {
+                println!(
+                    "warning: app[{j}] {:?} is shadowed by app[{i}] {:?}: every caller it matches is matched earlier",
+                    config.apps[j].name, config.apps[i].name
+                );
+            }
             for app in &config.apps {
                 println!(
                     "  {}: {} -> {} ({}s, session {})",

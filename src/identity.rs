@@ -1,59 +1,229 @@
-//! Who is calling: resolves each accepted connection to the local process identity that owns the
-//! other end, once per connection, before any request on it is read.
+//! Who is calling: resolves each accepted connection to the identity of the local process that
+//! owns the other end, once per connection, before any request on it is read.
+//!
+//! What it costs and needs, per match kind:
+//! - `uid`, `cgroup`, `systemd_unit`: one netlink `sock_diag` query (no privilege) and a cached
+//!   cgroup-id → path index (reads the cgroup2 tree, world-readable).
+//! - `exe`, `exe_sha256`, `gid`: the owning process, found in `/proc` (candidates from the
+//!   socket's `cgroup.procs`, then its uid). Reading other users' `/proc/<pid>/fd` and `exe`
+//!   needs `CAP_SYS_PTRACE` (and `CAP_DAC_READ_SEARCH` to hash an executable the daemon cannot
+//!   read). Without them those callers are refused, with a log line saying so.
+//! - `source`: the peer address only.
 
 use std::fmt;
+use std::fs;
+use std::io::Read;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
+use sha2::{Digest, Sha256};
+
+use crate::cgroup::{self, CgroupIndex};
+use crate::process::{self, ProcessError, ProcessInfo};
 use crate::sock_diag;
+
+/// What the current rules need to know about callers beyond uid and cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// Some rule matches on the executable or gid: find the owning process.
+    pub process: bool,
+    /// Some rule matches on the executable's sha256.
+    pub exe_hash: bool,
+}
+
+/// A process on this host, seen through its socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalCaller {
+    pub peer: SocketAddr,
+    pub uid: u32,
+    /// cgroup v2 path of the socket (where the process was when it created it).
+    pub cgroup: Option<String>,
+    pub unit: Option<String>,
+    /// Only resolved when some rule needs it.
+    pub process: Option<ProcessInfo>,
+    pub exe_sha256: Option<String>,
+}
 
 /// The identity of the peer of one connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
-    /// A socket owned by a process on this host (same network namespace as the daemon).
-    Local { uid: u32, peer: SocketAddr },
-    /// No local socket has this 4-tuple: another host, another network namespace, or a process
-    /// that already closed its socket.
-    Remote { peer: SocketAddr },
-    /// The kernel could not be asked. Matches no rule.
-    Unresolved { peer: SocketAddr, reason: String },
+    Local(LocalCaller),
+    /// No local socket has this 4-tuple: another host or network namespace, or a process that
+    /// already closed its socket. Only `source` rules can match it.
+    Remote {
+        peer: SocketAddr,
+    },
+    /// The caller could not be identified unambiguously. Matches no rule: never guess.
+    Unresolved {
+        peer: SocketAddr,
+        reason: String,
+    },
 }
 
-impl Caller {
-    /// Resolves the owner of the connection `peer -> local` that the daemon accepted.
-    pub fn resolve(peer: SocketAddr, local: SocketAddr) -> Self {
-        match sock_diag::lookup_peer(peer, local) {
-            Ok(Some(owner)) => Caller::Local {
-                uid: owner.uid,
-                peer,
-            },
-            Ok(None) => Caller::Remote { peer },
-            Err(e) => Caller::Unresolved {
-                peer,
-                reason: e.to_string(),
-            },
+/// Resolves connections to callers; holds the caches that keep that cheap.
+pub struct Resolver {
+    cgroups: CgroupIndex,
+}
+
+impl Default for Resolver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Resolver {
+    pub fn new() -> Self {
+        Self {
+            cgroups: CgroupIndex::new(),
         }
     }
 
-    pub fn uid(&self) -> Option<u32> {
+    /// Resolves the owner of the connection `peer -> local` that the daemon accepted.
+    /// Blocking (netlink and `/proc` reads): call it off the async workers.
+    pub fn resolve(&self, peer: SocketAddr, local: SocketAddr, needs: Needs) -> Caller {
+        let owner = match sock_diag::lookup_peer(peer, local) {
+            Ok(Some(owner)) => owner,
+            Ok(None) => return Caller::Remote { peer },
+            Err(e) => {
+                return Caller::Unresolved {
+                    peer,
+                    reason: format!("socket lookup failed: {e}"),
+                };
+            }
+        };
+        let cgroup = owner.cgroup_id.and_then(|id| self.cgroups.path_of(id));
+        let mut caller = LocalCaller {
+            peer,
+            uid: owner.uid,
+            unit: cgroup.as_deref().and_then(cgroup::unit_of),
+            cgroup,
+            process: None,
+            exe_sha256: None,
+        };
+        if needs.process || needs.exe_hash {
+            let dir = match (self.cgroups.root(), &caller.cgroup) {
+                (Some(root), Some(path)) => Some(root.join(path.trim_start_matches('/'))),
+                _ => None,
+            };
+            match process::owner_of_socket(owner.inode, owner.uid, dir.as_deref()) {
+                Ok(process) => caller.process = Some(process),
+                Err(e) => {
+                    if matches!(e, ProcessError::Permission { .. }) {
+                        tracing::error!(
+                            error = %e,
+                            "cannot identify the calling process; refusing callers that rules match by exe or gid"
+                        );
+                    }
+                    return Caller::Unresolved {
+                        peer,
+                        reason: e.to_string(),
+                    };
+                }
+            }
+        }
+        if needs.exe_hash
+            && let Some(p) = &caller.process
+        {
+            match hash_exe(p.pid) {
+                Ok(h) => caller.exe_sha256 = Some(h),
+                Err(e) => {
+                    return Caller::Unresolved {
+                        peer,
+                        reason: format!("cannot hash /proc/{}/exe: {e}", p.pid),
+                    };
+                }
+            }
+        }
+        Caller::Local(caller)
+    }
+}
+
+/// sha256 of the running executable, read through `/proc/<pid>/exe` so it is the file the
+/// process runs even if its path was replaced since.
+pub fn hash_exe(pid: u32) -> std::io::Result<String> {
+    let mut file = fs::File::open(format!("/proc/{pid}/exe"))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+impl Caller {
+    /// A local caller known only by uid (tests, `explain --uid`).
+    pub fn local_uid(uid: u32, peer: SocketAddr) -> Self {
+        Caller::Local(LocalCaller {
+            peer,
+            uid,
+            cgroup: None,
+            unit: None,
+            process: None,
+            exe_sha256: None,
+        })
+    }
+
+    pub fn local(&self) -> Option<&LocalCaller> {
         match self {
-            Caller::Local { uid, .. } => Some(*uid),
+            Caller::Local(l) => Some(l),
             _ => None,
         }
     }
 
+    pub fn uid(&self) -> Option<u32> {
+        self.local().map(|l| l.uid)
+    }
+
+    pub fn process(&self) -> Option<&ProcessInfo> {
+        self.local().and_then(|l| l.process.as_ref())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process().map(|p| p.pid)
+    }
+
+    pub fn gid(&self) -> Option<u32> {
+        self.process().map(|p| p.gid)
+    }
+
+    pub fn exe(&self) -> Option<&PathBuf> {
+        self.process().map(|p| &p.exe)
+    }
+
+    pub fn cgroup(&self) -> Option<&str> {
+        self.local().and_then(|l| l.cgroup.as_deref())
+    }
+
+    pub fn unit(&self) -> Option<&str> {
+        self.local().and_then(|l| l.unit.as_deref())
+    }
+
     pub fn peer(&self) -> SocketAddr {
         match self {
-            Caller::Local { peer, .. }
-            | Caller::Remote { peer }
-            | Caller::Unresolved { peer, .. } => *peer,
+            Caller::Local(l) => l.peer,
+            Caller::Remote { peer } | Caller::Unresolved { peer, .. } => *peer,
         }
     }
 
-    /// The part of the identity a session token is bound to: a token minted for one identity is
-    /// refused when another presents it. Ports are excluded so a client may reconnect.
+    /// The part of the identity a session token is bound to: a token minted for one identity
+    /// is refused when another presents it. Only what every connection resolves goes in (not
+    /// the executable, which is looked up only while some rule needs it), so a token stays
+    /// valid across config reloads; ports are left out so a client may reconnect.
     pub fn token_binding(&self) -> String {
         match self {
-            Caller::Local { uid, .. } => format!("local:uid={uid}"),
+            Caller::Local(l) => format!(
+                "local:uid={};cgroup={}",
+                l.uid,
+                l.cgroup.as_deref().unwrap_or("")
+            ),
             Caller::Remote { peer } => format!("remote:{}", peer.ip()),
             Caller::Unresolved { peer, .. } => format!("unresolved:{}", peer.ip()),
         }
@@ -63,7 +233,16 @@ impl Caller {
 impl fmt::Display for Caller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Caller::Local { uid, peer } => write!(f, "uid {uid} via {peer}"),
+            Caller::Local(l) => {
+                write!(f, "uid {}", l.uid)?;
+                if let Some(p) = &l.process {
+                    write!(f, " pid {} exe {}", p.pid, p.exe.display())?;
+                }
+                if let Some(c) = &l.cgroup {
+                    write!(f, " cgroup {c}")?;
+                }
+                write!(f, " via {}", l.peer)
+            }
             Caller::Remote { peer } => write!(f, "non-local peer {peer}"),
             Caller::Unresolved { peer, reason } => write!(f, "unresolved peer {peer} ({reason})"),
         }

@@ -11,12 +11,17 @@
 //! - [`cli`] is the binary's entry point; [`signal`] turns signals into shutdown.
 
 pub mod arn;
+pub mod audit;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod credentials;
+pub mod explain;
+pub mod glob;
 pub mod identity;
 pub mod imds;
 pub mod policy;
+pub mod process;
 pub mod secret;
 pub mod server;
 pub mod signal;

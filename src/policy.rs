@@ -1,36 +1,206 @@
 //! Which app a caller is: the operator's `[[app]]` rules, evaluated in file order, first match
-//! wins, and a caller that matches nothing gets nothing.
+//! wins, and a caller that matches nothing gets nothing. One evaluation serves both the request
+//! path and `explain`, so what `explain` prints is what the daemon does.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
 
 use crate::config::App;
-use crate::identity::Caller;
+use crate::glob::Glob;
+use crate::identity::{Caller, Needs};
 
 /// The `match` table of one app. Every criterion that is set must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Matcher {
     pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub exe: Option<Glob>,
+    /// Lower-case hex.
+    pub exe_sha256: Option<String>,
+    pub systemd_unit: Option<Glob>,
+    pub cgroup: Option<Glob>,
+    pub source: Vec<IpNet>,
+}
+
+/// The outcome of one criterion of one rule, for a caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub criterion: &'static str,
+    pub wanted: String,
+    /// What the caller has, or `None` when it is not known for this caller.
+    pub got: Option<String>,
+    pub ok: bool,
 }
 
 impl Matcher {
     pub fn is_empty(&self) -> bool {
         self.uid.is_none()
+            && self.gid.is_none()
+            && self.exe.is_none()
+            && self.exe_sha256.is_none()
+            && self.systemd_unit.is_none()
+            && self.cgroup.is_none()
+            && self.source.is_empty()
+    }
+
+    pub fn needs(&self) -> Needs {
+        Needs {
+            process: self.gid.is_some() || self.exe.is_some() || self.exe_sha256.is_some(),
+            exe_hash: self.exe_sha256.is_some(),
+        }
+    }
+
+    /// Every criterion, checked against `caller`.
+    pub fn evaluate(&self, caller: &Caller) -> Vec<Check> {
+        fn check(
+            criterion: &'static str,
+            wanted: String,
+            got: Option<String>,
+            ok: impl FnOnce(&str) -> bool,
+        ) -> Check {
+            let ok = got.as_deref().is_some_and(ok);
+            Check {
+                criterion,
+                wanted,
+                got,
+                ok,
+            }
+        }
+        let mut checks = Vec::new();
+        if let Some(uid) = self.uid {
+            let want = uid.to_string();
+            checks.push(check(
+                "uid",
+                want.clone(),
+                caller.uid().map(|u| u.to_string()),
+                |g| g == want,
+            ));
+        }
+        if let Some(gid) = self.gid {
+            let want = gid.to_string();
+            checks.push(check(
+                "gid",
+                want.clone(),
+                caller.gid().map(|g| g.to_string()),
+                |g| g == want,
+            ));
+        }
+        if let Some(exe) = &self.exe {
+            let got = caller.exe().map(|e| e.display().to_string());
+            checks.push(check("exe", exe.as_str().into(), got, |g| exe.matches(g)));
+        }
+        if let Some(hash) = &self.exe_sha256 {
+            let got = caller.local().and_then(|l| l.exe_sha256.clone());
+            checks.push(check("exe_sha256", hash.clone(), got, |g| g == hash));
+        }
+        if let Some(unit) = &self.systemd_unit {
+            let got = caller.unit().map(str::to_owned);
+            checks.push(check("systemd_unit", unit.as_str().into(), got, |g| {
+                unit.matches(g)
+            }));
+        }
+        if let Some(cgroup) = &self.cgroup {
+            let got = caller.cgroup().map(str::to_owned);
+            checks.push(check("cgroup", cgroup.as_str().into(), got, |g| {
+                cgroup.matches(g)
+            }));
+        }
+        if !self.source.is_empty() {
+            let ip = canonical_ip(caller.peer().ip());
+            let wanted = self
+                .source
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let ok = self.source.iter().any(|n| n.contains(&ip));
+            checks.push(Check {
+                criterion: "source",
+                wanted,
+                got: Some(ip.to_string()),
+                ok,
+            });
+        }
+        checks
     }
 
     pub fn matches(&self, caller: &Caller) -> bool {
-        // Deny by default: a matcher with no criterion matches nobody, and only local callers
-        // have a uid at all.
-        if self.is_empty() {
+        // Deny by default: an empty matcher matches nobody, and an unresolved caller matches
+        // no rule at all.
+        if self.is_empty() || matches!(caller, Caller::Unresolved { .. }) {
             return false;
         }
-        self.uid.is_none_or(|want| caller.uid() == Some(want))
+        self.evaluate(caller).iter().all(|c| c.ok)
+    }
+
+    /// Whether every caller `later` matches is also matched by `self`, so that a rule with
+    /// `later` placed after one with `self` can never be reached.
+    pub fn covers(&self, later: &Matcher) -> bool {
+        fn glob_covers(a: &Option<Glob>, b: &Option<Glob>) -> bool {
+            match (a, b) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some(a), Some(b)) => a == b || (b.is_literal() && a.matches(b.as_str())),
+            }
+        }
+        fn eq_covers<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
+            a.is_none() || (b.is_some() && a == b)
+        }
+        !self.is_empty()
+            && eq_covers(&self.uid, &later.uid)
+            && eq_covers(&self.gid, &later.gid)
+            && eq_covers(&self.exe_sha256, &later.exe_sha256)
+            && glob_covers(&self.exe, &later.exe)
+            && glob_covers(&self.systemd_unit, &later.systemd_unit)
+            && glob_covers(&self.cgroup, &later.cgroup)
+            && (self.source.is_empty()
+                || (!later.source.is_empty()
+                    && later
+                        .source
+                        .iter()
+                        .all(|l| self.source.iter().any(|s| s.contains(l)))))
     }
 }
 
-impl std::fmt::Display for Matcher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.uid {
-            Some(uid) => write!(f, "uid={uid}"),
-            None => f.write_str("(nothing)"),
+impl fmt::Display for Matcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(v) = self.uid {
+            parts.push(format!("uid={v}"));
         }
+        if let Some(v) = self.gid {
+            parts.push(format!("gid={v}"));
+        }
+        if let Some(v) = &self.exe {
+            parts.push(format!("exe={}", v.as_str()));
+        }
+        if let Some(v) = &self.exe_sha256 {
+            parts.push(format!("exe_sha256={}…", &v[..12.min(v.len())]));
+        }
+        if let Some(v) = &self.systemd_unit {
+            parts.push(format!("systemd_unit={}", v.as_str()));
+        }
+        if let Some(v) = &self.cgroup {
+            parts.push(format!("cgroup={}", v.as_str()));
+        }
+        if !self.source.is_empty() {
+            let nets: Vec<String> = self.source.iter().map(|n| n.to_string()).collect();
+            parts.push(format!("source={}", nets.join(",")));
+        }
+        if parts.is_empty() {
+            f.write_str("(nothing)")
+        } else {
+            f.write_str(&parts.join(" "))
+        }
+    }
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
 }
 
@@ -39,20 +209,64 @@ pub fn find_app<'a>(apps: &'a [App], caller: &Caller) -> Option<&'a App> {
     apps.iter().find(|app| app.matcher.matches(caller))
 }
 
+/// What resolving callers must find out to evaluate `apps`.
+pub fn needs(apps: &[App]) -> Needs {
+    apps.iter().fold(Needs::default(), |acc, app| {
+        let n = app.matcher.needs();
+        Needs {
+            process: acc.process || n.process,
+            exe_hash: acc.exe_hash || n.exe_hash,
+        }
+    })
+}
+
+/// Pairs `(earlier, later)` of app indexes where the later rule can never match.
+pub fn shadowed(apps: &[App]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for (j, later) in apps.iter().enumerate() {
+        if let Some(i) = apps[..j]
+            .iter()
+            .position(|earlier| earlier.matcher.covers(&later.matcher))
+        {
+            out.push((i, j));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::LocalCaller;
+    use crate::process::ProcessInfo;
 
     fn local(uid: u32) -> Caller {
-        Caller::Local {
-            uid,
+        Caller::local_uid(uid, "127.0.0.1:5000".parse().unwrap())
+    }
+
+    fn full(uid: u32, exe: &str, cgroup: &str) -> Caller {
+        Caller::Local(LocalCaller {
             peer: "127.0.0.1:5000".parse().unwrap(),
-        }
+            uid,
+            cgroup: Some(cgroup.into()),
+            unit: crate::cgroup::unit_of(cgroup),
+            process: Some(ProcessInfo {
+                pid: 42,
+                uid,
+                gid: 7,
+                exe: exe.into(),
+                start_time: 1,
+            }),
+            exe_sha256: Some("ab".repeat(32)),
+        })
     }
 
     #[test]
     fn uid_rule_matches_only_that_uid() {
-        let m = Matcher { uid: Some(1000) };
+        let m = Matcher {
+            uid: Some(1000),
+            ..Default::default()
+        };
         assert!(m.matches(&local(1000)));
         assert!(!m.matches(&local(1001)));
         assert!(!m.matches(&Caller::Remote {
@@ -61,7 +275,111 @@ mod tests {
     }
 
     #[test]
-    fn empty_matcher_matches_nobody() {
+    fn empty_matcher_and_unresolved_callers_match_nothing() {
         assert!(!Matcher::default().matches(&local(0)));
+        let m = Matcher {
+            source: vec!["127.0.0.0/8".parse().unwrap()],
+            ..Default::default()
+        };
+        assert!(!m.matches(&Caller::Unresolved {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            reason: "ambiguous".into()
+        }));
+    }
+
+    #[test]
+    fn all_criteria_must_hold() {
+        let m = Matcher {
+            uid: Some(1000),
+            exe: Some(Glob::new("/opt/billing/*")),
+            systemd_unit: Some(Glob::new("billing.service")),
+            cgroup: Some(Glob::new("/system.slice/*")),
+            gid: Some(7),
+            exe_sha256: Some("ab".repeat(32)),
+            ..Default::default()
+        };
+        let good = full(1000, "/opt/billing/run", "/system.slice/billing.service");
+        assert!(m.matches(&good));
+        assert!(!m.matches(&full(
+            1000,
+            "/opt/other/run",
+            "/system.slice/billing.service"
+        )));
+        assert!(!m.matches(&full(
+            1000,
+            "/opt/billing/run",
+            "/system.slice/other.service"
+        )));
+        assert!(!m.matches(&full(
+            1001,
+            "/opt/billing/run",
+            "/system.slice/billing.service"
+        )));
+        // Without process information, exe rules cannot hold.
+        assert!(!m.matches(&local(1000)));
+        let failed: Vec<_> = m
+            .evaluate(&full(
+                1000,
+                "/usr/bin/python3",
+                "/system.slice/billing.service",
+            ))
+            .into_iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.criterion)
+            .collect();
+        assert_eq!(failed, ["exe"]);
+    }
+
+    #[test]
+    fn source_matches_remote_peers_including_v4_mapped() {
+        let m = Matcher {
+            source: vec!["10.200.0.0/24".parse().unwrap()],
+            ..Default::default()
+        };
+        assert!(m.matches(&Caller::Remote {
+            peer: "10.200.0.7:4000".parse().unwrap()
+        }));
+        assert!(m.matches(&Caller::Remote {
+            peer: "[::ffff:10.200.0.7]:4000".parse().unwrap()
+        }));
+        assert!(!m.matches(&Caller::Remote {
+            peer: "10.201.0.7:4000".parse().unwrap()
+        }));
+    }
+
+    #[test]
+    fn covers_detects_unreachable_rules() {
+        let uid = |u| Matcher {
+            uid: Some(u),
+            ..Default::default()
+        };
+        let uid_exe = Matcher {
+            uid: Some(1),
+            exe: Some(Glob::new("/usr/bin/x")),
+            ..Default::default()
+        };
+        assert!(uid(1).covers(&uid_exe), "broader first shadows narrower");
+        assert!(!uid_exe.covers(&uid(1)), "narrower first does not");
+        assert!(!uid(1).covers(&uid(2)));
+        let glob = Matcher {
+            exe: Some(Glob::new("/usr/bin/*")),
+            ..Default::default()
+        };
+        let literal = Matcher {
+            exe: Some(Glob::new("/usr/bin/python3")),
+            ..Default::default()
+        };
+        assert!(glob.covers(&literal));
+        assert!(!literal.covers(&glob));
+        let wide = Matcher {
+            source: vec!["10.0.0.0/8".parse().unwrap()],
+            ..Default::default()
+        };
+        let narrow = Matcher {
+            source: vec!["10.1.0.0/16".parse().unwrap()],
+            ..Default::default()
+        };
+        assert!(wide.covers(&narrow));
+        assert!(!narrow.covers(&wide));
     }
 }

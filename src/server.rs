@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::identity::Caller;
+use crate::identity::Resolver;
 use crate::imds::{self, ConnectionInfo};
 use crate::state::AppState;
 
@@ -54,13 +54,16 @@ pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, BindError> {
 /// Serves IMDS on `listeners` until `shutdown` completes, then stops accepting and gives
 /// in-flight requests [`SHUTDOWN_GRACE`] to finish.
 pub async fn run(state: AppState, listeners: Vec<TcpListener>, shutdown: impl Future<Output = ()>) {
-    let router = imds::router(state);
+    let router = imds::router(state.clone());
+    let resolver = Arc::new(Resolver::new());
     let stop = CancellationToken::new();
     let graceful = Arc::new(GracefulShutdown::new());
     let accept_loops = TaskTracker::new();
     for listener in listeners {
         accept_loops.spawn(accept_loop(
             listener,
+            state.clone(),
+            resolver.clone(),
             router.clone(),
             graceful.clone(),
             stop.clone(),
@@ -89,6 +92,8 @@ pub async fn run(state: AppState, listeners: Vec<TcpListener>, shutdown: impl Fu
 
 async fn accept_loop(
     listener: TcpListener,
+    state: AppState,
+    resolver: Arc<Resolver>,
     router: axum::Router,
     graceful: Arc<GracefulShutdown>,
     stop: CancellationToken,
@@ -103,6 +108,8 @@ async fn accept_loop(
                 tokio::spawn(serve_connection(
                     stream,
                     peer,
+                    state.clone(),
+                    resolver.clone(),
                     router.clone(),
                     graceful.watcher(),
                 ));
@@ -118,6 +125,8 @@ async fn accept_loop(
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
+    state: AppState,
+    resolver: Arc<Resolver>,
     router: axum::Router,
     watcher: Watcher,
 ) {
@@ -130,7 +139,16 @@ async fn serve_connection(
     };
     // Once per connection: every request on a keep-alive connection comes from the same socket,
     // so from the same owner.
-    let caller = Caller::resolve(peer, local);
+    let needs = state.config().needs();
+    // netlink and /proc reads block; keep them off the async workers.
+    let caller =
+        match tokio::task::spawn_blocking(move || resolver.resolve(peer, local, needs)).await {
+            Ok(caller) => caller,
+            Err(e) => {
+                tracing::error!(%peer, error = %e, "identifying the caller failed");
+                return;
+            }
+        };
     tracing::debug!(%caller, %local, "connection accepted");
     let info = ConnectionInfo {
         caller: Arc::new(caller),

@@ -92,6 +92,36 @@ fn each_invalid_fixture_names_file_line_and_field() {
             "either uid or user",
         ),
         ("syntax.toml", 1, "(file)", ""),
+        (
+            "bad_match_keys.toml",
+            11,
+            "app[0].match.exe",
+            "absolute path",
+        ),
+        (
+            "bad_match_keys.toml",
+            12,
+            "app[0].match.exe_sha256",
+            "64 hex digits",
+        ),
+        (
+            "bad_match_keys.toml",
+            13,
+            "app[0].match.cgroup",
+            "starting with /",
+        ),
+        (
+            "bad_match_keys.toml",
+            14,
+            "app[0].match.source",
+            "\"10.0.0.0/33\" is not a CIDR",
+        ),
+        (
+            "bad_match_keys.toml",
+            15,
+            "app[0].match.group",
+            "no such group",
+        ),
     ];
     for (name, line, field, words) in cases {
         let found = problems(name);
@@ -248,4 +278,107 @@ fn serve_refuses_to_be_its_own_credential_source() {
         stderr.contains("AWS_EC2_METADATA_DISABLED=true"),
         "{stderr}"
     );
+}
+
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = broker().args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_warns_about_shadowed_rules() {
+    let path = fixture("shadowed.toml");
+    let (code, stdout, _) = run(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0));
+    let warnings: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            "warning: app[1] \"billing\" is shadowed by app[0] \"everyone-1001\": every caller it matches is matched earlier"
+        ]
+    );
+}
+
+#[test]
+fn explain_shows_each_rule_and_the_result() {
+    let path = fixture("shadowed.toml");
+    let config = path.to_str().unwrap();
+    let (code, out, _) = run(&[
+        "explain",
+        "--config",
+        config,
+        "--uid",
+        "1001",
+        "--exe",
+        "/opt/billing/bin/billing",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("rule app[0] \"everyone-1001\": match\n  uid: wanted 1001, got 1001: yes"),
+        "{out}"
+    );
+    assert!(
+        out.contains("rule app[1] \"billing\": match (not reached: an earlier rule won)"),
+        "{out}"
+    );
+    assert!(out.contains("rule app[2] \"workers\": no match\n  systemd_unit: wanted worker-*.service, got (unknown for this caller): no"), "{out}");
+    assert!(
+        out.ends_with("result: app \"everyone-1001\" -> arn:aws:iam::123456789012:role/broad\n"),
+        "{out}"
+    );
+
+    let (code, out, _) = run(&[
+        "explain",
+        "--config",
+        config,
+        "--uid",
+        "7",
+        "--cgroup",
+        "/system.slice/worker-3.service",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(
+            "caller: local uid=7 cgroup=/system.slice/worker-3.service unit=worker-3.service"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("result: app \"workers\" -> arn:aws:iam::123456789012:role/workers\n"),
+        "{out}"
+    );
+
+    let (code, out, _) = run(&["explain", "--config", config, "--source", "10.200.0.9"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("source: wanted 10.200.0.0/24, got 10.200.0.9: yes"),
+        "{out}"
+    );
+
+    let (code, out, _) = run(&["explain", "--config", config, "--source", "10.9.0.9"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.ends_with("result: no rule matched\n"), "{out}");
+
+    // A real process: this test's own, read from /proc.
+    let me = std::process::id().to_string();
+    let (code, out, _) = run(&["explain", "--config", config, "--pid", &me]);
+    assert_eq!(code, Some(1), "root matches none of these rules: {out}");
+    assert!(out.contains(&format!("pid={me}")), "{out}");
+    assert!(
+        out.contains(&format!(
+            "exe={}",
+            std::env::current_exe().unwrap().display()
+        )),
+        "{out}"
+    );
+
+    let (code, _, err) = run(&["explain", "--config", config]);
+    assert_eq!(code, Some(64), "{err}");
 }

@@ -47,10 +47,7 @@ fn state() -> (AppState, Arc<FakeSts>) {
 }
 
 fn local(uid: u32) -> Caller {
-    Caller::Local {
-        uid,
-        peer: "127.0.0.1:40000".parse().unwrap(),
-    }
+    Caller::local_uid(uid, "127.0.0.1:40000".parse().unwrap())
 }
 
 async fn call(

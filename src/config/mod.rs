@@ -4,12 +4,13 @@
 mod raw;
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
@@ -18,7 +19,9 @@ use raw::{RawApp, RawConfig, RawDuration, RawMatch};
 
 use crate::arn::RoleArn;
 use crate::credentials::AssumeRoleInput;
-use crate::policy::Matcher;
+use crate::glob::Glob;
+use crate::identity::Needs;
+use crate::policy::{self, Matcher};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/imds-broker/config.toml";
 pub const DEFAULT_LISTEN: &str = "169.254.169.254:80";
@@ -182,6 +185,11 @@ impl fmt::Display for Problems<'_> {
 }
 
 impl Config {
+    /// What caller resolution must find out for these rules.
+    pub fn needs(&self) -> Needs {
+        policy::needs(&self.apps)
+    }
+
     /// Reads, permission-checks and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         check_permissions(path)?;
@@ -538,48 +546,120 @@ impl Validator<'_> {
     fn matcher(&mut self, raw: Spanned<RawMatch>, field: &str) -> Option<Matcher> {
         let span = raw.span();
         let raw = raw.into_inner();
-        let uid = match (raw.uid, raw.user) {
-            (Some(_), Some(user)) => {
+        let before = self.problems.len();
+        let uid = self.id_or_name(raw.uid, raw.user, field, ("uid", "user"), |name| {
+            nix::unistd::User::from_name(name).map(|u| u.map(|u| u.uid.as_raw()))
+        });
+        let gid = self.id_or_name(raw.gid, raw.group, field, ("gid", "group"), |name| {
+            nix::unistd::Group::from_name(name).map(|g| g.map(|g| g.gid.as_raw()))
+        });
+        let exe = raw.exe.map(|e| {
+            if !e.get_ref().starts_with('/') {
                 self.push(
-                    user.span(),
-                    &format!("{field}.user"),
-                    "give either uid or user, not both",
+                    e.span(),
+                    &format!("{field}.exe"),
+                    "must be an absolute path (glob)",
                 );
-                return None;
             }
-            (Some(uid), None) => Some(uid),
-            (None, Some(user)) => match nix::unistd::User::from_name(user.get_ref()) {
-                Ok(Some(u)) => Some(u.uid.as_raw()),
-                Ok(None) => {
-                    self.push(
-                        user.span(),
-                        &format!("{field}.user"),
-                        format!("no such user {:?} on this host", user.get_ref()),
-                    );
-                    return None;
-                }
-                Err(e) => {
-                    self.push(
-                        user.span(),
-                        &format!("{field}.user"),
-                        format!("cannot look up user {:?}: {e}", user.get_ref()),
-                    );
-                    return None;
-                }
-            },
-            (None, None) => None,
+            Glob::new(e.get_ref())
+        });
+        let exe_sha256 = raw.exe_sha256.map(|h| {
+            let hex = h.get_ref().to_ascii_lowercase();
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                self.push(
+                    h.span(),
+                    &format!("{field}.exe_sha256"),
+                    "must be 64 hex digits (sha256)",
+                );
+            }
+            hex
+        });
+        let systemd_unit = raw.systemd_unit.map(|u| Glob::new(u.get_ref()));
+        let cgroup = raw.cgroup.map(|c| {
+            if !c.get_ref().starts_with('/') {
+                self.push(
+                    c.span(),
+                    &format!("{field}.cgroup"),
+                    "must be a cgroup v2 path starting with / (glob)",
+                );
+            }
+            Glob::new(c.get_ref())
+        });
+        let mut source = Vec::new();
+        for net in raw.source.unwrap_or_default() {
+            let text = net.get_ref();
+            let parsed = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(n) => source.push(n.trunc()),
+                Err(_) => self.push(
+                    net.span(),
+                    &format!("{field}.source"),
+                    format!("{text:?} is not a CIDR (e.g. 10.200.0.0/24) or IP address"),
+                ),
+            }
+        }
+        let matcher = Matcher {
+            uid,
+            gid,
+            exe,
+            exe_sha256,
+            systemd_unit,
+            cgroup,
+            source,
         };
-        let matcher = Matcher { uid };
-        if matcher.is_empty() {
+        if matcher.is_empty() && self.problems.len() == before {
             // An empty match would hand this role to every caller on the host.
             self.push(
                 span,
                 field,
-                "needs at least one criterion (uid or user); an empty match would match every caller",
+                "needs at least one criterion (uid, user, gid, group, exe, exe_sha256, systemd_unit, cgroup, source); an empty match would match every caller",
             );
-            return None;
         }
-        Some(matcher)
+        (self.problems.len() == before).then_some(matcher)
+    }
+
+    /// A numeric id or a name resolved now (uid/user, gid/group); not both.
+    fn id_or_name(
+        &mut self,
+        id: Option<u32>,
+        name: Option<Spanned<String>>,
+        field: &str,
+        keys: (&str, &str),
+        lookup: impl Fn(&str) -> nix::Result<Option<u32>>,
+    ) -> Option<u32> {
+        match (id, name) {
+            (Some(_), Some(name)) => {
+                self.push(
+                    name.span(),
+                    &format!("{field}.{}", keys.1),
+                    format!("give either {} or {}, not both", keys.0, keys.1),
+                );
+                None
+            }
+            (Some(id), None) => Some(id),
+            (None, Some(name)) => match lookup(name.get_ref()) {
+                Ok(Some(id)) => Some(id),
+                Ok(None) => {
+                    self.push(
+                        name.span(),
+                        &format!("{field}.{}", keys.1),
+                        format!("no such {} {:?} on this host", keys.1, name.get_ref()),
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.push(
+                        name.span(),
+                        &format!("{field}.{}", keys.1),
+                        format!("cannot look up {} {:?}: {e}", keys.1, name.get_ref()),
+                    );
+                    None
+                }
+            },
+            (None, None) => None,
+        }
     }
 
     fn positive(&mut self, raw: Option<&Spanned<u32>>, field: &str, default: u32) -> u32 {

@@ -83,6 +83,13 @@ pub struct RawApp {
 pub struct RawMatch {
     pub uid: Option<u32>,
     pub user: Option<Spanned<String>>,
+    pub gid: Option<u32>,
+    pub group: Option<Spanned<String>>,
+    pub exe: Option<Spanned<String>>,
+    pub exe_sha256: Option<Spanned<String>>,
+    pub systemd_unit: Option<Spanned<String>>,
+    pub cgroup: Option<Spanned<String>>,
+    pub source: Option<Vec<Spanned<String>>>,
 }
 
 /// Seconds as an integer, or a human string such as `"1h"` or `"90m"`.

@@ -8,8 +8,10 @@ use axum::response::Response;
 
 use super::error::ImdsError;
 use super::{TOKEN_HEADER, caller_of};
+use crate::audit::{self, DenyReason};
 use crate::config::ImdsV1;
 use crate::state::AppState;
+use crate::token::TokenError;
 
 /// Real IMDS refuses token requests that carry `X-Forwarded-For`: they come through a proxy,
 /// which could be relaying for anyone. The broker refuses them (and `Forwarded`) on every path,
@@ -17,6 +19,9 @@ use crate::state::AppState;
 pub async fn reject_forwarded(request: Request, next: Next) -> Result<Response, ImdsError> {
     let headers = request.headers();
     if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
+        if let Ok(conn) = caller_of(request.extensions()) {
+            audit::token_rejected(conn, DenyReason::Forwarded, "forwarded request");
+        }
         return Err(ImdsError::Forbidden("forwarded requests are refused"));
     }
     Ok(next.run(request).await)
@@ -33,23 +38,28 @@ pub async fn require_token(
     if !is_read || request.uri().path().ends_with("/api/token") {
         return Ok(next.run(request).await);
     }
+    let conn = caller_of(request.extensions())?;
     let mut tokens = request.headers().get_all(TOKEN_HEADER).iter();
-    match (tokens.next(), tokens.next()) {
-        (Some(token), None) => {
-            let caller = caller_of(request.extensions())?;
-            let token = token
-                .to_str()
-                .map_err(|_| crate::token::TokenError::Malformed)?;
-            state
-                .token_key()
-                .verify(token, &caller.token_binding(), state.now())?;
+    let verdict = match (tokens.next(), tokens.next()) {
+        (Some(token), None) => token
+            .to_str()
+            .map_err(|_| TokenError::Malformed)
+            .and_then(|t| {
+                state
+                    .token_key()
+                    .verify(t, &conn.token_binding(), state.now())
+            })
+            .map(|_| ())
+            .map_err(ImdsError::from),
+        (Some(_), Some(_)) => Err(TokenError::Malformed.into()),
+        (None, _) if state.config().server.imdsv1 == ImdsV1::Disabled => {
+            Err(ImdsError::TokenRequired)
         }
-        (Some(_), Some(_)) => return Err(crate::token::TokenError::Malformed.into()),
-        (None, _) => {
-            if state.config().server.imdsv1 == ImdsV1::Disabled {
-                return Err(ImdsError::TokenRequired);
-            }
-        }
+        (None, _) => Ok(()),
+    };
+    if let Err(e) = verdict {
+        audit::token_rejected(conn, DenyReason::BadToken, &e.to_string());
+        return Err(e);
     }
     Ok(next.run(request).await)
 }

@@ -19,6 +19,7 @@ use serde::Serialize;
 pub use error::ImdsError;
 pub use metadata::imds_time;
 
+use crate::audit::{self, DenyReason};
 use crate::config::MAX_TOKEN_TTL;
 use crate::credentials::Credentials;
 use crate::identity::Caller;
@@ -105,6 +106,7 @@ async fn put_token(State(state): State<AppState>, request: Request) -> Result<Re
         Duration::from_secs(granted),
         state.now(),
     );
+    audit::token_issued(conn, granted, state.now());
     let mut response = text(token);
     response
         .headers_mut()
@@ -142,30 +144,57 @@ async fn tree(State(state): State<AppState>, request: Request) -> Result<Respons
         local_ip: conn.local.ip(),
     };
     let path = request.uri().path();
-    let node = if let Some(rest) = path.strip_prefix("/latest/meta-data") {
-        metadata::segments(rest).and_then(|s| metadata::meta_data(&view, &s))
+    let (tree, rest) = if let Some(rest) = path.strip_prefix("/latest/meta-data") {
+        (Tree::MetaData, rest)
     } else if let Some(rest) = path.strip_prefix("/latest/dynamic") {
-        metadata::segments(rest).and_then(|s| metadata::dynamic(&view, &s))
+        (Tree::Dynamic, rest)
     } else {
-        None
+        return Err(ImdsError::NotFound);
     };
-    match node.ok_or(ImdsError::NotFound)? {
+    let segments = metadata::segments(rest).ok_or(ImdsError::NotFound)?;
+    let node = match tree {
+        Tree::MetaData => metadata::meta_data(&view, &segments),
+        Tree::Dynamic => metadata::dynamic(&view, &segments),
+    };
+    let Some(node) = node else {
+        if tree == Tree::MetaData && segments.first() == Some(&"iam") {
+            match app {
+                None => audit::credentials_denied(
+                    conn,
+                    DenyReason::unmatched(conn),
+                    "no rule matches this caller",
+                ),
+                Some(app) => audit::credentials_denied(
+                    conn,
+                    DenyReason::RoleMismatch,
+                    &format!("asked for {path}, its role is {}", app.role_arn.role_name()),
+                ),
+            }
+        }
+        return Err(ImdsError::NotFound);
+    };
+    match node {
         Node::Dir(entries) => Ok(text(entries.join("\n"))),
         Node::Text(body) => Ok(text(body)),
         Node::Credentials => {
             let app = app.ok_or(ImdsError::NotFound)?;
-            let creds = state.cache().get(&app.assume_role_input()).await?;
-            tracing::info!(
-                app = %app.name,
-                caller = %conn.caller,
-                role = %app.role_arn,
-                access_key_id = %creds.access_key_id,
-                expires = %imds_time(creds.expiration),
-                "credentials issued"
-            );
+            let creds = match state.cache().get(&app.assume_role_input()).await {
+                Ok(creds) => creds,
+                Err(e) => {
+                    audit::credentials_denied(conn, DenyReason::Upstream, &e.to_string());
+                    return Err(e.into());
+                }
+            };
+            audit::credentials_issued(conn, app, &creds);
             Ok(text(credential_document(&creds, app.role_arn.account_id())))
         }
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tree {
+    MetaData,
+    Dynamic,
 }
 
 /// The credential JSON every SDK parses: `Code`, the four string fields, second-precision

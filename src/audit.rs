@@ -1,0 +1,113 @@
+//! Audit events: one structured event per credential decision, emitted with target `audit` so
+//! operators can route them apart from diagnostics. Each event names the caller as fully as it
+//! was resolved; secrets never appear (only access key ids).
+
+use std::time::SystemTime;
+
+use crate::config::App;
+use crate::credentials::Credentials;
+use crate::identity::Caller;
+use crate::imds::imds_time;
+
+/// Why a caller got no credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// A local caller that no rule matches.
+    NoRule,
+    /// The caller could not be identified unambiguously.
+    Unresolved,
+    /// A caller with no socket on this host that no `source` rule covers.
+    NotLocal,
+    /// The caller asked for a role that is not its own.
+    RoleMismatch,
+    /// The request came through a proxy (`X-Forwarded-For`/`Forwarded`).
+    Forwarded,
+    /// A token that is missing, forged, expired or minted for another caller.
+    BadToken,
+    /// STS could not provide credentials.
+    Upstream,
+}
+
+impl DenyReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::NoRule => "no_rule",
+            DenyReason::Unresolved => "unresolved",
+            DenyReason::NotLocal => "not_local",
+            DenyReason::RoleMismatch => "role_mismatch",
+            DenyReason::Forwarded => "forwarded",
+            DenyReason::BadToken => "bad_token",
+            DenyReason::Upstream => "upstream",
+        }
+    }
+
+    /// The reason a caller that matched no rule gets, by what kind of caller it is.
+    pub fn unmatched(caller: &Caller) -> Self {
+        match caller {
+            Caller::Local(_) => DenyReason::NoRule,
+            Caller::Remote { .. } => DenyReason::NotLocal,
+            Caller::Unresolved { .. } => DenyReason::Unresolved,
+        }
+    }
+}
+
+macro_rules! audit_event {
+    ($level:ident, $event:literal, $caller:expr, $($rest:tt)*) => {{
+        let caller: &Caller = $caller;
+        tracing::$level!(
+            target: "audit",
+            event = $event,
+            peer = %caller.peer(),
+            uid = caller.uid(),
+            pid = caller.pid(),
+            exe = caller.exe().map(|e| e.display().to_string()),
+            cgroup = caller.cgroup(),
+            unit = caller.unit(),
+            $($rest)*
+        )
+    }};
+}
+
+pub fn credentials_issued(caller: &Caller, app: &App, creds: &Credentials) {
+    audit_event!(info, "credentials.issued", caller,
+        app = %app.name,
+        role_arn = %app.role_arn,
+        access_key_id = %creds.access_key_id,
+        expiration = %imds_time(creds.expiration),
+        "credentials issued"
+    );
+}
+
+pub fn credentials_denied(caller: &Caller, reason: DenyReason, detail: &str) {
+    let why = match caller {
+        Caller::Unresolved { reason, .. } => reason.as_str(),
+        _ => detail,
+    };
+    audit_event!(
+        warn,
+        "credentials.denied",
+        caller,
+        reason = reason.as_str(),
+        detail = why,
+        "credentials denied"
+    );
+}
+
+pub fn token_issued(caller: &Caller, ttl_secs: u64, now: SystemTime) {
+    audit_event!(info, "token.issued", caller,
+        ttl_secs,
+        expires = %imds_time(now + std::time::Duration::from_secs(ttl_secs)),
+        "session token issued"
+    );
+}
+
+pub fn token_rejected(caller: &Caller, reason: DenyReason, detail: &str) {
+    audit_event!(
+        warn,
+        "token.rejected",
+        caller,
+        reason = reason.as_str(),
+        detail,
+        "request refused"
+    );
+}

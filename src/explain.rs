@@ -1,0 +1,137 @@
+//! `imds-broker explain`: shows which rule a given process, uid, cgroup or source address would
+//! match and why, using the same rule evaluation as the daemon.
+
+use std::fmt::Write;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use crate::cgroup;
+use crate::config::Config;
+use crate::identity::{Caller, LocalCaller};
+use crate::process::{self, ProcessInfo};
+
+/// Who to explain.
+#[derive(Debug, Clone)]
+pub enum Subject {
+    /// A running process, read from `/proc`.
+    Pid(u32),
+    /// A hypothetical local caller.
+    Local {
+        uid: u32,
+        gid: Option<u32>,
+        exe: Option<PathBuf>,
+        cgroup: Option<String>,
+    },
+    /// A caller from another host or network namespace.
+    Source(IpAddr),
+}
+
+/// Builds the caller the daemon would see for `subject`.
+pub fn caller_for(subject: &Subject, config: &Config) -> io::Result<Caller> {
+    let peer = |ip| SocketAddr::new(ip, 0);
+    let loopback = IpAddr::from([127, 0, 0, 1]);
+    Ok(match subject {
+        Subject::Source(ip) => Caller::Remote { peer: peer(*ip) },
+        Subject::Pid(pid) => {
+            let info = process::describe(*pid)?;
+            let cgroup = cgroup::path_of_pid(*pid);
+            let exe_sha256 = if config.needs().exe_hash {
+                Some(crate::identity::hash_exe(*pid)?)
+            } else {
+                None
+            };
+            Caller::Local(LocalCaller {
+                peer: peer(loopback),
+                uid: info.uid,
+                unit: cgroup.as_deref().and_then(cgroup::unit_of),
+                cgroup,
+                process: Some(info),
+                exe_sha256,
+            })
+        }
+        Subject::Local {
+            uid,
+            gid,
+            exe,
+            cgroup,
+        } => {
+            let process = (gid.is_some() || exe.is_some()).then(|| ProcessInfo {
+                pid: 0,
+                uid: *uid,
+                gid: gid.unwrap_or(*uid),
+                exe: exe.clone().unwrap_or_default(),
+                start_time: 0,
+            });
+            Caller::Local(LocalCaller {
+                peer: peer(loopback),
+                uid: *uid,
+                unit: cgroup.as_deref().and_then(cgroup::unit_of),
+                cgroup: cgroup.clone(),
+                process,
+                exe_sha256: None,
+            })
+        }
+    })
+}
+
+/// The report `explain` prints, and whether a rule matched.
+pub fn report(config: &Config, caller: &Caller) -> (String, bool) {
+    let mut out = String::new();
+    let _ = writeln!(out, "caller: {}", describe(caller));
+    let mut winner = None;
+    for (i, app) in config.apps.iter().enumerate() {
+        let checks = app.matcher.evaluate(caller);
+        let matched = app.matcher.matches(caller);
+        let verdict = match (matched, winner.is_some()) {
+            (true, false) => "match",
+            (true, true) => "match (not reached: an earlier rule won)",
+            (false, _) => "no match",
+        };
+        let _ = writeln!(out, "rule app[{i}] {:?}: {verdict}", app.name);
+        for c in checks {
+            let got = c.got.as_deref().unwrap_or("(unknown for this caller)");
+            let mark = if c.ok { "yes" } else { "no" };
+            let _ = writeln!(
+                out,
+                "  {}: wanted {}, got {}: {mark}",
+                c.criterion, c.wanted, got
+            );
+        }
+        if matched && winner.is_none() {
+            winner = Some(app);
+        }
+    }
+    match winner {
+        Some(app) => {
+            let _ = writeln!(out, "result: app {:?} -> {}", app.name, app.role_arn);
+        }
+        None => {
+            let _ = writeln!(out, "result: no rule matched");
+        }
+    }
+    (out, winner.is_some())
+}
+
+fn describe(caller: &Caller) -> String {
+    match caller {
+        Caller::Local(l) => {
+            let mut s = format!("local uid={}", l.uid);
+            if let Some(p) = &l.process {
+                if p.pid != 0 {
+                    let _ = write!(s, " pid={}", p.pid);
+                }
+                let _ = write!(s, " gid={} exe={}", p.gid, p.exe.display());
+            }
+            if let Some(c) = &l.cgroup {
+                let _ = write!(s, " cgroup={c}");
+            }
+            if let Some(u) = &l.unit {
+                let _ = write!(s, " unit={u}");
+            }
+            s
+        }
+        Caller::Remote { peer } => format!("non-local source={}", peer.ip()),
+        Caller::Unresolved { reason, .. } => format!("unresolved ({reason})"),
+    }
+}
