@@ -97,8 +97,7 @@ pub fn path_of_pid(pid: u32) -> Option<String> {
 /// scope (`/system.slice/billing.service/worker` → `billing.service`).
 pub fn unit_of(path: &str) -> Option<String> {
     path.split('/')
-        .filter(|c| c.ends_with(".service") || c.ends_with(".scope"))
-        .next_back()
+        .rfind(|c| c.ends_with(".service") || c.ends_with(".scope"))
         .map(str::to_owned)
 }
 
