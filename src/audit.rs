@@ -22,6 +22,14 @@ pub enum DenyReason {
     RoleMismatch,
     /// The request came through a proxy (`X-Forwarded-For`/`Forwarded`).
     Forwarded,
+    /// The request carries browser markers (`Origin`, `Referer`, `Sec-Fetch-*`).
+    Browser,
+    /// The `Host` header names something other than this daemon (DNS rebinding).
+    ForeignHost,
+    /// The caller is over its request rate.
+    RateLimited,
+    /// The caller has too many open connections.
+    ConnectionLimit,
     /// A token that is missing, forged, expired or minted for another caller.
     BadToken,
     /// STS could not provide credentials.
@@ -36,6 +44,10 @@ impl DenyReason {
             DenyReason::NotLocal => "not_local",
             DenyReason::RoleMismatch => "role_mismatch",
             DenyReason::Forwarded => "forwarded",
+            DenyReason::Browser => "browser",
+            DenyReason::ForeignHost => "foreign_host",
+            DenyReason::RateLimited => "rate_limited",
+            DenyReason::ConnectionLimit => "connection_limit",
             DenyReason::BadToken => "bad_token",
             DenyReason::Upstream => "upstream",
         }

@@ -177,7 +177,7 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
         }
     };
     let source = Arc::new(StsSource::new(&config.sts).await);
-    let listeners = match server::bind(&config.server.listen).await {
+    let listeners = match server::bind(&config.server.listen, config.server.hop_limit).await {
         Ok(listeners) => listeners,
         Err(e) => {
             tracing::error!("{e}");

@@ -22,6 +22,7 @@ pub mod identity;
 pub mod imds;
 pub mod policy;
 pub mod process;
+pub mod rate_limit;
 pub mod secret;
 pub mod server;
 pub mod signal;

@@ -12,11 +12,17 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::audit::{self, DenyReason};
+use crate::config::Limits;
 use crate::identity::Resolver;
 use crate::imds::{self, ConnectionInfo};
 use crate::state::AppState;
@@ -39,23 +45,98 @@ pub struct BindError {
     pub source: io::Error,
 }
 
-/// Binds every address, or fails naming the one that could not be bound.
-pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, BindError> {
+/// Binds every address, or fails naming the one that could not be bound. Every packet the
+/// listeners and their connections send leaves with `hop_limit` as IP TTL / IPv6 hop limit,
+/// the SYN-ACK included, so a client more than that many routers away cannot even connect.
+pub async fn bind(addrs: &[SocketAddr], hop_limit: u32) -> Result<Vec<TcpListener>, BindError> {
     let mut listeners = Vec::with_capacity(addrs.len());
     for &addr in addrs {
         let listener = TcpListener::bind(addr)
             .await
+            .and_then(|l| set_hop_limit(&l, addr, hop_limit).map(|()| l))
             .map_err(|source| BindError { addr, source })?;
         listeners.push(listener);
     }
     Ok(listeners)
 }
 
+fn set_hop_limit(listener: &TcpListener, addr: SocketAddr, hops: u32) -> io::Result<()> {
+    let socket = socket2::SockRef::from(listener);
+    match addr {
+        SocketAddr::V4(_) => socket.set_ttl_v4(hops),
+        SocketAddr::V6(_) => {
+            socket.set_unicast_hops_v6(hops)?;
+            // A dual-stack socket also carries IPv4 connections.
+            if !socket.only_v6()? {
+                socket.set_ttl_v4(hops)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Open connections, in total and per caller identity.
+struct ConnectionLimits {
+    total: Arc<Semaphore>,
+    per_caller: Mutex<HashMap<String, u32>>,
+    max_per_caller: u32,
+}
+
+/// Holds one caller's connection slot; gives it back when the connection ends.
+struct CallerSlot {
+    limits: Arc<ConnectionLimits>,
+    key: String,
+}
+
+impl ConnectionLimits {
+    fn new(limits: Limits) -> Self {
+        Self {
+            total: Arc::new(Semaphore::new(limits.max_connections as usize)),
+            per_caller: Mutex::new(HashMap::new()),
+            max_per_caller: limits.max_connections_per_caller,
+        }
+    }
+
+    fn claim(self: &Arc<Self>, key: String) -> Option<CallerSlot> {
+        let mut open = self.per_caller.lock().expect("connection count lock");
+        let count = open.entry(key.clone()).or_default();
+        if *count >= self.max_per_caller {
+            return None;
+        }
+        *count += 1;
+        Some(CallerSlot {
+            limits: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .limits
+            .per_caller
+            .lock()
+            .expect("connection count lock");
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// What a refused connection gets before it is closed: it never reached HTTP routing.
+const REFUSED_CONNECTION: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nServer: EC2ws\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
 /// Serves IMDS on `listeners` until `shutdown` completes, then stops accepting and gives
 /// in-flight requests [`SHUTDOWN_GRACE`] to finish.
 pub async fn run(state: AppState, listeners: Vec<TcpListener>, shutdown: impl Future<Output = ()>) {
     let router = imds::router(state.clone());
     let resolver = Arc::new(Resolver::new());
+    let limits = Arc::new(ConnectionLimits::new(state.config().limits));
     let stop = CancellationToken::new();
     let graceful = Arc::new(GracefulShutdown::new());
     let accept_loops = TaskTracker::new();
@@ -64,6 +145,7 @@ pub async fn run(state: AppState, listeners: Vec<TcpListener>, shutdown: impl Fu
             listener,
             state.clone(),
             resolver.clone(),
+            limits.clone(),
             router.clone(),
             graceful.clone(),
             stop.clone(),
@@ -94,6 +176,7 @@ async fn accept_loop(
     listener: TcpListener,
     state: AppState,
     resolver: Arc<Resolver>,
+    limits: Arc<ConnectionLimits>,
     router: axum::Router,
     graceful: Arc<GracefulShutdown>,
     stop: CancellationToken,
@@ -105,9 +188,15 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(permit) = limits.total.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "connection refused: total connection limit reached");
+                    tokio::spawn(refuse(stream));
+                    continue;
+                };
                 tokio::spawn(serve_connection(
                     stream,
                     peer,
+                    (permit, limits.clone()),
                     state.clone(),
                     resolver.clone(),
                     router.clone(),
@@ -122,9 +211,15 @@ async fn accept_loop(
     }
 }
 
+async fn refuse(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.write_all(REFUSED_CONNECTION)).await;
+}
+
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
+    (_permit, limits): (OwnedSemaphorePermit, Arc<ConnectionLimits>),
     state: AppState,
     resolver: Arc<Resolver>,
     router: axum::Router,
@@ -150,6 +245,15 @@ async fn serve_connection(
             }
         };
     tracing::debug!(%caller, %local, "connection accepted");
+    let Some(_slot) = limits.claim(caller.token_binding()) else {
+        audit::token_rejected(
+            &caller,
+            DenyReason::ConnectionLimit,
+            "too many open connections",
+        );
+        refuse(stream).await;
+        return;
+    };
     let info = ConnectionInfo {
         caller: Arc::new(caller),
         local,

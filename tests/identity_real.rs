@@ -176,10 +176,10 @@ async fn the_daemon_serves_an_exe_rule_to_that_executable_only() {
     let port = d.addr.port();
     let script = format!(
         "exec 3<>/dev/tcp/127.0.0.1/{port}; \
-         printf 'PUT /latest/api/token HTTP/1.1\\r\\nHost: x\\r\\nX-aws-ec2-metadata-token-ttl-seconds: 60\\r\\nContent-Length: 0\\r\\n\\r\\n' >&3; \
+         printf 'PUT /latest/api/token HTTP/1.1\\r\\nHost: 169.254.169.254\\r\\nX-aws-ec2-metadata-token-ttl-seconds: 60\\r\\nContent-Length: 0\\r\\n\\r\\n' >&3; \
          while IFS= read -r line <&3; do line=${{line%$'\\r'}}; [ -z \"$line\" ] && break; done; \
          read -r -N 76 tok <&3; \
-         printf 'GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\\r\\nHost: x\\r\\nX-aws-ec2-metadata-token: %s\\r\\nConnection: close\\r\\n\\r\\n' \"$tok\" >&3; \
+         printf 'GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\\r\\nHost: 169.254.169.254\\r\\nX-aws-ec2-metadata-token: %s\\r\\nConnection: close\\r\\n\\r\\n' \"$tok\" >&3; \
          cat <&3"
     );
     let out = tokio::process::Command::new("/usr/bin/bash")

@@ -374,12 +374,12 @@ async fn malformed_and_oversized_requests_get_an_answer_not_a_crash() {
     let garbage = d.send("NOT HTTP AT ALL\r\n\r\n").await;
     assert_eq!(garbage.status, 400);
     let huge = format!(
-        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: 169.254.169.254\r\nX-Big: {}\r\n\r\n",
         "a".repeat(64 * 1024)
     );
     let r = d.send(&huge).await;
     assert_eq!(r.status, 431, "oversized head");
-    let mut many = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: 169.254.169.254\r\n");
     for i in 0..100 {
         many.push_str(&format!("X-H{i}: v\r\n"));
     }
@@ -396,12 +396,13 @@ async fn keep_alive_connection_serves_several_requests() {
     let d = TestDaemon::start(|s| config_text(s, "")).await;
     let mut stream = tokio::net::TcpStream::connect(d.addr).await.unwrap();
     stream
-        .write_all(b"PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nContent-Length: 0\r\n\r\n")
+        .write_all(b"PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nContent-Length: 0\r\n\r\n")
         .await
         .unwrap();
     let token = common::read_response(&mut stream).await.body;
-    let req =
-        format!("GET {CREDS} HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token: {token}\r\n\r\n");
+    let req = format!(
+        "GET {CREDS} HTTP/1.1\r\nHost: 169.254.169.254\r\nX-aws-ec2-metadata-token: {token}\r\n\r\n"
+    );
     for _ in 0..3 {
         stream.write_all(req.as_bytes()).await.unwrap();
         let r = common::read_response(&mut stream).await;

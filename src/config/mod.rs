@@ -45,6 +45,15 @@ pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(60 * 60);
 /// Global AssumeRole budget: sustained calls per second, and the burst above it.
 pub const DEFAULT_STS_CALLS_PER_SECOND: u32 = 10;
 pub const DEFAULT_STS_BURST: u32 = 50;
+/// IP TTL / IPv6 hop limit of everything the daemon sends: 1 keeps it from crossing a router
+/// (a container behind NAT cannot reach it unless the operator raises this).
+pub const DEFAULT_HOP_LIMIT: u32 = 1;
+/// Per-caller request rate: SDKs make a few requests per credential load, so these are never
+/// met in normal use (aws-sdk-rust treats a 429 from IMDS as a hard failure).
+pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 20;
+pub const DEFAULT_REQUEST_BURST: u32 = 100;
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
+pub const DEFAULT_MAX_CONNECTIONS_PER_CALLER: u32 = 128;
 /// A session must stay servable for at least this long after issue, or the broker would spend
 /// its time calling STS: `duration >= min_remaining + MIN_SERVABLE`.
 pub const MIN_SERVABLE: Duration = Duration::from_secs(15 * 60);
@@ -57,6 +66,7 @@ pub struct Config {
     pub sts: StsConfig,
     pub credentials: CredentialPolicy,
     pub instance: InstanceInfo,
+    pub limits: Limits,
     pub apps: Vec<App>,
 }
 
@@ -66,6 +76,18 @@ pub struct ServerConfig {
     pub imdsv1: ImdsV1,
     pub token_max_ttl: Duration,
     pub state_dir: PathBuf,
+    pub hop_limit: u32,
+    /// Host header names accepted besides the daemon's own addresses.
+    pub allowed_hosts: Vec<String>,
+}
+
+/// Request and connection limits, per caller (resolved identity) and in total.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub requests_per_second: u32,
+    pub burst: u32,
+    pub max_connections: u32,
+    pub max_connections_per_caller: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -360,6 +382,28 @@ impl Validator<'_> {
         );
         let burst = self.positive(raw.sts.burst.as_ref(), "sts.burst", DEFAULT_STS_BURST);
         let instance = self.instance(raw.instance, &region);
+        let limits = Limits {
+            requests_per_second: self.positive(
+                raw.limits.requests_per_second.as_ref(),
+                "limits.requests_per_second",
+                DEFAULT_REQUESTS_PER_SECOND,
+            ),
+            burst: self.positive(
+                raw.limits.burst.as_ref(),
+                "limits.burst",
+                DEFAULT_REQUEST_BURST,
+            ),
+            max_connections: self.positive(
+                raw.limits.max_connections.as_ref(),
+                "limits.max_connections",
+                DEFAULT_MAX_CONNECTIONS,
+            ),
+            max_connections_per_caller: self.positive(
+                raw.limits.max_connections_per_caller.as_ref(),
+                "limits.max_connections_per_caller",
+                DEFAULT_MAX_CONNECTIONS_PER_CALLER,
+            ),
+        };
         let sts = StsConfig {
             region,
             endpoint_url,
@@ -387,6 +431,7 @@ impl Validator<'_> {
             sts,
             credentials,
             instance,
+            limits,
             apps,
         }
     }
@@ -428,8 +473,23 @@ impl Validator<'_> {
                 "must be between 1 and 21600 seconds",
             );
         }
+        let hop_limit = match raw.hop_limit {
+            None => DEFAULT_HOP_LIMIT,
+            Some(h) if (1..=64).contains(h.get_ref()) => *h.get_ref(),
+            Some(h) => {
+                self.push(h.span(), "server.hop_limit", "must be between 1 and 64");
+                DEFAULT_HOP_LIMIT
+            }
+        };
         ServerConfig {
             listen,
+            hop_limit,
+            allowed_hosts: raw
+                .allowed_hosts
+                .unwrap_or_default()
+                .into_iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
             imdsv1: raw.imdsv1.unwrap_or_default(),
             token_max_ttl,
             state_dir: raw

@@ -14,6 +14,8 @@ pub struct RawConfig {
     pub credentials: RawCredentials,
     #[serde(default)]
     pub instance: RawInstance,
+    #[serde(default)]
+    pub limits: RawLimits,
     #[serde(default, rename = "app")]
     pub apps: Vec<Spanned<RawApp>>,
 }
@@ -25,6 +27,17 @@ pub struct RawServer {
     pub imdsv1: Option<ImdsV1>,
     pub token_max_ttl: Option<Spanned<RawDuration>>,
     pub state_dir: Option<String>,
+    pub hop_limit: Option<Spanned<u32>>,
+    pub allowed_hosts: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub requests_per_second: Option<Spanned<u32>>,
+    pub burst: Option<Spanned<u32>>,
+    pub max_connections: Option<Spanned<u32>>,
+    pub max_connections_per_caller: Option<Spanned<u32>>,
 }
 
 /// Whether tokenless (IMDSv1) GETs are answered. Disabled unless an operator opts in.

@@ -20,6 +20,8 @@ pub enum ImdsError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed { allow: &'static str },
+    #[error("rate limited; retry after {retry_after:?}")]
+    RateLimited { retry_after: std::time::Duration },
     #[error("credentials unavailable: {0}")]
     Credentials(#[from] CacheError),
     #[error("internal error: {0}")]
@@ -34,6 +36,7 @@ impl ImdsError {
             ImdsError::Forbidden(_) => StatusCode::FORBIDDEN,
             ImdsError::NotFound => StatusCode::NOT_FOUND,
             ImdsError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ImdsError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ImdsError::Credentials(CacheError::Sts(
                 crate::credentials::StsError::Throttled { .. }
                 | crate::credentials::StsError::Unavailable(_),
@@ -56,10 +59,20 @@ impl IntoResponse for ImdsError {
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
-        if let ImdsError::MethodNotAllowed { allow } = self {
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        match self {
+            ImdsError::MethodNotAllowed { allow } => {
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            ImdsError::RateLimited { retry_after } => {
+                // Whole seconds, rounded up: a client that waits this long is admitted.
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            _ => {}
         }
         response
     }

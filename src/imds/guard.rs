@@ -1,5 +1,9 @@
-//! The security checks every request passes, in order, before any route sees it: forwarded
-//! requests are refused, then the session token is checked for metadata reads.
+//! The security checks every request passes, in order, before any route sees it: relayed
+//! requests (proxies, browsers, foreign `Host`) are refused, the caller's rate is checked, then
+//! the session token for metadata reads.
+
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, header};
@@ -7,22 +11,91 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use super::error::ImdsError;
-use super::{TOKEN_HEADER, caller_of};
+use super::{ConnectionInfo, TOKEN_HEADER, caller_of};
 use crate::audit::{self, DenyReason};
 use crate::config::ImdsV1;
+use crate::rate_limit::CallerLimiter;
 use crate::state::AppState;
 use crate::token::TokenError;
 
-/// Real IMDS refuses token requests that carry `X-Forwarded-For`: they come through a proxy,
-/// which could be relaying for anyone. The broker refuses them (and `Forwarded`) on every path,
-/// since a proxy on this host would make its own identity stand for its clients'.
-pub async fn reject_forwarded(request: Request, next: Next) -> Result<Response, ImdsError> {
+/// Refuses requests that were relayed or could come from a web page:
+/// - `X-Forwarded-For`/`Forwarded`: real IMDS refuses proxied token requests, and a proxy on this
+///   host would make its own identity stand for its clients'.
+/// - `Origin`, `Referer`, `Sec-Fetch-*`: browser markers; no SDK sends them.
+/// - a `Host` that is not one of the daemon's own addresses: a page on a rebound DNS name.
+pub async fn refuse_relayed(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ImdsError> {
+    let conn = caller_of(request.extensions())?;
     let headers = request.headers();
-    if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
-        if let Ok(conn) = caller_of(request.extensions()) {
-            audit::token_rejected(conn, DenyReason::Forwarded, "forwarded request");
+    let refusal =
+        if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
+            Some((DenyReason::Forwarded, "forwarded requests are refused"))
+        } else if headers.contains_key(header::ORIGIN)
+            || headers.contains_key(header::REFERER)
+            || headers.keys().any(|k| k.as_str().starts_with("sec-fetch-"))
+        {
+            Some((DenyReason::Browser, "browser requests are refused"))
+        } else if !host_allowed(&state, conn, headers.get(header::HOST)) {
+            Some((
+                DenyReason::ForeignHost,
+                "the Host header does not name this daemon",
+            ))
+        } else {
+            None
+        };
+    if let Some((reason, message)) = refusal {
+        audit::token_rejected(conn, reason, message);
+        return Err(ImdsError::Forbidden(message));
+    }
+    Ok(next.run(request).await)
+}
+
+/// The link-local IMDS addresses every SDK uses by default.
+const IMDS_HOSTS: [&str; 2] = ["169.254.169.254", "fd00:ec2::254"];
+
+fn host_allowed(state: &AppState, conn: &ConnectionInfo, host: Option<&HeaderValue>) -> bool {
+    // HTTP/1.0 clients may send no Host; browsers always send one.
+    let Some(host) = host else { return true };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = strip_port(host).to_ascii_lowercase();
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        let config = state.config();
+        return ip == conn.local.ip()
+            || IMDS_HOSTS.iter().any(|h| h.parse() == Ok(ip))
+            || config.server.listen.iter().any(|l| l.ip() == ip);
+    }
+    (name == "localhost" && conn.local.ip().is_loopback())
+        || state.config().server.allowed_hosts.contains(&name)
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port` → the host part, unbracketed.
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
         }
-        return Err(ImdsError::Forbidden("forwarded requests are refused"));
+        _ => host,
+    }
+}
+
+/// One caller (by resolved identity) may not starve the others.
+pub async fn rate_limit(
+    State(limiter): State<Arc<CallerLimiter>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ImdsError> {
+    let conn = caller_of(request.extensions())?;
+    if let Err(retry_after) = limiter.check(&conn.token_binding()) {
+        audit::token_rejected(conn, DenyReason::RateLimited, "request rate over the limit");
+        return Err(ImdsError::RateLimited { retry_after });
     }
     Ok(next.run(request).await)
 }
@@ -70,4 +143,19 @@ pub async fn server_header(mut response: Response) -> Response {
         .headers_mut()
         .insert(header::SERVER, HeaderValue::from_static("EC2ws"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_port;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(strip_port("169.254.169.254"), "169.254.169.254");
+        assert_eq!(strip_port("127.0.0.1:8080"), "127.0.0.1");
+        assert_eq!(strip_port("[fd00:ec2::254]:80"), "fd00:ec2::254");
+        assert_eq!(strip_port("[::1]"), "::1");
+        assert_eq!(strip_port("evil.example:80"), "evil.example");
+        assert_eq!(strip_port("fd00:ec2::254"), "fd00:ec2::254");
+    }
 }

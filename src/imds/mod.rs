@@ -11,7 +11,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{Extensions, HeaderMap, HeaderValue, header};
-use axum::middleware::{from_fn, from_fn_with_state, map_response};
+use std::num::NonZeroU32;
+
+use axum::middleware::{from_fn_with_state, map_response};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, put};
 use serde::Serialize;
@@ -24,6 +26,7 @@ use crate::config::MAX_TOKEN_TTL;
 use crate::credentials::Credentials;
 use crate::identity::Caller;
 use crate::policy;
+use crate::rate_limit::CallerLimiter;
 use crate::state::AppState;
 use metadata::{Node, View};
 
@@ -50,9 +53,14 @@ impl std::ops::Deref for ConnectionInfo {
     }
 }
 
-/// The whole IMDS router. Layers run outermost first: `Server` header, forwarded-request
-/// refusal, token check, then routing.
+/// The whole IMDS router. Layers run outermost first: `Server` header, relayed-request
+/// refusal, per-caller rate limit, token check, then routing.
 pub fn router(state: AppState) -> Router {
+    let limits = state.config().limits;
+    let limiter = Arc::new(CallerLimiter::new(
+        NonZeroU32::new(limits.requests_per_second).unwrap_or(NonZeroU32::MIN),
+        NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN),
+    ));
     let metadata = get(tree);
     Router::new()
         .route(
@@ -83,7 +91,8 @@ pub fn router(state: AppState) -> Router {
             ImdsError::MethodNotAllowed { allow: "GET, HEAD" }
         })
         .layer(from_fn_with_state(state.clone(), guard::require_token))
-        .layer(from_fn(guard::reject_forwarded))
+        .layer(from_fn_with_state(limiter, guard::rate_limit))
+        .layer(from_fn_with_state(state.clone(), guard::refuse_relayed))
         .layer(map_response(guard::server_header))
         .with_state(state)
 }

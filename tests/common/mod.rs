@@ -217,7 +217,7 @@ impl TestDaemon {
         let text = config(&state_dir);
         let config = Config::parse(&text, &PathBuf::from("test.toml")).expect("valid test config");
         let key = TokenKey::load_or_create(&config.server.state_dir).unwrap();
-        let listeners = imds_broker::server::bind(&config.server.listen)
+        let listeners = imds_broker::server::bind(&config.server.listen, config.server.hop_limit)
             .await
             .unwrap();
         let addr = listeners[0].local_addr().unwrap();
@@ -250,7 +250,7 @@ impl TestDaemon {
     /// Sends a HEAD request: the response has a length but no body.
     pub async fn head(&self, path: &str, token: &str) -> RawResponse {
         let raw = format!(
-            "HEAD {path} HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token: {token}\r\nConnection: close\r\n\r\n"
+            "HEAD {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nX-aws-ec2-metadata-token: {token}\r\nConnection: close\r\n\r\n"
         );
         let mut stream = TcpStream::connect(self.addr).await.unwrap();
         stream.write_all(raw.as_bytes()).await.unwrap();

@@ -1,0 +1,73 @@
+//! Per-caller request rate limits (governor, keyed by resolved identity, not by address), so one
+//! noisy app never starves the others.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::HashMapStateStore;
+use governor::{Quota, RateLimiter};
+
+/// Beyond this many tracked callers, the state of those back at full burst is dropped.
+const MAX_TRACKED_CALLERS: usize = 10_000;
+
+pub struct CallerLimiter<C: Clock = DefaultClock> {
+    limiter: RateLimiter<String, HashMapStateStore<String>, C, NoOpMiddleware<C::Instant>>,
+    clock: C,
+}
+
+impl CallerLimiter<DefaultClock> {
+    pub fn new(per_second: NonZeroU32, burst: NonZeroU32) -> Self {
+        Self::with_clock(per_second, burst, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> CallerLimiter<C> {
+    pub fn with_clock(per_second: NonZeroU32, burst: NonZeroU32, clock: C) -> Self {
+        let quota = Quota::per_second(per_second).allow_burst(burst);
+        Self {
+            limiter: RateLimiter::new(quota, HashMapStateStore::default(), clock.clone()),
+            clock,
+        }
+    }
+
+    /// Admits one request from `caller`, or says how long until it would be admitted.
+    pub fn check(&self, caller: &str) -> Result<(), Duration> {
+        if self.limiter.len() > MAX_TRACKED_CALLERS {
+            self.limiter.retain_recent();
+        }
+        self.limiter
+            .check_key(&caller.to_owned())
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+
+    fn nz(n: u32) -> NonZeroU32 {
+        NonZeroU32::new(n).unwrap()
+    }
+
+    #[test]
+    fn burst_then_refill_per_caller() {
+        let clock = FakeRelativeClock::default();
+        let limiter = CallerLimiter::with_clock(nz(10), nz(3), clock.clone());
+        for _ in 0..3 {
+            assert!(limiter.check("uid=1").is_ok());
+        }
+        let wait = limiter.check("uid=1").unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(100),
+            "{wait:?}"
+        );
+        // Another caller is unaffected by the first one's burst.
+        assert!(limiter.check("uid=2").is_ok());
+        clock.advance(Duration::from_millis(100));
+        assert!(limiter.check("uid=1").is_ok());
+        assert!(limiter.check("uid=1").is_err());
+    }
+}
