@@ -84,6 +84,10 @@ echo "$identity"
 say "What the broker logged (never a secret: key ids only)"
 grep -E "credentials issued" "$work/broker.err" || true
 
+say "The hash-chained audit trail: imds-broker audit verify"
+kill "${pids[-1]}" && wait "${pids[-1]}" || true   # stop the broker so its audit file is complete
+"$broker" audit verify "$work/state/audit.log"
+
 if grep -q '"Arn": "arn:aws:sts::123456789012:assumed-role/quickstart-demo/' <<<"$identity"; then
     say "OK: the CLI is running as role quickstart-demo, which the broker assumed for uid $uid"
 else

@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, filter, fmt};
+
+use crate::audit::{self, sink::AuditLayer, sink::AuditSink};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::credentials::{self, ProcessSettings, StsSource, SystemClock};
@@ -41,6 +45,11 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Audit file tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Show which rule a process (or uid, cgroup, source address) matches, and why.
     /// Exit 0 if a rule matched, 1 if none did.
     Explain {
@@ -64,6 +73,12 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check an audit file's hash chain: exit 0 if intact, 1 at the first broken line.
+    Verify { file: PathBuf },
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
@@ -74,6 +89,9 @@ pub async fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve { config, log_format } => serve(config, log_format).await,
         Command::Check { config } => check(config),
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => audit_verify(&file),
         Command::Explain {
             config,
             pid,
@@ -98,6 +116,37 @@ pub async fn main() -> ExitCode {
                 }
             };
             explain(config, subject)
+        }
+    }
+}
+
+fn audit_verify(file: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("{}: {e}", file.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match audit::chain::verify(&text) {
+        Ok(v) => {
+            let start = if v.from_genesis {
+                "from the start of the chain".to_string()
+            } else {
+                format!("continuing a chain at seq {}", v.first_seq)
+            };
+            println!(
+                "{}: OK: {} events, {start}, last seq {} hash {}",
+                file.display(),
+                v.events,
+                v.head.seq,
+                v.head.hash
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{}: BROKEN: {e}", file.display());
+            ExitCode::FAILURE
         }
     }
 }
@@ -156,12 +205,23 @@ fn check(path: PathBuf) -> ExitCode {
 }
 
 async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
-    init_tracing(log_format);
     let config = match Config::load(&path) {
         Ok(config) => config,
         Err(e) => {
+            init_tracing(log_format, None);
             tracing::error!("invalid configuration:\n{e}");
             return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let audit = match AuditSink::open(&config.audit.path, config.instance.hostname.clone()) {
+        Ok((sink, layer)) => {
+            init_tracing(log_format, Some(layer));
+            sink
+        }
+        Err(e) => {
+            init_tracing(log_format, None);
+            tracing::error!(path = %config.audit.path.display(), "cannot open the audit file: {e}");
+            return ExitCode::FAILURE;
         }
     };
     let settings = ProcessSettings::load().await;
@@ -199,6 +259,7 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
     );
     let state = AppState::new(config, token_key, source, Arc::new(SystemClock));
     server::run(state, listeners, shutdown).await;
+    audit.flush();
     ExitCode::SUCCESS
 }
 
@@ -213,14 +274,24 @@ fn announce(listeners: &[tokio::net::TcpListener]) {
     let _ = out.flush();
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs go to stderr, filtered by `RUST_LOG`; audit events also go to the audit file whatever
+/// the log level, so a quiet log never silences the audit trail.
+fn init_tracing(format: LogFormat, audit: Option<AuditLayer>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let ansi = std::io::stderr().is_terminal();
+    let log = match format {
+        LogFormat::Text => fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+    };
+    let audit =
+        audit.map(|layer| layer.with_filter(filter::filter_fn(|meta| meta.target() == "audit")));
+    tracing_subscriber::registry().with(log).with(audit).init();
 }

@@ -67,7 +67,14 @@ pub struct Config {
     pub credentials: CredentialPolicy,
     pub instance: InstanceInfo,
     pub limits: Limits,
+    pub audit: AuditConfig,
     pub apps: Vec<App>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// The hash-chained audit file (mode 0600).
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -302,6 +309,13 @@ impl Validator<'_> {
 
     fn validate(&mut self, raw: RawConfig) -> Config {
         let server = self.server(raw.server);
+        let audit = AuditConfig {
+            path: raw
+                .audit
+                .path
+                .map(PathBuf::from)
+                .unwrap_or_else(|| server.state_dir.join("audit.log")),
+        };
         let sts_duration = self.duration(
             raw.sts.default_duration.as_ref(),
             "sts.default_duration",
@@ -431,6 +445,7 @@ impl Validator<'_> {
             sts,
             credentials,
             instance,
+            audit,
             limits,
             apps,
         }

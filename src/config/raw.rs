@@ -16,6 +16,8 @@ pub struct RawConfig {
     pub instance: RawInstance,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub audit: RawAudit,
     #[serde(default, rename = "app")]
     pub apps: Vec<Spanned<RawApp>>,
 }
@@ -29,6 +31,12 @@ pub struct RawServer {
     pub state_dir: Option<String>,
     pub hop_limit: Option<Spanned<u32>>,
     pub allowed_hosts: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub path: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
