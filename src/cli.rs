@@ -18,7 +18,8 @@ use crate::explain::{self, Subject};
 use crate::policy;
 use crate::state::AppState;
 use crate::token::TokenKey;
-use crate::{server, signal};
+use crate::{server, signal, systemd};
+use tokio_util::sync::CancellationToken;
 
 /// EX_USAGE from sysexits.h: the configuration (or the command line) is wrong.
 const EXIT_CONFIG: u8 = 64;
@@ -257,8 +258,28 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
         apps = config.apps.len(),
         "imds-broker started"
     );
+    let status = format!(
+        "serving {} app(s) on {}",
+        config.apps.len(),
+        listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let state = AppState::new(config, token_key, source, Arc::new(SystemClock));
+    let background = CancellationToken::new();
+    if let Some(interval) = systemd::watchdog_interval() {
+        tokio::spawn(systemd::watchdog(interval, background.clone()));
+    }
+    systemd::ready(&status);
+    let shutdown = async move {
+        shutdown.await;
+        systemd::stopping();
+    };
     server::run(state, listeners, shutdown).await;
+    background.cancel();
     audit.flush();
     ExitCode::SUCCESS
 }

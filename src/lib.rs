@@ -28,4 +28,5 @@ pub mod server;
 pub mod signal;
 pub mod sock_diag;
 pub mod state;
+pub mod systemd;
 pub mod token;

@@ -211,6 +211,24 @@ async fn accept_loop(
     }
 }
 
+/// The address the client dialled. Behind a DNAT redirect (the EC2 deployment sends
+/// 169.254.169.254:80 to the broker's loopback port) the client's socket is keyed by that
+/// original destination, which conntrack remembers; without NAT it is the local address.
+fn dialled_address(stream: &TcpStream, local: SocketAddr) -> SocketAddr {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let original = match local {
+        SocketAddr::V4(_) => getsockopt(stream, sockopt::OriginalDst).map(|a| {
+            SocketAddr::from((
+                u32::from_be(a.sin_addr.s_addr).to_be_bytes(),
+                u16::from_be(a.sin_port),
+            ))
+        }),
+        SocketAddr::V6(_) => getsockopt(stream, sockopt::Ip6tOriginalDst)
+            .map(|a| SocketAddr::from((a.sin6_addr.s6_addr, u16::from_be(a.sin6_port)))),
+    };
+    original.unwrap_or(local)
+}
+
 async fn refuse(mut stream: TcpStream) {
     use tokio::io::AsyncWriteExt;
     let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.write_all(REFUSED_CONNECTION)).await;
@@ -226,7 +244,7 @@ async fn serve_connection(
     watcher: Watcher,
 ) {
     let local = match stream.local_addr() {
-        Ok(local) => local,
+        Ok(local) => dialled_address(&stream, local),
         Err(e) => {
             tracing::debug!(%peer, error = %e, "connection gone before it was identified");
             return;

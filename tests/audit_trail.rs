@@ -2,44 +2,16 @@
 //! hash-chained JSON line with the caller's identity and no secret, and `audit verify` accepts
 //! the file and pinpoints a deleted or edited line.
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "common/binary.rs"]
+mod binary;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+
+use binary::{broker, serve, stop};
 
 use serde_json::Value;
-
-fn broker() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_imds-broker"))
-}
-
-/// Starts `serve` and returns it with the address it announced.
-fn serve(config: &Path) -> (Child, String) {
-    let mut child = broker()
-        .args(["serve", "--config"])
-        .arg(config)
-        // No real credential chain: a dummy key, and never IMDS.
-        .env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
-        .env("AWS_SECRET_ACCESS_KEY", "dummy-source-secret")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
-    (child, addr)
-}
 
 fn http(addr: &str, request: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -49,15 +21,6 @@ fn http(addr: &str, request: &str) -> (u16, String) {
     let status = out.split(' ').nth(1).unwrap().parse().unwrap();
     let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
     (status, body)
-}
-
-fn stop(mut child: Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(child.wait().unwrap().success());
 }
 
 #[test]
@@ -78,7 +41,7 @@ fn decisions_are_chained_into_the_audit_file_and_verified() {
         ),
     )
     .unwrap();
-    let (child, addr) = serve(&config);
+    let (child, addr) = serve(&config, &[]);
     let host = "Host: 169.254.169.254\r\nConnection: close\r\n";
     let (status, token) = http(
         &addr,

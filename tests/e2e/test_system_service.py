@@ -1,0 +1,142 @@
+"""The system-service pieces: the systemd units verify, and deploy/imds-network.sh sets up
+and tears down both ways of putting the broker where SDKs look, inside network namespaces
+the tests create:
+
+- local: 169.254.169.254 on the host (dummy interface, or lo), the broker bound to it, and
+  boto3 and the aws CLI with no endpoint configured get their role;
+- ec2: an nftables redirect sends every uid's IMDS traffic to the broker except the broker
+  user's, which still reaches the (here: stand-in) real IMDS; with the broker down, apps get
+  "connection refused", never the real IMDS.
+"""
+
+import re
+import shutil
+import subprocess
+from contextlib import ExitStack
+
+import pytest
+
+from harness import (
+    APP_A,
+    CLIENTS,
+    CLIENTS_DIR,
+    PYTHON,
+    REPO_ROOT,
+    ROLE_LISTING_PATH,
+    UNMAPPED_UID,
+    BROKER_BIN,
+    Callers,
+    describe,
+    hermetic_env,
+    ip,
+    netns_exec,
+    network_namespace,
+    run_as,
+    serving,
+    start_broker,
+    start_moto,
+)
+
+SCRIPT = REPO_ROOT / "deploy" / "imds-network.sh"
+IMDS = "169.254.169.254"
+CLI_CLIENTS = [c for c in CLIENTS if c.name in ("boto3", "awscli")]
+
+
+def network_script(netns: str, *args: str) -> str:
+    result = subprocess.run(
+        [*netns_exec(netns), "bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, describe(result)
+    return result.stdout
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_units_pass_systemd_analyze_verify(built, tmp_path):
+    # Point the units at this checkout's files: verify checks that every command exists.
+    for unit in (REPO_ROOT / "systemd").glob("*.service"):
+        text = unit.read_text()
+        text = text.replace("/usr/bin/imds-broker", str(BROKER_BIN))
+        text = text.replace("/usr/lib/imds-broker/imds-network.sh", str(SCRIPT))
+        (tmp_path / unit.name).write_text(text)
+    units = sorted(str(p) for p in tmp_path.glob("*.service"))
+    result = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, describe(result)
+    assert result.stderr.strip() == "", describe(result)
+
+
+def test_local_mode_serves_zero_config_clients_and_tears_down(built, client_homes, tmp_path):
+    with network_namespace() as netns:
+        out = network_script(netns, "up", "--mode", "local")
+        assert IMDS in ip("-n", netns, "-br", "addr").stdout, out
+        with ExitStack() as stack:
+            moto = stack.enter_context(start_moto(tmp_path / "moto", netns=netns))
+            stack.enter_context(
+                start_broker(tmp_path / "broker", sts_endpoint=moto.endpoint, listen=f"{IMDS}:80", netns=netns)
+            )
+            callers = Callers(client_homes, sts_endpoint=moto.endpoint, imds_endpoint=None, netns=netns)
+            for client in CLI_CLIENTS:
+                result = callers.whoami(client, APP_A.uid)
+                assert result.returncode == 0, describe(result)
+                assert re.fullmatch(APP_A.assumed_role_arn_re, result.stdout.strip()), describe(result)
+        network_script(netns, "down", "--mode", "local")
+        addresses = ip("-n", netns, "-br", "addr").stdout
+        assert IMDS not in addresses and "fd00:ec2::254" not in addresses, addresses
+        assert "imds0" not in ip("-n", netns, "link").stdout
+
+
+CONNECT_SNIPPET = """
+import socket
+try:
+    socket.create_connection(("169.254.169.254", 80), timeout=5).close()
+    print("connected")
+except ConnectionRefusedError:
+    print("refused")
+except OSError as e:
+    print(f"error {e}")
+"""
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nft (nftables) is not installed")
+def test_ec2_mode_redirects_every_uid_but_the_broker_user_and_fails_closed(built, client_homes, tmp_path):
+    broker_user = UNMAPPED_UID  # stands for the daemon's own user
+    with ExitStack() as stack:
+        host = stack.enter_context(network_namespace("imdsb-host"))
+        ec2 = stack.enter_context(network_namespace("imdsb-ec2"))
+        # host <-veth-> ec2, which holds the "real" IMDS address behind its end of the link.
+        ip("link", "add", "imdsb-h", "netns", host, "type", "veth", "peer", "name", "imdsb-e", "netns", ec2)
+        ip("-n", host, "addr", "add", "10.231.0.1/24", "dev", "imdsb-h")
+        ip("-n", ec2, "addr", "add", "10.231.0.2/24", "dev", "imdsb-e")
+        ip("-n", host, "link", "set", "imdsb-h", "up")
+        ip("-n", ec2, "link", "set", "imdsb-e", "up")
+        ip("-n", ec2, "addr", "add", f"{IMDS}/32", "dev", "lo")
+        ip("-n", host, "route", "add", f"{IMDS}/32", "via", "10.231.0.2")
+        real = [*netns_exec(ec2), str(PYTHON), str(CLIENTS_DIR / "fake_ec2_imds.py"), IMDS, "80"]
+        stack.enter_context(serving("real-imds", real, hermetic_env(), tmp_path / "real"))
+        moto = stack.enter_context(start_moto(tmp_path / "moto", netns=host))
+        callers = Callers(client_homes, sts_endpoint=moto.endpoint, imds_endpoint=None, netns=host)
+
+        with start_broker(tmp_path / "broker", sts_endpoint=moto.endpoint, netns=host) as broker:
+            port = broker.addresses[0].rsplit(":", 1)[1]
+            network_script(host, "up", "--mode", "ec2", "--broker-port", port, "--broker-user", str(broker_user))
+
+            token, listing = callers.probe(APP_A.uid, ROLE_LISTING_PATH)
+            assert token["status"] == 200 and token["body"] != "real-imds-token", token
+            assert (listing["status"], listing["body"]) == (200, APP_A.name), listing
+            boto3 = next(c for c in CLIENTS if c.name == "boto3")
+            result = callers.whoami(boto3, APP_A.uid)
+            assert re.fullmatch(APP_A.assumed_role_arn_re, result.stdout.strip()), describe(result)
+
+            (own,) = callers.probe(broker_user)
+            assert own["body"] == "real-imds-token", "the broker's user must reach the real IMDS"
+
+        # The broker is down: apps are refused, never sent to the real IMDS.
+        result = run_as(APP_A.uid, [str(PYTHON), "-c", CONNECT_SNIPPET], callers.env(APP_A.uid), netns=host)
+        assert result.stdout.strip() == "refused", describe(result)
+
+        network_script(host, "down", "--mode", "ec2")
+        listed = subprocess.run(
+            [*netns_exec(host), "nft", "list", "table", "inet", "imds_broker"], capture_output=True, text=True
+        )
+        assert listed.returncode != 0, "the nftables table is gone after down"
+        (direct,) = callers.probe(APP_A.uid)
+        assert direct["body"] == "real-imds-token", "without the redirect, traffic reaches the real IMDS again"
