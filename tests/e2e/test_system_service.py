@@ -140,3 +140,38 @@ def test_ec2_mode_redirects_every_uid_but_the_broker_user_and_fails_closed(built
         assert listed.returncode != 0, "the nftables table is gone after down"
         (direct,) = callers.probe(APP_A.uid)
         assert direct["body"] == "real-imds-token", "without the redirect, traffic reaches the real IMDS again"
+
+
+def test_install_script_stages_every_file_and_keeps_an_existing_config(built, tmp_path):
+    def install() -> None:
+        result = subprocess.run(
+            ["bash", str(REPO_ROOT / "deploy" / "install.sh"), "--binary", str(BROKER_BIN)],
+            env={**hermetic_env(), "DESTDIR": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, describe(result)
+
+    install()
+    expected = {
+        "usr/bin/imds-broker": 0o755,
+        "usr/lib/imds-broker/imds-network.sh": 0o755,
+        "lib/systemd/system/imds-broker.service": 0o644,
+        "lib/systemd/system/imds-broker-network.service": 0o644,
+        "etc/imds-broker/config.toml": 0o640,
+        "usr/share/doc/imds-broker/README.md": 0o644,
+        "usr/share/doc/imds-broker/config.example.toml": 0o644,
+    }
+    for path, mode in expected.items():
+        assert (tmp_path / path).stat().st_mode & 0o777 == mode, path
+    config = tmp_path / "etc/imds-broker/config.toml"
+    # The shipped example is a valid config, so the unit's ExecStartPre check passes as is.
+    check = subprocess.run(
+        [str(BROKER_BIN), "check", "--config", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert check.returncode == 0, describe(check)
+    # Reinstalling never replaces the operator's config.
+    config.write_text("# the operator's own\n")
+    install()
+    assert config.read_text() == "# the operator's own\n"
