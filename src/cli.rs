@@ -10,6 +10,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, filter, fmt};
 
+use crate::admin;
 use crate::audit::{self, sink::AuditLayer, sink::AuditSink};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
@@ -18,7 +19,7 @@ use crate::explain::{self, Subject};
 use crate::policy;
 use crate::state::AppState;
 use crate::token::TokenKey;
-use crate::{server, signal, systemd};
+use crate::{reload, server, signal, systemd};
 use tokio_util::sync::CancellationToken;
 
 /// EX_USAGE from sysexits.h: the configuration (or the command line) is wrong.
@@ -43,6 +44,11 @@ enum Command {
     },
     /// Validate a config file: exit 0 if it is valid, 1 with one line per problem if not.
     Check {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Print each app's role and cached credentials, from a running daemon's admin listener.
+    Status {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
@@ -90,6 +96,7 @@ pub async fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve { config, log_format } => serve(config, log_format).await,
         Command::Check { config } => check(config),
+        Command::Status { config } => status(config).await,
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => audit_verify(&file),
@@ -117,6 +124,37 @@ pub async fn main() -> ExitCode {
                 }
             };
             explain(config, subject)
+        }
+    }
+}
+
+async fn status(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let rows = match admin::fetch(&config.admin, "/status").await {
+        Ok((200, body)) => serde_json::from_str::<Vec<admin::AppStatus>>(&body),
+        Ok((code, body)) => {
+            eprintln!("{}: HTTP {code}: {body}", config.admin);
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("cannot reach the daemon at {}: {e}", config.admin);
+            return ExitCode::FAILURE;
+        }
+    };
+    match rows {
+        Ok(rows) => {
+            print!("{}", admin::status_table(&rows));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("unexpected status document: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -245,9 +283,10 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let shutdown = match signal::shutdown() {
-        Ok(shutdown) => shutdown,
-        Err(e) => {
+    // Both handlers before the ready line: a signal right after it must not kill the process.
+    let (shutdown, hangups) = match (signal::shutdown(), signal::hangups()) {
+        (Ok(shutdown), Ok(hangups)) => (shutdown, hangups),
+        (Err(e), _) | (_, Err(e)) => {
             tracing::error!("cannot install signal handlers: {e}");
             return ExitCode::FAILURE;
         }
@@ -268,8 +307,31 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let metrics = match crate::metrics::install() {
+        Ok(handle) => handle,
+        Err(e) => {
+            tracing::error!("cannot install the metrics recorder: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin_listener = match admin::bind(&config.admin).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(admin = %config.admin, "cannot listen for admin requests: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    audit::config_loaded(&path, config.apps.len(), 0);
     let state = AppState::new(config, token_key, source, Arc::new(SystemClock));
+    // Prefetch apps and the background refresher, then reloads on SIGHUP.
+    state.start_refresher();
+    reload::spawn_reloader(state.clone(), path.clone(), hangups, Some(audit.clone()));
     let background = CancellationToken::new();
+    tokio::spawn(admin::serve(
+        admin_listener,
+        admin::router(state.clone(), metrics),
+        background.clone(),
+    ));
     if let Some(interval) = systemd::watchdog_interval() {
         tokio::spawn(systemd::watchdog(interval, background.clone()));
     }
@@ -278,7 +340,8 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
         shutdown.await;
         systemd::stopping();
     };
-    server::run(state, listeners, shutdown).await;
+    server::run(state.clone(), listeners, shutdown).await;
+    state.stop_background().await;
     background.cancel();
     audit.flush();
     ExitCode::SUCCESS

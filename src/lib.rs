@@ -8,8 +8,10 @@
 //!   [`token`] check) to the metadata tree or the credential handler.
 //! - [`policy`] maps the caller to an `[[app]]` of the [`config`]; [`credentials`] returns that
 //!   app's cached role credentials, calling STS AssumeRole when they need renewing.
-//! - [`cli`] is the binary's entry point; [`signal`] turns signals into shutdown.
+//! - [`cli`] is the binary's entry point; [`signal`] turns signals into shutdown, and into a
+//!   [`reload`] of the config on SIGHUP.
 
+pub mod admin;
 pub mod arn;
 pub mod audit;
 pub mod cgroup;
@@ -20,9 +22,11 @@ pub mod explain;
 pub mod glob;
 pub mod identity;
 pub mod imds;
+pub mod metrics;
 pub mod policy;
 pub mod process;
 pub mod rate_limit;
+pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod signal;

@@ -1,4 +1,5 @@
-//! Process signals: which one arrived is logged, so an operator can tell a stop from a crash.
+//! Process signals: which one arrived is logged, so an operator can tell a stop from a crash (or
+//! a reload request, SIGHUP).
 
 use std::future::Future;
 use std::io;
@@ -18,4 +19,22 @@ pub fn shutdown() -> io::Result<impl Future<Output = ()>> {
         };
         tracing::info!(signal = name, "shutdown requested");
     })
+}
+
+/// SIGHUP, installed now (from then on a hangup no longer terminates the process): each
+/// [`Hangups::recv`] completes on the next one.
+pub struct Hangups(tokio::signal::unix::Signal);
+
+impl Hangups {
+    pub async fn recv(&mut self) -> Option<()> {
+        let got = self.0.recv().await;
+        if got.is_some() {
+            tracing::info!(signal = "SIGHUP", "configuration reload requested");
+        }
+        got
+    }
+}
+
+pub fn hangups() -> io::Result<Hangups> {
+    Ok(Hangups(signal(SignalKind::hangup())?))
 }

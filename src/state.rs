@@ -1,12 +1,17 @@
-//! The daemon's shared state: one cheap-to-clone handle that every connection and handler uses.
+//! The daemon's shared state: one cheap-to-clone handle that every connection and handler uses,
+//! and the background work that goes with it (credential refresh, config reload).
 
+use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::credentials::{Clock, CredentialCache, CredentialSource};
+use crate::credentials::{Clock, CredentialCache, CredentialSource, StsBudget, TokioTime};
 use crate::token::TokenKey;
 
 #[derive(Clone)]
@@ -20,6 +25,19 @@ struct Shared {
     cache: CredentialCache,
     clock: Arc<dyn Clock>,
     started_at: SystemTime,
+    /// Background tasks other than the cache's own (the reloader).
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// What a config reload changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub apps: usize,
+    /// Cache entries dropped because no app asks for that AssumeRole input any more.
+    pub dropped: usize,
+    /// Settings that only take effect on restart (listen addresses, state dir, STS endpoint).
+    pub needs_restart: bool,
 }
 
 impl AppState {
@@ -29,7 +47,8 @@ impl AppState {
         source: Arc<dyn CredentialSource>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let cache = CredentialCache::new(source, clock.clone(), config.credentials);
+        let budget = StsBudget::new(config.sts.max_calls_per_second, config.sts.burst, TokioTime);
+        let cache = CredentialCache::with_budget(source, clock.clone(), config.credentials, budget);
         Self {
             inner: Arc::new(Shared {
                 started_at: clock.now(),
@@ -37,6 +56,8 @@ impl AppState {
                 token_key,
                 cache,
                 clock,
+                stop: CancellationToken::new(),
+                tasks: TaskTracker::new(),
             }),
         }
     }
@@ -62,4 +83,70 @@ impl AppState {
     pub fn started_at(&self) -> SystemTime {
         self.inner.started_at
     }
+
+    /// Fetches credentials for every `prefetch` app and starts the background refresher (until
+    /// [`AppState::stop_background`]).
+    pub fn start_refresher(&self) {
+        let config = self.config();
+        self.cache().prefetch(prefetched(&config));
+        self.cache().start_refresher();
+    }
+
+    /// Swaps in a new config: cached credentials stay for apps whose AssumeRole input did not
+    /// change, the others are dropped; new `prefetch` apps are fetched.
+    pub fn apply_config(&self, config: Config) -> ReloadSummary {
+        let old = self.config();
+        let keep: HashSet<_> = config.apps.iter().map(|a| a.assume_role_input()).collect();
+        let needs_restart = old.server.listen != config.server.listen
+            || old.server.state_dir != config.server.state_dir
+            || old.sts.region != config.sts.region
+            || old.sts.endpoint_url != config.sts.endpoint_url;
+        let cache = self.cache();
+        cache.set_policy(config.credentials);
+        if (old.sts.max_calls_per_second, old.sts.burst)
+            != (config.sts.max_calls_per_second, config.sts.burst)
+        {
+            cache
+                .budget()
+                .reconfigure(config.sts.max_calls_per_second, config.sts.burst);
+        }
+        let prefetch: Vec<_> = prefetched(&config).collect();
+        let apps = config.apps.len();
+        // Swap first: a request on the old snapshot may still create an entry for an old input,
+        // but never one the new config would be served from.
+        self.inner.config.store(Arc::new(config));
+        let dropped = cache.retain(|input| keep.contains(input));
+        cache.prefetch(prefetch);
+        ReloadSummary {
+            apps,
+            dropped,
+            needs_restart,
+        }
+    }
+
+    /// Runs `task` as background work that [`AppState::stop_background`] cancels (through the
+    /// token it is given) and waits for.
+    pub fn spawn_background<F, Fut>(&self, task: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.inner.tasks.spawn(task(self.inner.stop.clone()));
+    }
+
+    /// Stops the refresher, every STS worker and the other background tasks, and waits for them.
+    pub async fn stop_background(&self) {
+        self.inner.stop.cancel();
+        self.inner.tasks.close();
+        self.cache().shutdown().await;
+        self.inner.tasks.wait().await;
+    }
+}
+
+fn prefetched(config: &Config) -> impl Iterator<Item = crate::credentials::AssumeRoleInput> + '_ {
+    config
+        .apps
+        .iter()
+        .filter(|a| a.prefetch)
+        .map(|a| a.assume_role_input())
 }

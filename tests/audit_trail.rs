@@ -93,23 +93,36 @@ fn decisions_are_chained_into_the_audit_file_and_verified() {
     assert_eq!(
         kinds,
         [
+            ("config.loaded", None),
             ("token.issued", None),
+            ("sts.assume_role", None),
             ("credentials.denied", Some("upstream")),
             ("credentials.denied", Some("role_mismatch")),
             ("token.rejected", Some("forwarded")),
             ("token.rejected", Some("bad_token")),
         ]
     );
+    assert_eq!(events[0]["apps"], 1);
+    let sts = &events[2];
+    assert_eq!(sts["outcome"], "unavailable", "{sts}");
+    assert_eq!(sts["role_arn"], "arn:aws:iam::111122223333:role/app-a");
+    assert!(sts["latency_ms"].is_u64());
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e["seq"], i as u64 + 1);
-        assert_eq!(e["uid"], uid, "{e}");
-        assert!(e["cgroup"].is_string(), "{e}");
-        assert!(e["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
         assert_eq!(e["id"].as_str().unwrap().len(), 32);
         assert!(e["time"].as_str().unwrap().ends_with('Z'));
         assert!(!e.to_string().contains("dummy-source-secret"));
     }
-    assert_eq!(events[0]["ttl_secs"], 60);
+    // Decisions about a caller name it.
+    for e in events
+        .iter()
+        .filter(|e| e["event"] != "config.loaded" && e["event"] != "sts.assume_role")
+    {
+        assert_eq!(e["uid"], uid, "{e}");
+        assert!(e["cgroup"].is_string(), "{e}");
+        assert!(e["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    }
+    assert_eq!(events[1]["ttl_secs"], 60);
 
     // The whole file verifies; a deleted and an edited line are each pinpointed.
     let verify = |path: &Path| {
@@ -126,24 +139,28 @@ fn decisions_are_chained_into_the_audit_file_and_verified() {
     let (code, out) = verify(&audit);
     assert_eq!(code, Some(0), "{out}");
     assert!(
-        out.contains("OK: 5 events, from the start of the chain"),
+        out.contains("OK: 7 events, from the start of the chain"),
         "{out}"
     );
 
     let lines: Vec<&str> = text.lines().collect();
     let deleted = dir.path().join("deleted.log");
-    std::fs::write(&deleted, [&lines[..2], &lines[3..]].concat().join("\n")).unwrap();
+    std::fs::write(&deleted, [&lines[..3], &lines[4..]].concat().join("\n")).unwrap();
     let (code, out) = verify(&deleted);
     assert_eq!(code, Some(1));
-    assert!(out.contains("BROKEN: line 3: prev does not match"), "{out}");
+    assert!(out.contains("BROKEN: line 4: prev does not match"), "{out}");
 
     let edited = dir.path().join("edited.log");
-    let forged = lines[1].replace("\"upstream\"", "\"no_rule\"");
-    assert_ne!(forged, lines[1]);
-    std::fs::write(&edited, [lines[0], &forged, lines[2]].join("\n")).unwrap();
+    let forged = lines[3].replace("\"upstream\"", "\"no_rule\"");
+    assert_ne!(forged, lines[3]);
+    std::fs::write(
+        &edited,
+        [lines[0], lines[1], lines[2], &forged, lines[4]].join("\n"),
+    )
+    .unwrap();
     let (code, out) = verify(&edited);
     assert_eq!(code, Some(1));
-    assert!(out.contains("BROKEN: line 2: hash does not match"), "{out}");
+    assert!(out.contains("BROKEN: line 4: hash does not match"), "{out}");
 
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&audit).unwrap().mode() & 0o777, 0o600);

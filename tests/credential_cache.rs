@@ -1,6 +1,7 @@
 //! The credential cache against a fake STS and a hand-moved clock: one STS call per cold entry
-//! however many callers wait, refresh before `min_remaining`, nothing short-lived or expired
-//! ever served, and a failing STS not hammered.
+//! however many callers wait, refresh before `min_remaining`, last good credentials served while
+//! STS fails but nothing short-lived or expired ever served, and a failing STS not hammered.
+//! Time-driven rotation (background refresher, retries, budget) is in `tests/rotation.rs`.
 
 mod common;
 
@@ -10,7 +11,9 @@ use std::time::Duration;
 use common::{Behavior, FakeSts, ManualClock};
 use imds_broker::arn::RoleArn;
 use imds_broker::config::{CredentialPolicy, DEFAULT_MIN_REMAINING};
-use imds_broker::credentials::{AssumeRoleInput, CacheError, CredentialCache, StsError};
+use imds_broker::credentials::{
+    AssumeRoleInput, CacheError, CredentialCache, REFRESH_MARGIN, RETRY_BASE, StsError,
+};
 
 fn input(role: &str) -> AssumeRoleInput {
     AssumeRoleInput {
@@ -79,15 +82,26 @@ async fn different_inputs_never_share_credentials() {
 async fn refresh_starts_ahead_and_served_credentials_keep_min_remaining() {
     let (cache, sts, clock) = cache();
     let first = cache.get(&input("a")).await.unwrap();
-    // 1 h session, 30 min floor, refresh 10 min before the floor: at 19 min old nothing happens.
-    clock.advance(Duration::from_secs(19 * 60));
-    assert_eq!(
-        cache.get(&input("a")).await.unwrap().access_key_id,
-        first.access_key_id
-    );
-    assert_eq!(sts.calls(), 1);
-    // At 21 min old (39 min left) the old credentials are still served while a refresh runs.
-    clock.advance(Duration::from_secs(2 * 60));
+    let now = imds_broker::credentials::Clock::now(&clock);
+    let at = cache
+        .next_refresh(&input("a"))
+        .expect("a refresh is scheduled");
+    // Scheduled before min_remaining is reached, with the margin.
+    assert!(at >= now);
+    assert!(at <= first.expiration - DEFAULT_MIN_REMAINING - REFRESH_MARGIN);
+    // Just before that point nothing happens (the first refresh after a cold fetch may be due
+    // almost at once: see `Phase::Spread`).
+    let lead = at.duration_since(now).unwrap();
+    if lead >= Duration::from_secs(1) {
+        clock.advance(lead - Duration::from_secs(1));
+        assert_eq!(
+            cache.get(&input("a")).await.unwrap().access_key_id,
+            first.access_key_id
+        );
+        assert_eq!(sts.calls(), 1);
+    }
+    // Once it is due the old credentials are still served while a refresh runs.
+    clock.advance(lead.min(Duration::from_secs(1)));
     sts.close();
     let during = cache.get(&input("a")).await.unwrap();
     assert_eq!(
@@ -113,20 +127,19 @@ async fn refresh_starts_ahead_and_served_credentials_keep_min_remaining() {
 }
 
 #[tokio::test]
-async fn credentials_below_min_remaining_are_never_served() {
+async fn a_failing_sts_serves_last_good_credentials_but_never_below_the_degraded_floor() {
     let (cache, sts, clock) = cache();
     let first = cache.get(&input("a")).await.unwrap();
-    // Past the floor (31 min old, 29 min left) and STS is down: an error, not the old ones.
+    // Past the floor (31 min old, 29 min left) and STS is down: the last good ones (degraded).
     clock.advance(Duration::from_secs(31 * 60));
     sts.set(Behavior::Fail(StsError::Unavailable("down".into())));
+    let degraded = cache.get(&input("a")).await.unwrap();
+    assert_eq!(degraded.access_key_id, first.access_key_id);
+    assert_eq!(cache.stats().degraded_entries, 1);
+    // 5 minutes before expiry: an error, never the old ones.
+    clock.advance(Duration::from_secs(24 * 60));
     let err = cache.get(&input("a")).await.unwrap_err();
     assert_eq!(err, CacheError::Sts(StsError::Unavailable("down".into())));
-    // STS back: fresh credentials.
-    sts.set(Behavior::Issue { lifetime: None });
-    tokio::time::pause();
-    tokio::time::advance(imds_broker::credentials::FAILURE_HOLD).await;
-    let fresh = cache.get(&input("a")).await.unwrap();
-    assert_ne!(fresh.access_key_id, first.access_key_id);
 }
 
 #[tokio::test(start_paused = true)]
@@ -138,9 +151,17 @@ async fn a_failing_sts_is_not_called_at_request_rate() {
     for _ in 0..50 {
         assert!(cache.get(&input("a")).await.is_err());
     }
-    assert_eq!(sts.calls(), 1, "failures are held for FAILURE_HOLD");
-    tokio::time::advance(imds_broker::credentials::FAILURE_HOLD).await;
-    assert!(cache.get(&input("a")).await.is_err());
+    assert_eq!(
+        sts.calls(),
+        1,
+        "callers get the failure while a retry waits"
+    );
+    // The retry comes from the backoff, not from callers.
+    tokio::time::advance(RETRY_BASE).await;
+    sts.wait_for_calls(2).await;
+    for _ in 0..50 {
+        assert!(cache.get(&input("a")).await.is_err());
+    }
     assert_eq!(sts.calls(), 2);
 }
 

@@ -8,8 +8,11 @@ pub mod sink;
 
 use std::time::SystemTime;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::config::App;
-use crate::credentials::Credentials;
+use crate::credentials::{AssumeRoleInput, CacheError, Credentials, StsError};
 use crate::identity::Caller;
 use crate::imds::imds_time;
 
@@ -85,6 +88,7 @@ macro_rules! audit_event {
 }
 
 pub fn credentials_issued(caller: &Caller, app: &App, creds: &Credentials) {
+    metrics::counter!(crate::metrics::CREDENTIALS_SERVED, "app" => app.name.clone()).increment(1);
     audit_event!(info, "credentials.issued", caller,
         app = %app.name,
         role_arn = %app.role_arn,
@@ -95,6 +99,7 @@ pub fn credentials_issued(caller: &Caller, app: &App, creds: &Credentials) {
 }
 
 pub fn credentials_denied(caller: &Caller, reason: DenyReason, detail: &str) {
+    metrics::counter!(crate::metrics::DENIALS, "reason" => reason.as_str()).increment(1);
     let why = match caller {
         Caller::Unresolved { reason, .. } => reason.as_str(),
         _ => detail,
@@ -110,6 +115,7 @@ pub fn credentials_denied(caller: &Caller, reason: DenyReason, detail: &str) {
 }
 
 pub fn token_issued(caller: &Caller, ttl_secs: u64, now: SystemTime) {
+    crate::metrics::token_issued(now + std::time::Duration::from_secs(ttl_secs));
     audit_event!(info, "token.issued", caller,
         ttl_secs,
         expires = %imds_time(now + std::time::Duration::from_secs(ttl_secs)),
@@ -118,6 +124,7 @@ pub fn token_issued(caller: &Caller, ttl_secs: u64, now: SystemTime) {
 }
 
 pub fn token_rejected(caller: &Caller, reason: DenyReason, detail: &str) {
+    metrics::counter!(crate::metrics::DENIALS, "reason" => reason.as_str()).increment(1);
     audit_event!(
         warn,
         "token.rejected",
@@ -125,5 +132,72 @@ pub fn token_rejected(caller: &Caller, reason: DenyReason, detail: &str) {
         reason = reason.as_str(),
         detail,
         "request refused"
+    );
+}
+
+/// One STS AssumeRole call and how it went (no caller: the daemon makes these calls itself).
+pub fn sts_assume_role(
+    input: &AssumeRoleInput,
+    result: &Result<Arc<Credentials>, CacheError>,
+    latency: Duration,
+) {
+    let (outcome, code) = match result {
+        Ok(_) => ("ok", String::new()),
+        Err(CacheError::Sts(StsError::Throttled { code })) => ("throttled", code.clone()),
+        Err(CacheError::Sts(StsError::Refused { code, .. })) => ("refused", code.clone()),
+        Err(CacheError::Sts(StsError::Unavailable(_))) => ("unavailable", String::new()),
+        Err(CacheError::Sts(StsError::Unusable(_)) | CacheError::TaskFailed) => {
+            ("unusable", String::new())
+        }
+    };
+    metrics::counter!(crate::metrics::STS_CALLS, "outcome" => outcome, "code" => code.clone())
+        .increment(1);
+    metrics::histogram!(crate::metrics::STS_LATENCY).record(latency.as_secs_f64());
+    let latency_ms = latency.as_millis() as u64;
+    match result {
+        Ok(creds) => tracing::info!(
+            target: "audit",
+            event = "sts.assume_role",
+            outcome,
+            role_arn = %input.role_arn,
+            session_name = %input.session_name,
+            latency_ms,
+            access_key_id = %creds.access_key_id,
+            expiration = %imds_time(creds.expiration),
+            "AssumeRole succeeded"
+        ),
+        Err(e) => tracing::warn!(
+            target: "audit",
+            event = "sts.assume_role",
+            outcome,
+            role_arn = %input.role_arn,
+            session_name = %input.session_name,
+            latency_ms,
+            code,
+            error = %e,
+            "AssumeRole failed"
+        ),
+    }
+}
+
+/// A configuration was loaded (at start or on reload) or refused (the old one stays).
+pub fn config_loaded(path: &std::path::Path, apps: usize, dropped_credentials: usize) {
+    tracing::info!(
+        target: "audit",
+        event = "config.loaded",
+        config = %path.display(),
+        apps,
+        dropped_credentials,
+        "configuration loaded"
+    );
+}
+
+pub fn config_rejected(path: &std::path::Path, error: &str) {
+    tracing::error!(
+        target: "audit",
+        event = "config.rejected",
+        config = %path.display(),
+        error,
+        "configuration refused; still running on the previous one"
     );
 }

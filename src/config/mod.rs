@@ -17,6 +17,7 @@ use toml::Spanned;
 pub use raw::ImdsV1;
 use raw::{RawApp, RawConfig, RawDuration, RawMatch};
 
+use crate::admin::AdminListen;
 use crate::arn::RoleArn;
 use crate::credentials::AssumeRoleInput;
 use crate::glob::Glob;
@@ -68,6 +69,8 @@ pub struct Config {
     pub instance: InstanceInfo,
     pub limits: Limits,
     pub audit: AuditConfig,
+    /// Metrics, health and status: a Unix socket or a loopback port.
+    pub admin: AdminListen,
     pub apps: Vec<App>,
 }
 
@@ -108,7 +111,7 @@ pub struct StsConfig {
 }
 
 /// When cached credentials stop being served and when their refresh starts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CredentialPolicy {
     /// Credentials with less validity than this are never served.
     pub min_remaining: Duration,
@@ -309,6 +312,13 @@ impl Validator<'_> {
 
     fn validate(&mut self, raw: RawConfig) -> Config {
         let server = self.server(raw.server);
+        let admin = match raw.admin.listen {
+            None => AdminListen::Unix(server.state_dir.join("admin.sock")),
+            Some(l) => l.get_ref().parse().unwrap_or_else(|e: String| {
+                self.push(l.span(), "admin.listen", e);
+                AdminListen::Unix(server.state_dir.join("admin.sock"))
+            }),
+        };
         let audit = AuditConfig {
             path: raw
                 .audit
@@ -446,6 +456,7 @@ impl Validator<'_> {
             credentials,
             instance,
             audit,
+            admin,
             limits,
             apps,
         }

@@ -18,6 +18,8 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub audit: RawAudit,
+    #[serde(default)]
+    pub admin: RawAdmin,
     #[serde(default, rename = "app")]
     pub apps: Vec<Spanned<RawApp>>,
 }
@@ -31,6 +33,12 @@ pub struct RawServer {
     pub state_dir: Option<String>,
     pub hop_limit: Option<Spanned<u32>>,
     pub allowed_hosts: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,23 +1,44 @@
-//! The per-app credential cache: serves cached credentials while they have more than
-//! `min_remaining` left, starts a refresh in the background `REFRESH_LEAD` before that point, and
-//! makes every concurrent caller of a cold or stale entry wait on one shared STS call.
+//! The per-app credential cache: one entry per AssumeRole input. It serves credentials while
+//! they have more than `min_remaining` left, refreshes them in the background at a jittered point
+//! before that, makes every concurrent caller of a cold or stale entry wait on one STS call, and
+//! retries transient STS failures with backoff while serving the last good credentials (degraded
+//! mode) down to [`DEGRADED_MIN_REMAINING`].
+//!
+//! Each entry has at most one *worker* task: it draws from the STS [budget](StsBudget), calls
+//! STS, and on a transient failure sleeps (backoff) and tries again for as long as the entry is
+//! in use. Callers never wait for a retry: they wait for the attempt in flight, if any, and
+//! otherwise get the last good credentials or the last error at once.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::{AssumeRoleInput, CredentialSource, Credentials, StsError};
-use crate::config::CredentialPolicy;
+use super::budget::StsBudget;
+use super::schedule::{self, Phase};
+use super::{AssumeRoleInput, CredentialSource, Credentials, StsError, refresh, retry};
+use crate::config::{CredentialPolicy, DEFAULT_STS_BURST, DEFAULT_STS_CALLS_PER_SECOND};
 
-/// How long before `min_remaining` is reached a background refresh starts.
-pub const REFRESH_LEAD: Duration = Duration::from_secs(10 * 60);
-/// After a failed STS call, callers get that failure for this long instead of a new call each,
-/// so a broken STS is not hammered at request rate.
+/// While STS is failing, the last good credentials are served until they have this little left
+/// (EC2 itself rotates "at least five minutes before the expiration"); after that, a 5xx.
+pub const DEGRADED_MIN_REMAINING: Duration = Duration::from_secs(5 * 60);
+/// After a transient failure that is no longer being retried (the entry went idle), callers get
+/// that failure for this long before one of them starts a new attempt.
 pub const FAILURE_HOLD: Duration = Duration::from_secs(2);
+/// After a refusal (AccessDenied, MalformedPolicyDocument, unusable answer), callers get the
+/// refusal for this long before one of them tries again: refusals are never retried in a loop.
+pub const REFUSAL_HOLD: Duration = Duration::from_secs(60);
+/// One AssumeRole call that has not answered in this long counts as a transient failure.
+pub const STS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Degraded serving is logged at most this often per entry.
+const DEGRADED_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Wall-clock time, injectable so tests can move it.
 pub trait Clock: Send + Sync + 'static {
@@ -41,78 +62,309 @@ pub enum CacheError {
     TaskFailed,
 }
 
-type Fetch = Shared<BoxFuture<'static, Result<Arc<Credentials>, CacheError>>>;
-
-#[derive(Default)]
-struct Entry {
-    state: Mutex<EntryState>,
+impl CacheError {
+    fn is_transient(&self) -> bool {
+        matches!(self, CacheError::Sts(e) if e.is_transient())
+    }
 }
 
-#[derive(Default)]
-struct EntryState {
-    current: Option<Arc<Credentials>>,
-    inflight: Option<Fetch>,
-    last_failure: Option<(Instant, CacheError)>,
+/// Counters for the metrics endpoint (and tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub entries: usize,
+    /// Entries whose STS calls are failing transiently while they hold last good credentials.
+    pub degraded_entries: usize,
+    pub assume_role_calls: u64,
+    pub assume_role_failures: u64,
+    /// Requests answered with last good credentials below `min_remaining`.
+    pub degraded_serves: u64,
 }
 
+/// One entry as `peek` shows it.
+#[derive(Debug, Clone)]
+pub struct EntryStatus {
+    /// The credentials served now, if any (they may be below `min_remaining` while degraded).
+    pub current: Option<Arc<Credentials>>,
+    pub refresh_at: Option<SystemTime>,
+    /// The last STS failure, until the next success.
+    pub last_error: Option<String>,
+}
+
+pub(crate) type Outcome = Result<Arc<Credentials>, CacheError>;
+type Attempt = Shared<BoxFuture<'static, Outcome>>;
+
+/// A cheap handle; clones share one cache.
+#[derive(Clone)]
 pub struct CredentialCache {
+    inner: Arc<Inner>,
+}
+
+pub(super) struct Inner {
     source: Arc<dyn CredentialSource>,
-    clock: Arc<dyn Clock>,
-    policy: CredentialPolicy,
+    pub(super) clock: Arc<dyn Clock>,
+    policy: Mutex<CredentialPolicy>,
+    budget: StsBudget,
     entries: Mutex<HashMap<AssumeRoleInput, Arc<Entry>>>,
+    /// Wakes the refresher when a schedule changed.
+    pub(super) wake: Notify,
+    pub(super) stop: CancellationToken,
+    tasks: TaskTracker,
+    calls: AtomicU64,
+    failures: AtomicU64,
+    degraded_serves: AtomicU64,
+}
+
+pub(super) struct Entry {
+    state: Mutex<EntryState>,
+    /// Cancelled when the entry is dropped (reload) or the cache shuts down.
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+pub(super) struct EntryState {
+    current: Option<Arc<Credentials>>,
+    /// When the next background refresh starts; `None` after a refusal.
+    refresh_at: Option<SystemTime>,
+    /// The last request (or the prefetch); entries unused for `idle_after` are not refreshed.
+    last_used: Option<SystemTime>,
+    /// A worker task is running for this entry (calling STS or waiting to retry).
+    worker: bool,
+    /// The STS call in flight, shared by every caller that waits for it.
+    attempt: Option<Attempt>,
+    /// The last failure, until the next success.
+    failure: Option<Failure>,
+    degraded_logged_at: Option<Instant>,
+}
+
+struct Failure {
+    error: CacheError,
+    at: Instant,
+    hold: Duration,
+}
+
+impl Failure {
+    fn held(&self) -> bool {
+        self.at.elapsed() < self.hold
+    }
+}
+
+impl Entry {
+    fn lock(&self) -> MutexGuard<'_, EntryState> {
+        self.state.lock().expect("cache entry lock poisoned")
+    }
+}
+
+impl EntryState {
+    fn is_active(&self, now: SystemTime, idle_after: Duration) -> bool {
+        self.last_used
+            .is_some_and(|used| now.duration_since(used).unwrap_or_default() < idle_after)
+    }
+
+    fn held(&self) -> bool {
+        self.failure.as_ref().is_some_and(Failure::held)
+    }
+
+    fn refresh_due(&self, now: SystemTime) -> bool {
+        self.refresh_at.is_some_and(|at| at <= now) && !self.worker && !self.held()
+    }
 }
 
 impl CredentialCache {
+    /// A cache with the default STS budget.
     pub fn new(
         source: Arc<dyn CredentialSource>,
         clock: Arc<dyn Clock>,
         policy: CredentialPolicy,
     ) -> Self {
+        let budget = StsBudget::new(
+            DEFAULT_STS_CALLS_PER_SECOND,
+            DEFAULT_STS_BURST,
+            Default::default(),
+        );
+        Self::with_budget(source, clock, policy, budget)
+    }
+
+    pub fn with_budget(
+        source: Arc<dyn CredentialSource>,
+        clock: Arc<dyn Clock>,
+        policy: CredentialPolicy,
+        budget: StsBudget,
+    ) -> Self {
         Self {
-            source,
-            clock,
-            policy,
-            entries: Mutex::new(HashMap::new()),
+            inner: Arc::new(Inner {
+                source,
+                clock,
+                policy: Mutex::new(policy),
+                budget,
+                entries: Mutex::new(HashMap::new()),
+                wake: Notify::new(),
+                stop: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                calls: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                degraded_serves: AtomicU64::new(0),
+            }),
         }
     }
 
-    /// Credentials for `input` with more than `min_remaining` left, from the cache or from one
-    /// STS call shared with every concurrent caller.
+    /// Credentials for `input`: cached ones with more than `min_remaining` left, or the result
+    /// of the STS call in flight (one for all concurrent callers), or, while STS fails
+    /// transiently, the last good ones down to [`DEGRADED_MIN_REMAINING`].
     pub async fn get(&self, input: &AssumeRoleInput) -> Result<Arc<Credentials>, CacheError> {
-        let entry = self.entry(input);
-        let fetch = {
-            let mut state = entry.state.lock().expect("cache lock poisoned");
-            let now = self.clock.now();
-            if let Some(current) = &state.current {
-                let left = current.remaining(now);
-                if left > self.policy.min_remaining {
-                    let current = current.clone();
-                    if left <= self.policy.min_remaining + REFRESH_LEAD && !recently_failed(&state)
-                    {
-                        // Good enough to serve now; renew in the background so nobody waits.
-                        drop(self.start_fetch(&entry, &mut state, input));
-                    }
-                    return Ok(current);
-                }
-            }
-            if let Some((_, err)) = state
-                .last_failure
-                .as_ref()
-                .filter(|_| state.inflight.is_none() && recently_failed(&state))
+        let inner = &self.inner;
+        let entry = inner.entry(input);
+        let attempt = {
+            let mut st = entry.lock();
+            let now = inner.clock.now();
+            let policy = inner.policy();
+            st.last_used = Some(now);
+            if let Some(current) = st.current.clone()
+                && current.remaining(now) > policy.min_remaining
             {
-                return Err(err.clone());
+                if st.refresh_due(now) {
+                    // Normally the refresher has started it already; this covers a late one.
+                    drop(inner.attempt(&entry, &mut st, input));
+                }
+                return Ok(current);
             }
-            self.start_fetch(&entry, &mut state, input)
+            if let Some(failure) = &st.failure
+                && (st.worker || failure.held())
+            {
+                // STS is failing and a retry is scheduled (or the failure is held): answer now.
+                let error = failure.error.clone();
+                return inner.fallback(input, &mut st, now, error);
+            }
+            inner.attempt(&entry, &mut st, input)
         };
-        fetch.await
+        match attempt.await {
+            Ok(creds) => Ok(creds),
+            Err(error) => {
+                let mut st = entry.lock();
+                inner.fallback(input, &mut st, inner.clock.now(), error)
+            }
+        }
     }
 
-    /// Drops every cached entry whose input is not in `keep` (after a config reload).
-    pub fn retain(&self, keep: impl Fn(&AssumeRoleInput) -> bool) {
-        self.entries
-            .lock()
-            .expect("cache lock poisoned")
-            .retain(|input, _| keep(input));
+    /// Starts fetching credentials for `inputs` that have none, without waiting. A prefetched
+    /// entry counts as used now, so it is kept warm for `idle_after`.
+    pub fn prefetch(&self, inputs: impl IntoIterator<Item = AssumeRoleInput>) {
+        let inner = &self.inner;
+        for input in inputs {
+            let entry = inner.entry(&input);
+            let mut st = entry.lock();
+            st.last_used.get_or_insert(inner.clock.now());
+            if st.current.is_none() && !st.worker && !st.held() {
+                drop(inner.attempt(&entry, &mut st, &input));
+            }
+        }
+    }
+
+    /// Drops every cached entry whose input is not in `keep` (after a config reload), stopping
+    /// its refreshes. Returns how many were dropped.
+    pub fn retain(&self, keep: impl Fn(&AssumeRoleInput) -> bool) -> usize {
+        let mut entries = self.inner.entries.lock().expect("cache lock poisoned");
+        let before = entries.len();
+        entries.retain(|input, entry| {
+            let kept = keep(input);
+            if !kept {
+                entry.cancel.cancel();
+            }
+            kept
+        });
+        before - entries.len()
+    }
+
+    /// Applies a new policy (after a config reload). Refreshes now scheduled too late for the new
+    /// `min_remaining` are moved into the new window; the others keep their (spread) schedule.
+    pub fn set_policy(&self, policy: CredentialPolicy) {
+        let inner = &self.inner;
+        {
+            let mut current = inner.policy.lock().expect("policy lock poisoned");
+            if *current == policy {
+                return;
+            }
+            *current = policy;
+        }
+        let now = inner.clock.now();
+        for (_, entry) in inner.snapshot() {
+            let mut st = entry.lock();
+            let (Some(current), Some(at)) = (st.current.clone(), st.refresh_at) else {
+                continue;
+            };
+            let latest = current
+                .expiration
+                .checked_sub(policy.min_remaining + schedule::REFRESH_MARGIN);
+            if latest.is_none_or(|latest| at > latest) {
+                st.refresh_at = Some(schedule::refresh_at(
+                    now,
+                    current.expiration,
+                    &policy,
+                    Phase::Renewal,
+                    &mut rand::rng(),
+                ));
+            }
+        }
+        inner.wake.notify_one();
+    }
+
+    /// The global AssumeRole budget, e.g. to apply a reloaded rate.
+    pub fn budget(&self) -> &StsBudget {
+        &self.inner.budget
+    }
+
+    /// When the next background refresh of `input` starts, if one is scheduled.
+    pub fn next_refresh(&self, input: &AssumeRoleInput) -> Option<SystemTime> {
+        let entry = self.inner.entries.lock().ok()?.get(input).cloned()?;
+        entry.lock().refresh_at
+    }
+
+    /// What the cache holds for `input`, without starting anything: for status and readiness.
+    pub fn peek(&self, input: &AssumeRoleInput) -> Option<EntryStatus> {
+        let entry = self.inner.entries.lock().ok()?.get(input).cloned()?;
+        let st = entry.lock();
+        Some(EntryStatus {
+            current: st.current.clone(),
+            refresh_at: st.refresh_at,
+            last_error: st.failure.as_ref().map(|f| f.error.to_string()),
+        })
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let inner = &self.inner;
+        let entries = inner.snapshot();
+        let degraded_entries = entries
+            .iter()
+            .filter(|(_, e)| {
+                let st = e.lock();
+                st.current.is_some() && st.failure.as_ref().is_some_and(|f| f.error.is_transient())
+            })
+            .count();
+        CacheStats {
+            entries: entries.len(),
+            degraded_entries,
+            assume_role_calls: inner.calls.load(Ordering::Relaxed),
+            assume_role_failures: inner.failures.load(Ordering::Relaxed),
+            degraded_serves: inner.degraded_serves.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Starts the background refresher (see the `refresh` module) until [`Self::shutdown`].
+    pub fn start_refresher(&self) {
+        let inner = self.inner.clone();
+        self.inner.tasks.spawn(refresh::run(inner));
+    }
+
+    /// Stops the refresher and every STS worker, and waits for them to end.
+    pub async fn shutdown(&self) {
+        self.inner.stop.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+}
+
+impl Inner {
+    pub(super) fn policy(&self) -> CredentialPolicy {
+        *self.policy.lock().expect("policy lock poisoned")
     }
 
     fn entry(&self, input: &AssumeRoleInput) -> Arc<Entry> {
@@ -120,55 +372,258 @@ impl CredentialCache {
         if let Some(e) = entries.get(input) {
             return e.clone();
         }
-        entries.entry(input.clone()).or_default().clone()
+        entries
+            .entry(input.clone())
+            .or_insert_with(|| {
+                Arc::new(Entry {
+                    state: Mutex::default(),
+                    cancel: self.stop.child_token(),
+                })
+            })
+            .clone()
     }
 
-    /// Returns the in-flight STS call for this entry, starting one if there is none. The call
-    /// runs as its own task, so a client that disconnects does not cancel it for the others.
-    fn start_fetch(
-        &self,
+    pub(super) fn snapshot(&self) -> Vec<(AssumeRoleInput, Arc<Entry>)> {
+        self.entries
+            .lock()
+            .expect("cache lock poisoned")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The STS call in flight for this entry, starting a worker if none is running.
+    fn attempt(
+        self: &Arc<Self>,
         entry: &Arc<Entry>,
-        state: &mut EntryState,
+        st: &mut EntryState,
         input: &AssumeRoleInput,
-    ) -> Fetch {
-        if let Some(f) = &state.inflight {
-            return f.clone();
+    ) -> Attempt {
+        if let Some(attempt) = &st.attempt {
+            return attempt.clone();
         }
-        let call = self.source.assume_role(input.clone());
-        let entry_for_task = entry.clone();
-        let clock = self.clock.clone();
-        let min_remaining = self.policy.min_remaining;
-        let task = tokio::spawn(async move {
-            let result = call
-                .await
-                .map_err(CacheError::from)
-                .and_then(|creds| usable(creds, clock.now(), min_remaining));
-            let mut state = entry_for_task.state.lock().expect("cache lock poisoned");
-            state.inflight = None;
+        if st.worker || entry.cancel.is_cancelled() {
+            // A worker between attempts answers through `failure`; a dropped entry has none.
+            return futures_util::future::ready(Err(CacheError::TaskFailed))
+                .boxed()
+                .shared();
+        }
+        st.worker = true;
+        let (tx, attempt) = new_attempt(st);
+        self.tasks
+            .spawn(worker(self.clone(), entry.clone(), input.clone(), tx));
+        attempt
+    }
+
+    /// What a caller gets when no fresh credentials are available: the last good ones while the
+    /// failure is transient and they have more than [`DEGRADED_MIN_REMAINING`] left, the error
+    /// otherwise. Expired or empty credentials are never returned.
+    fn fallback(
+        &self,
+        input: &AssumeRoleInput,
+        st: &mut EntryState,
+        now: SystemTime,
+        error: CacheError,
+    ) -> Result<Arc<Credentials>, CacheError> {
+        let Some(current) = st.current.clone() else {
+            return Err(error);
+        };
+        let left = current.remaining(now);
+        if left > self.policy().min_remaining {
+            // A refresh failed but these are still good in normal operation.
+            return Ok(current);
+        }
+        if !error.is_transient() || left <= DEGRADED_MIN_REMAINING {
+            return Err(error);
+        }
+        self.degraded_serves.fetch_add(1, Ordering::Relaxed);
+        if st
+            .degraded_logged_at
+            .is_none_or(|at| at.elapsed() >= DEGRADED_LOG_EVERY)
+        {
+            st.degraded_logged_at = Some(Instant::now());
+            tracing::warn!(
+                role = %input.role_arn,
+                session = %input.session_name,
+                access_key_id = %current.access_key_id,
+                remaining_secs = left.as_secs(),
+                error = %error,
+                "serving last good credentials: STS failing"
+            );
+        }
+        Ok(current)
+    }
+}
+
+/// `CredentialPolicy` has no `PartialEq`; destructured so a new field cannot be missed here.
+fn new_attempt(st: &mut EntryState) -> (oneshot::Sender<Outcome>, Attempt) {
+    let (tx, rx) = oneshot::channel();
+    let attempt = rx
+        .map(|r| r.unwrap_or(Err(CacheError::TaskFailed)))
+        .boxed()
+        .shared();
+    st.attempt = Some(attempt.clone());
+    (tx, attempt)
+}
+
+/// The one task that talks to STS for an entry: calls, and on a transient failure waits
+/// (backoff) and calls again while the entry is in use, until a success, a refusal, or the
+/// entry is dropped.
+async fn worker(
+    inner: Arc<Inner>,
+    entry: Arc<Entry>,
+    input: AssumeRoleInput,
+    mut tx: oneshot::Sender<Outcome>,
+) {
+    let cold = entry.lock().current.is_none();
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            biased;
+            _ = entry.cancel.cancelled() => break,
+            _ = inner.budget.acquire() => {}
+        }
+        inner.calls.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = tokio::select! {
+            biased;
+            _ = entry.cancel.cancelled() => break,
+            r = tokio::time::timeout(STS_ATTEMPT_TIMEOUT, inner.source.assume_role(input.clone())) => r,
+        };
+        let result = match result {
+            Ok(result) => result.map_err(CacheError::from),
+            Err(_) => Err(StsError::Unavailable(format!(
+                "no answer within {}s",
+                STS_ATTEMPT_TIMEOUT.as_secs()
+            ))
+            .into()),
+        };
+        let now = inner.clock.now();
+        let policy = inner.policy();
+        let result = result.and_then(|creds| usable(creds, now, policy.min_remaining));
+        crate::audit::sts_assume_role(&input, &result, started.elapsed());
+        let retry_in = {
+            let mut st = entry.lock();
+            st.attempt = None;
             match &result {
                 Ok(creds) => {
-                    state.current = Some(creds.clone());
-                    state.last_failure = None;
+                    let at = schedule::refresh_at(
+                        now,
+                        creds.expiration,
+                        &policy,
+                        Phase::of_fetch(cold, failures),
+                        &mut rand::rng(),
+                    );
+                    st.current = Some(creds.clone());
+                    st.refresh_at = Some(at);
+                    st.failure = None;
+                    st.degraded_logged_at = None;
+                    st.worker = false;
+                    log_success(&input, creds, failures, at.duration_since(now));
+                    None
                 }
-                Err(e) => state.last_failure = Some((Instant::now(), e.clone())),
+                Err(error) => {
+                    failures += 1;
+                    inner.failures.fetch_add(1, Ordering::Relaxed);
+                    let transient = error.is_transient();
+                    let retry = transient
+                        && st.is_active(now, policy.idle_after)
+                        && !entry.cancel.is_cancelled();
+                    st.failure = Some(Failure {
+                        error: error.clone(),
+                        at: Instant::now(),
+                        hold: if transient {
+                            FAILURE_HOLD
+                        } else {
+                            REFUSAL_HOLD
+                        },
+                    });
+                    if !transient {
+                        st.refresh_at = None;
+                    }
+                    let delay = retry.then(|| retry::backoff(failures, &mut rand::rng()));
+                    st.worker = delay.is_some();
+                    log_failure(&input, error, failures, delay);
+                    delay
+                }
             }
-            result
-        });
-        let fetch = async move { task.await.unwrap_or(Err(CacheError::TaskFailed)) }
-            .boxed()
-            .shared();
-        state.inflight = Some(fetch.clone());
-        fetch
+        };
+        // Nobody waiting is fine.
+        let _ = tx.send(result);
+        inner.wake.notify_one();
+        let Some(delay) = retry_in else { return };
+        tokio::select! {
+            biased;
+            _ = entry.cancel.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        tx = new_attempt(&mut entry.lock()).0;
+    }
+    // Dropped or shutting down: waiters get `TaskFailed` from the dropped sender.
+    let mut st = entry.lock();
+    st.worker = false;
+    st.attempt = None;
+}
+
+fn log_success(
+    input: &AssumeRoleInput,
+    creds: &Credentials,
+    failures: u32,
+    refresh_in: Result<Duration, std::time::SystemTimeError>,
+) {
+    let refresh_in_secs = refresh_in.unwrap_or_default().as_secs();
+    if failures > 0 {
+        tracing::info!(
+            role = %input.role_arn,
+            session = %input.session_name,
+            access_key_id = %creds.access_key_id,
+            failed_attempts = failures,
+            refresh_in_secs,
+            "STS recovered: fresh credentials"
+        );
+    } else {
+        tracing::debug!(
+            role = %input.role_arn,
+            session = %input.session_name,
+            access_key_id = %creds.access_key_id,
+            refresh_in_secs,
+            "credentials obtained"
+        );
     }
 }
 
-fn recently_failed(state: &EntryState) -> bool {
-    state
-        .last_failure
-        .as_ref()
-        .is_some_and(|(at, _)| at.elapsed() < FAILURE_HOLD)
+fn log_failure(
+    input: &AssumeRoleInput,
+    error: &CacheError,
+    failures: u32,
+    retry: Option<Duration>,
+) {
+    match retry {
+        Some(delay) => tracing::warn!(
+            role = %input.role_arn,
+            session = %input.session_name,
+            error = %error,
+            failed_attempts = failures,
+            retry_in_ms = delay.as_millis() as u64,
+            "AssumeRole failed; retrying"
+        ),
+        None if error.is_transient() => tracing::warn!(
+            role = %input.role_arn,
+            session = %input.session_name,
+            error = %error,
+            failed_attempts = failures,
+            "AssumeRole failed; not retrying an entry nobody uses"
+        ),
+        None => tracing::error!(
+            role = %input.role_arn,
+            session = %input.session_name,
+            error = %error,
+            "AssumeRole refused; not retrying"
+        ),
+    }
 }
 
+/// Refuses credentials that could never be served: empty fields, or too little left.
 fn usable(
     creds: Credentials,
     now: SystemTime,
@@ -190,4 +645,60 @@ fn usable(
         .into());
     }
     Ok(Arc::new(creds))
+}
+
+/// What the refresher needs to see of an entry.
+pub(super) struct EntryView {
+    pub active: bool,
+    pub worker: bool,
+    pub refresh_due_at: Option<SystemTime>,
+    pub held: bool,
+    /// Until when the entry can serve anything at all (degraded included).
+    pub servable_until: Option<SystemTime>,
+    pub last_used: Option<SystemTime>,
+}
+
+impl Entry {
+    pub(super) fn view(&self, now: SystemTime, policy: &CredentialPolicy) -> EntryView {
+        let st = self.lock();
+        EntryView {
+            active: st.is_active(now, policy.idle_after),
+            worker: st.worker,
+            refresh_due_at: st.refresh_at,
+            held: st.held(),
+            servable_until: st
+                .current
+                .as_ref()
+                .and_then(|c| c.expiration.checked_sub(DEGRADED_MIN_REMAINING)),
+            last_used: st.last_used,
+        }
+    }
+}
+
+impl Inner {
+    /// Starts the scheduled refresh of `entry` if it is still due (checked under its lock).
+    pub(super) fn refresh_if_due(self: &Arc<Self>, input: &AssumeRoleInput, entry: &Arc<Entry>) {
+        let now = self.clock.now();
+        let idle_after = self.policy().idle_after;
+        let mut st = entry.lock();
+        if st.refresh_due(now) && st.is_active(now, idle_after) {
+            drop(self.attempt(entry, &mut st, input));
+        }
+    }
+
+    /// Removes `entry` if it is still the one cached for `input` and still unusable and idle.
+    pub(super) fn evict_if_dead(&self, input: &AssumeRoleInput, entry: &Arc<Entry>) -> bool {
+        let mut entries = self.entries.lock().expect("cache lock poisoned");
+        if !entries.get(input).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            return false;
+        }
+        let now = self.clock.now();
+        let view = entry.view(now, &self.policy());
+        let dead = !view.active && !view.worker && view.servable_until.is_none_or(|t| t <= now);
+        if dead {
+            entries.remove(input);
+            entry.cancel.cancel();
+        }
+        dead
+    }
 }

@@ -1,7 +1,18 @@
 //! Role credentials: what they are, where they come from (STS, behind a trait so tests can fake
-//! it), and the per-app cache that shares one STS call among concurrent callers.
+//! it), and how they are kept fresh.
+//!
+//! - [`cache`](CredentialCache): one entry per AssumeRole input; serves credentials, shares one
+//!   STS call among concurrent callers, keeps serving the last good credentials while STS fails.
+//! - `schedule`: when a refresh starts (jittered, so apps and hosts spread their calls).
+//! - `retry`: how long to wait after a failed STS call.
+//! - `budget`: the global AssumeRole rate every STS call draws from.
+//! - `refresh`: the background task that starts scheduled refreshes and drops idle entries.
 
+mod budget;
 mod cache;
+mod refresh;
+mod retry;
+mod schedule;
 mod self_loop;
 mod sts;
 
@@ -9,7 +20,14 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
 
-pub use cache::{CacheError, Clock, CredentialCache, FAILURE_HOLD, REFRESH_LEAD, SystemClock};
+pub use budget::{StsBudget, TokioTime};
+pub use cache::{
+    CacheError, CacheStats, Clock, CredentialCache, DEGRADED_MIN_REMAINING, EntryStatus,
+    FAILURE_HOLD, REFUSAL_HOLD, STS_ATTEMPT_TIMEOUT, SystemClock,
+};
+pub use refresh::{MAX_NAP, MIN_NAP};
+pub use retry::{RETRY_BASE, RETRY_CAP, RETRY_JITTER, backoff};
+pub use schedule::{Phase, REFRESH_MARGIN, refresh_at};
 pub use self_loop::{ProcessSettings, SelfLoopError, Settings, check_not_own_source};
 pub use sts::StsSource;
 
@@ -60,6 +78,15 @@ pub enum StsError {
     /// STS answered but the credentials cannot be served (missing fields, too short a session).
     #[error("STS returned unusable credentials: {0}")]
     Unusable(String),
+}
+
+impl StsError {
+    /// Whether the same call may succeed later (throttling, timeouts, 5xx): such failures are
+    /// retried with backoff, and the last good credentials are served meanwhile. Refusals and
+    /// unusable answers are not retried in a loop.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StsError::Throttled { .. } | StsError::Unavailable(_))
+    }
 }
 
 /// Where role credentials come from. The daemon uses [`StsSource`]; tests inject fakes that are

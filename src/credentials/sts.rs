@@ -1,5 +1,7 @@
 //! The real credential source: STS AssumeRole through aws-sdk-sts, with the daemon's own source
-//! credentials from the aws-config default chain.
+//! credentials from the aws-config default chain. The SDK's own retries are off: the cache's
+//! worker retries with its backoff and draws every call from the STS budget, so one policy (and
+//! one count) covers them all.
 
 use std::time::SystemTime;
 
@@ -25,6 +27,17 @@ const THROTTLING_CODES: &[&str] = &[
     "PriorRequestNotComplete",
 ];
 
+/// Error codes that mean "try again later" without being throttling (STS `_retry.json`, and the
+/// daemon's own source credentials expiring, which the SDK refreshes before the next call).
+const TRANSIENT_CODES: &[&str] = &[
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "ServiceUnavailable",
+    "ExpiredToken",
+    "ExpiredTokenException",
+];
+
 pub struct StsSource {
     client: aws_sdk_sts::Client,
 }
@@ -35,7 +48,8 @@ impl StsSource {
             .region(aws_config::Region::new(config.region.clone()))
             .load()
             .await;
-        let mut builder = aws_sdk_sts::config::Builder::from(&shared);
+        let mut builder = aws_sdk_sts::config::Builder::from(&shared)
+            .retry_config(aws_sdk_sts::config::retry::RetryConfig::disabled());
         if let Some(url) = &config.endpoint_url {
             builder = builder.endpoint_url(url);
         }
@@ -83,7 +97,7 @@ fn classify(err: SdkError<AssumeRoleError>) -> StsError {
             let message = service.err().message().unwrap_or_default().to_owned();
             if THROTTLING_CODES.contains(&code.as_str()) || status == 429 {
                 StsError::Throttled { code }
-            } else if status >= 500 {
+            } else if status >= 500 || TRANSIENT_CODES.contains(&code.as_str()) {
                 StsError::Unavailable(format!("{code} (HTTP {status})"))
             } else {
                 StsError::Refused { code, message }

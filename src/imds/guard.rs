@@ -137,6 +137,26 @@ pub async fn require_token(
     Ok(next.run(request).await)
 }
 
+/// Counts every request by path kind, status and the caller's app.
+pub async fn count(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let path = crate::metrics::path_kind(request.uri().path());
+    let app = caller_of(request.extensions())
+        .ok()
+        .and_then(|conn| {
+            crate::policy::find_app(&state.config().apps, conn).map(|a| a.name.clone())
+        })
+        .unwrap_or_default();
+    let response = next.run(request).await;
+    metrics::counter!(
+        crate::metrics::REQUESTS,
+        "path" => path,
+        "status" => response.status().as_str().to_owned(),
+        "app" => app
+    )
+    .increment(1);
+    response
+}
+
 /// Every response says it comes from EC2's metadata server; some tools detect EC2 by it.
 pub async fn server_header(mut response: Response) -> Response {
     response

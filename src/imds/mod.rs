@@ -53,8 +53,8 @@ impl std::ops::Deref for ConnectionInfo {
     }
 }
 
-/// The whole IMDS router. Layers run outermost first: `Server` header, relayed-request
-/// refusal, per-caller rate limit, token check, then routing.
+/// The whole IMDS router. Layers run outermost first: `Server` header, request metrics,
+/// relayed-request refusal, per-caller rate limit, token check, then routing.
 pub fn router(state: AppState) -> Router {
     let limits = state.config().limits;
     let limiter = Arc::new(CallerLimiter::new(
@@ -93,6 +93,7 @@ pub fn router(state: AppState) -> Router {
         .layer(from_fn_with_state(state.clone(), guard::require_token))
         .layer(from_fn_with_state(limiter, guard::rate_limit))
         .layer(from_fn_with_state(state.clone(), guard::refuse_relayed))
+        .layer(from_fn_with_state(state.clone(), guard::count))
         .layer(map_response(guard::server_header))
         .with_state(state)
 }

@@ -1,0 +1,281 @@
+//! The admin listener: Prometheus metrics, liveness, readiness and the status report that
+//! `imds-broker status` prints. It is a separate listener, a Unix socket (0600) by default or a
+//! loopback port, never one of the IMDS addresses applications can reach.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::imds::imds_time;
+use crate::state::AppState;
+
+/// Where the admin listener is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminListen {
+    Unix(PathBuf),
+    /// Loopback only: validated when the config is loaded.
+    Tcp(SocketAddr),
+}
+
+impl FromStr for AdminListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err("a unix: path must be absolute".into());
+            }
+            return Ok(AdminListen::Unix(path.into()));
+        }
+        let addr: SocketAddr = s
+            .parse()
+            .map_err(|_| "must be unix:/absolute/path or a loopback IP:port".to_string())?;
+        if !addr.ip().is_loopback() {
+            return Err("a TCP admin listener must be on a loopback address".into());
+        }
+        Ok(AdminListen::Tcp(addr))
+    }
+}
+
+impl fmt::Display for AdminListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminListen::Unix(p) => write!(f, "unix:{}", p.display()),
+            AdminListen::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Admin {
+    state: AppState,
+    metrics: PrometheusHandle,
+}
+
+pub fn router(state: AppState, metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .with_state(Admin { state, metrics })
+}
+
+/// A bound admin listener.
+pub enum AdminListener {
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+/// Binds the admin listener, replacing a stale socket file left by a crash; the socket is 0600.
+pub async fn bind(listen: &AdminListen) -> io::Result<AdminListener> {
+    match listen {
+        AdminListen::Unix(path) => {
+            remove_stale_socket(path)?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let listener = tokio::net::UnixListener::bind(path)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            Ok(AdminListener::Unix(listener))
+        }
+        AdminListen::Tcp(addr) => Ok(AdminListener::Tcp(
+            tokio::net::TcpListener::bind(addr).await?,
+        )),
+    }
+}
+
+/// Serves the admin router until `stop`.
+pub async fn serve(listener: AdminListener, router: Router, stop: CancellationToken) {
+    let shutdown = stop.cancelled_owned();
+    let result = match listener {
+        AdminListener::Unix(l) => {
+            axum::serve(l, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        AdminListener::Tcp(l) => {
+            axum::serve(l, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(error = %e, "admin listener failed");
+    }
+}
+
+/// Fetches `path` from a running daemon's admin listener (HTTP/1.0, so the body ends at EOF).
+pub async fn fetch(listen: &AdminListen, path: &str) -> io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n");
+    let mut raw = Vec::new();
+    match listen {
+        AdminListen::Unix(p) => {
+            let mut s = tokio::net::UnixStream::connect(p).await?;
+            s.write_all(request.as_bytes()).await?;
+            s.read_to_end(&mut raw).await?;
+        }
+        AdminListen::Tcp(a) => {
+            let mut s = tokio::net::TcpStream::connect(a).await?;
+            s.write_all(request.as_bytes()).await?;
+            s.read_to_end(&mut raw).await?;
+        }
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "not an HTTP response");
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((status, body.to_owned()))
+}
+
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn render_metrics(State(admin): State<Admin>) -> Response {
+    let now = admin.state.now();
+    crate::metrics::update_active_tokens(now);
+    let cache = admin.state.cache();
+    let stats = cache.stats();
+    metrics::gauge!(crate::metrics::CACHE_ENTRIES).set(stats.entries as f64);
+    metrics::gauge!(crate::metrics::DEGRADED_ENTRIES).set(stats.degraded_entries as f64);
+    metrics::counter!(crate::metrics::DEGRADED_SERVES).absolute(stats.degraded_serves);
+    for app in &admin.state.config().apps {
+        if let Some(creds) = cache.peek(&app.assume_role_input()).and_then(|e| e.current) {
+            let left = creds.expiration.duration_since(now).unwrap_or_default();
+            metrics::gauge!(crate::metrics::CREDENTIAL_EXPIRY, "app" => app.name.clone())
+                .set(left.as_secs_f64());
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        admin.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Ready when serving (this listener only starts once the config is loaded and the IMDS
+/// listeners are bound) and every `prefetch` app holds unexpired credentials.
+async fn readyz(State(admin): State<Admin>) -> Response {
+    let config = admin.state.config();
+    let now = admin.state.now();
+    let cold: Vec<&str> = config
+        .apps
+        .iter()
+        .filter(|app| app.prefetch)
+        .filter(|app| {
+            let current = admin
+                .state
+                .cache()
+                .peek(&app.assume_role_input())
+                .and_then(|e| e.current);
+            current.is_none_or(|c| c.expiration <= now)
+        })
+        .map(|app| app.name.as_str())
+        .collect();
+    if cold.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: no valid credentials yet for prefetch app(s) {}\n",
+                cold.join(", ")
+            ),
+        )
+            .into_response()
+    }
+}
+
+/// One row per app for `imds-broker status`. Key ids only, never secrets.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct AppStatus {
+    pub app: String,
+    pub role_arn: String,
+    pub rule: String,
+    pub prefetch: bool,
+    pub access_key_id: Option<String>,
+    pub expires_in_secs: Option<u64>,
+    pub last_refresh: Option<String>,
+    pub next_refresh: Option<String>,
+    pub last_error: Option<String>,
+}
+
+async fn status(State(admin): State<Admin>) -> Response {
+    let config = admin.state.config();
+    let now = admin.state.now();
+    let rows: Vec<AppStatus> = config
+        .apps
+        .iter()
+        .map(|app| {
+            let entry = admin.state.cache().peek(&app.assume_role_input());
+            let current = entry.as_ref().and_then(|e| e.current.clone());
+            AppStatus {
+                app: app.name.clone(),
+                role_arn: app.role_arn.to_string(),
+                rule: app.matcher.to_string(),
+                prefetch: app.prefetch,
+                access_key_id: current.as_ref().map(|c| c.access_key_id.clone()),
+                expires_in_secs: current.as_ref().map(|c| {
+                    c.expiration
+                        .duration_since(now)
+                        .unwrap_or_default()
+                        .as_secs()
+                }),
+                last_refresh: current.as_ref().map(|c| imds_time(c.issued_at)),
+                next_refresh: entry.as_ref().and_then(|e| e.refresh_at).map(imds_time),
+                last_error: entry.and_then(|e| e.last_error),
+            }
+        })
+        .collect();
+    axum::Json(rows).into_response()
+}
+
+/// The table `imds-broker status` prints.
+pub fn status_table(rows: &[AppStatus]) -> String {
+    let mut out = format!(
+        "{:<16} {:<44} {:<22} {:>10} {:<21} {}\n",
+        "APP", "ROLE", "KEY ID", "EXPIRES IN", "LAST REFRESH", "LAST ERROR"
+    );
+    for r in rows {
+        let expires = r
+            .expires_in_secs
+            .map(|s| format!("{}m{:02}s", s / 60, s % 60))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<16} {:<44} {:<22} {:>10} {:<21} {}\n",
+            r.app,
+            r.role_arn,
+            r.access_key_id.as_deref().unwrap_or("-"),
+            expires,
+            r.last_refresh.as_deref().unwrap_or("-"),
+            r.last_error.as_deref().unwrap_or("-"),
+        ));
+    }
+    out
+}
