@@ -176,6 +176,14 @@ fn valid_fixture_loads_with_defaults_applied() {
         "IMDSv1 is off unless allowed"
     );
     assert_eq!(config.instance.availability_zone, "us-east-1a");
+    // CloudTrail ties each session to its app: SourceIdentity and imds-broker:* tags by default,
+    // with the uid the rule pins.
+    assert_eq!(billing.source_identity.as_deref(), Some("billing"));
+    let tags: std::collections::HashMap<_, _> = billing.tags.iter().cloned().collect();
+    assert_eq!(tags["imds-broker:app"], "billing");
+    assert_eq!(tags["imds-broker:uid"], "0");
+    assert_eq!(tags["imds-broker:host"], config.instance.hostname);
+    assert_eq!(billing.assume_role_input().tags, billing.tags);
 }
 
 #[test]

@@ -8,22 +8,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Behavior, FakeSts, ManualClock};
-use imds_broker::arn::RoleArn;
+use common::{Behavior, FakeSts, ManualClock, input};
 use imds_broker::config::{CredentialPolicy, DEFAULT_MIN_REMAINING};
-use imds_broker::credentials::{
-    AssumeRoleInput, CacheError, CredentialCache, REFRESH_MARGIN, RETRY_BASE, StsError,
-};
-
-fn input(role: &str) -> AssumeRoleInput {
-    AssumeRoleInput {
-        role_arn: format!("arn:aws:iam::111122223333:role/{role}")
-            .parse::<RoleArn>()
-            .unwrap(),
-        session_name: format!("{role}@host"),
-        duration: Duration::from_secs(3600),
-    }
-}
+use imds_broker::credentials::{CacheError, CredentialCache, REFRESH_MARGIN, RETRY_BASE, StsError};
 
 fn cache() -> (Arc<CredentialCache>, Arc<FakeSts>, ManualClock) {
     let clock = ManualClock::new();

@@ -12,10 +12,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use common::{Behavior, FakeSts, ManualClock, TestDaemon};
+use common::{Behavior, FakeSts, ManualClock, TestDaemon, input};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use imds_broker::arn::RoleArn;
 use imds_broker::config::{
     Config, CredentialPolicy, DEFAULT_IDLE_AFTER, DEFAULT_MIN_REMAINING, DEFAULT_REFRESH_WINDOW,
 };
@@ -137,16 +136,6 @@ impl CredentialSource for Sts {
             }
         }
         .boxed()
-    }
-}
-
-fn input(role: &str) -> AssumeRoleInput {
-    AssumeRoleInput {
-        role_arn: format!("arn:aws:iam::111122223333:role/{role}")
-            .parse::<RoleArn>()
-            .unwrap(),
-        session_name: format!("{role}@host"),
-        duration: HOUR,
     }
 }
 

@@ -55,6 +55,8 @@ pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 20;
 pub const DEFAULT_REQUEST_BURST: u32 = 100;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
 pub const DEFAULT_MAX_CONNECTIONS_PER_CALLER: u32 = 128;
+/// STS accepts at most this many session tags per AssumeRole.
+pub const MAX_SESSION_TAGS: usize = 50;
 /// A session must stay servable for at least this long after issue, or the broker would spend
 /// its time calling STS: `duration >= min_remaining + MIN_SERVABLE`.
 pub const MIN_SERVABLE: Duration = Duration::from_secs(15 * 60);
@@ -152,6 +154,10 @@ pub struct App {
     pub session_name: String,
     /// Obtain credentials at start-up and keep them warm, so the first request is a cache hit.
     pub prefetch: bool,
+    /// STS SourceIdentity: persists through role chaining and shows in CloudTrail.
+    pub source_identity: Option<String>,
+    /// Session tags, sorted by key.
+    pub tags: Vec<(String, String)>,
 }
 
 impl App {
@@ -161,6 +167,8 @@ impl App {
             role_arn: self.role_arn.clone(),
             session_name: self.session_name.clone(),
             duration: self.duration,
+            source_identity: self.source_identity.clone(),
+            tags: self.tags.clone(),
         }
     }
 }
@@ -619,6 +627,52 @@ impl Validator<'_> {
             None => default_session_name(&name, hostname),
         };
         let matcher = self.matcher(raw.matcher, &field("match"));
+        let source_identity = match raw.source_identity {
+            None => Some(name.clone()),
+            Some(s) if s.get_ref().is_empty() => None,
+            Some(s) => {
+                if !is_sts_name(s.get_ref()) || s.get_ref().starts_with("aws:") {
+                    self.push(
+                        s.span(),
+                        &field("source_identity"),
+                        "must be 2-64 characters of [A-Za-z0-9_+=,.@-], not starting with aws: (STS SourceIdentity)",
+                    );
+                }
+                Some(s.into_inner())
+            }
+        };
+        let mut tags = std::collections::BTreeMap::new();
+        if raw.session_tags.unwrap_or(true) {
+            // Values the rule pins, so every caller of the app (and its prefetch) shares one
+            // session; the exact calling process is in the audit trail, by access key id.
+            tags.insert("imds-broker:app".to_string(), name.clone());
+            tags.insert("imds-broker:host".to_string(), hostname.to_string());
+            if let Some(m) = &matcher {
+                if let Some(uid) = m.uid {
+                    tags.insert("imds-broker:uid".to_string(), uid.to_string());
+                }
+                if let Some(unit) = m.systemd_unit.as_ref().filter(|u| u.is_literal()) {
+                    tags.insert("imds-broker:unit".to_string(), unit.as_str().to_string());
+                }
+            }
+        }
+        for (key, value) in raw.tags {
+            if !is_tag(&key, 1..=128) || !is_tag(value.get_ref(), 0..=256) {
+                self.push(
+                    value.span(),
+                    &field(&format!("tags.{key}")),
+                    "tag keys must be 1-128 and values 0-256 characters of letters, digits, spaces and _.:/=+-@",
+                );
+            }
+            tags.insert(key, value.into_inner());
+        }
+        if tags.len() > MAX_SESSION_TAGS {
+            self.push(
+                raw.name.span(),
+                &field("tags"),
+                format!("at most {MAX_SESSION_TAGS} session tags (STS limit), including the imds-broker:* ones"),
+            );
+        }
         Some(App {
             name,
             matcher: matcher?,
@@ -626,6 +680,8 @@ impl Validator<'_> {
             duration,
             session_name,
             prefetch: raw.prefetch,
+            source_identity,
+            tags: tags.into_iter().collect(),
         })
     }
 
@@ -825,6 +881,13 @@ fn is_region(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && s.contains('-')
+}
+
+/// STS: tag keys and values are letters, digits, spaces and `_.:/=+-@`.
+fn is_tag(s: &str, len: std::ops::RangeInclusive<usize>) -> bool {
+    len.contains(&s.chars().count())
+        && s.chars()
+            .all(|c| c.is_alphanumeric() || c.is_whitespace() || "_.:/=+-@".contains(c))
 }
 
 fn is_sts_name_char(c: char) -> bool {

@@ -105,6 +105,13 @@ pub struct RawApp {
     pub session_name: Option<Spanned<String>>,
     #[serde(default)]
     pub prefetch: bool,
+    /// STS SourceIdentity; default the app name, "" for none.
+    pub source_identity: Option<Spanned<String>>,
+    /// Whether to add the `imds-broker:*` session tags (default true).
+    pub session_tags: Option<bool>,
+    /// Extra session tags.
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -41,6 +41,9 @@ pub struct AssumeRoleInput {
     pub role_arn: RoleArn,
     pub session_name: String,
     pub duration: Duration,
+    pub source_identity: Option<String>,
+    /// Session tags, sorted by key.
+    pub tags: Vec<(String, String)>,
 }
 
 /// Temporary credentials for one role session. The secret parts never print.

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use aws_config::BehaviorVersion;
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sts::operation::assume_role::AssumeRoleError;
+use aws_sdk_sts::types::Tag;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
@@ -43,14 +44,21 @@ pub struct StsSource {
 }
 
 impl StsSource {
+    /// STS with the daemon's own source credentials from the aws-config default chain.
     pub async fn new(config: &StsConfig) -> Self {
         let shared = aws_config::defaults(BehaviorVersion::latest())
             .region(aws_config::Region::new(config.region.clone()))
             .load()
             .await;
-        let mut builder = aws_sdk_sts::config::Builder::from(&shared)
+        Self::from_shared(&shared, config.endpoint_url.as_deref())
+    }
+
+    /// STS with the credentials and region of `shared`.
+    pub fn from_shared(shared: &aws_types::SdkConfig, endpoint_url: Option<&str>) -> Self {
+        // The cache retries with its own backoff and budget; SDK retries would multiply them.
+        let mut builder = aws_sdk_sts::config::Builder::from(shared)
             .retry_config(aws_sdk_sts::config::retry::RetryConfig::disabled());
-        if let Some(url) = &config.endpoint_url {
+        if let Some(url) = endpoint_url {
             builder = builder.endpoint_url(url);
         }
         Self {
@@ -69,8 +77,24 @@ impl CredentialSource for StsSource {
             .assume_role()
             .role_arn(input.role_arn.as_str())
             .role_session_name(&input.session_name)
-            .duration_seconds(input.duration.as_secs() as i32);
+            .duration_seconds(input.duration.as_secs() as i32)
+            .set_source_identity(input.source_identity.clone());
+        let tags: Result<Vec<Tag>, _> = input
+            .tags
+            .iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build())
+            .collect();
         async move {
+            let request = match tags {
+                Ok(tags) if !tags.is_empty() => request.set_tags(Some(tags)),
+                Ok(_) => request,
+                Err(e) => {
+                    return Err(StsError::Refused {
+                        code: "InvalidTag".into(),
+                        message: e.to_string(),
+                    });
+                }
+            };
             let out = request.send().await.map_err(classify)?;
             let c = out
                 .credentials()

@@ -23,6 +23,19 @@ use tokio::task::JoinHandle;
 
 pub const ROLE_A: &str = "arn:aws:iam::111122223333:role/app-a";
 
+/// The AssumeRole input of a one-hour session for `role` in account 111122223333.
+pub fn input(role: &str) -> AssumeRoleInput {
+    AssumeRoleInput {
+        role_arn: format!("arn:aws:iam::111122223333:role/{role}")
+            .parse()
+            .unwrap(),
+        session_name: format!("{role}@host"),
+        duration: Duration::from_secs(3600),
+        source_identity: Some(role.to_owned()),
+        tags: vec![("imds-broker:app".into(), role.to_owned())],
+    }
+}
+
 /// A wall clock that only moves when the test says so.
 #[derive(Clone)]
 pub struct ManualClock(Arc<Mutex<SystemTime>>);

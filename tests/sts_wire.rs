@@ -1,0 +1,207 @@
+//! The AssumeRole request on the wire, through the real aws-sdk-sts client against a test STS
+//! endpoint on loopback that records each request and answers with real STS XML: what the
+//! daemon sends (role, session name, duration, SourceIdentity, session tags, signed with its
+//! own source key), how it reads the answer, and how STS errors are classified.
+
+use std::time::{Duration, SystemTime};
+
+use aws_credential_types::Credentials as SourceCredentials;
+use aws_types::SdkConfig;
+use aws_types::region::Region;
+use imds_broker::credentials::{AssumeRoleInput, CredentialSource, StsError, StsSource};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// A recorded request: its head and its (form-encoded) body.
+struct Recorded {
+    head: String,
+    body: String,
+}
+
+/// Serves `responses` in order, one per connection, and reports each request.
+async fn fake_sts(responses: Vec<(u16, String)>) -> (String, mpsc::UnboundedReceiver<Recorded>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        for (status, body) in responses {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let (head, rest) = loop {
+                let mut chunk = [0u8; 4096];
+                let n = s.read(&mut chunk).await.unwrap();
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break (
+                        String::from_utf8_lossy(&buf[..i]).into_owned(),
+                        buf[i + 4..].to_vec(),
+                    );
+                }
+            };
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            let mut req_body = rest;
+            while req_body.len() < len {
+                let mut chunk = [0u8; 4096];
+                let n = s.read(&mut chunk).await.unwrap();
+                req_body.extend_from_slice(&chunk[..n]);
+            }
+            let _ = tx.send(Recorded {
+                head,
+                body: String::from_utf8(req_body).unwrap(),
+            });
+            let reason = if status == 200 { "OK" } else { "Error" };
+            let reply = format!(
+                "HTTP/1.1 {status} {reason}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(reply.as_bytes()).await.unwrap();
+        }
+    });
+    (url, rx)
+}
+
+fn source(url: &str) -> StsSource {
+    let shared = SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(
+                SourceCredentials::for_tests_with_session_token(),
+            ),
+        )
+        .build();
+    StsSource::from_shared(&shared, Some(url))
+}
+
+fn input() -> AssumeRoleInput {
+    AssumeRoleInput {
+        role_arn: "arn:aws:iam::111122223333:role/team/app-a".parse().unwrap(),
+        session_name: "app-a@web-1".into(),
+        duration: Duration::from_secs(3600),
+        source_identity: Some("app-a".into()),
+        tags: vec![
+            ("imds-broker:app".into(), "app-a".into()),
+            ("imds-broker:host".into(), "web-1".into()),
+        ],
+    }
+}
+
+const OK: &str = r#"<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+  <AssumeRoleResult>
+    <SourceIdentity>app-a</SourceIdentity>
+    <AssumedRoleUser>
+      <AssumedRoleId>AROAWIRETEST:app-a@web-1</AssumedRoleId>
+      <Arn>arn:aws:sts::111122223333:assumed-role/app-a/app-a@web-1</Arn>
+    </AssumedRoleUser>
+    <Credentials>
+      <AccessKeyId>ASIAWIRETEST</AccessKeyId>
+      <SecretAccessKey>wire-secret-key</SecretAccessKey>
+      <SessionToken>wire-session-token</SessionToken>
+      <Expiration>2099-01-01T00:00:00Z</Expiration>
+    </Credentials>
+  </AssumeRoleResult>
+  <ResponseMetadata><RequestId>0</RequestId></ResponseMetadata>
+</AssumeRoleResponse>"#;
+
+fn error(code: &str, message: &str) -> String {
+    format!(
+        r#"<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error><RequestId>0</RequestId></ErrorResponse>"#
+    )
+}
+
+#[tokio::test]
+async fn assume_role_sends_every_input_signed_with_the_source_key() {
+    let (url, mut requests) = fake_sts(vec![(200, OK.into())]).await;
+    let creds = source(&url).assume_role(input()).await.unwrap();
+    assert_eq!(creds.access_key_id, "ASIAWIRETEST");
+    assert_eq!(creds.secret_access_key.expose(), "wire-secret-key");
+    assert_eq!(creds.session_token.expose(), "wire-session-token");
+    assert_eq!(
+        creds.expiration,
+        SystemTime::UNIX_EPOCH + Duration::from_secs(4_070_908_800)
+    );
+
+    let r = requests.recv().await.unwrap();
+    let body = r.body;
+    for part in [
+        "Action=AssumeRole",
+        "RoleArn=arn%3Aaws%3Aiam%3A%3A111122223333%3Arole%2Fteam%2Fapp-a",
+        "RoleSessionName=app-a%40web-1",
+        "DurationSeconds=3600",
+        "SourceIdentity=app-a",
+        "Tags.member.1.Key=imds-broker%3Aapp",
+        "Tags.member.1.Value=app-a",
+        "Tags.member.2.Key=imds-broker%3Ahost",
+        "Tags.member.2.Value=web-1",
+    ] {
+        assert!(
+            body.split('&').any(|p| p == part),
+            "{part} missing from {body}"
+        );
+    }
+    // SigV4 with the daemon's own source credentials.
+    let auth = r
+        .head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+        .unwrap();
+    assert!(
+        auth.contains("AWS4-HMAC-SHA256 Credential=ANOTREAL/"),
+        "{auth}"
+    );
+}
+
+#[tokio::test]
+async fn sts_errors_are_classified_for_retry_decisions() {
+    let (url, mut requests) = fake_sts(vec![
+        (400, error("Throttling", "Rate exceeded")),
+        (
+            403,
+            error("AccessDenied", "not authorized to perform sts:AssumeRole"),
+        ),
+        (400, error("MalformedPolicyDocument", "bad policy")),
+        (503, error("ServiceUnavailable", "try later")),
+    ])
+    .await;
+    let sts = source(&url);
+    let outcomes = [
+        sts.assume_role(input()).await.unwrap_err(),
+        sts.assume_role(input()).await.unwrap_err(),
+        sts.assume_role(input()).await.unwrap_err(),
+        sts.assume_role(input()).await.unwrap_err(),
+    ];
+    assert!(
+        matches!(&outcomes[0], StsError::Throttled { code } if code == "Throttling"),
+        "{:?}",
+        outcomes[0]
+    );
+    assert!(
+        matches!(&outcomes[1], StsError::Refused { code, .. } if code == "AccessDenied"),
+        "{:?}",
+        outcomes[1]
+    );
+    assert!(
+        matches!(&outcomes[2], StsError::Refused { code, .. } if code == "MalformedPolicyDocument"),
+        "{:?}",
+        outcomes[2]
+    );
+    assert!(
+        matches!(&outcomes[3], StsError::Unavailable(_)),
+        "{:?}",
+        outcomes[3]
+    );
+    // The SDK retries nothing itself (the cache owns retries): one request per call.
+    let mut seen = 0;
+    while requests.try_recv().is_ok() {
+        seen += 1;
+    }
+    assert_eq!(seen, 4);
+}
