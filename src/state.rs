@@ -36,7 +36,8 @@ pub struct ReloadSummary {
     pub apps: usize,
     /// Cache entries dropped because no app asks for that AssumeRole input any more.
     pub dropped: usize,
-    /// Settings that only take effect on restart (listen addresses, state dir, STS endpoint).
+    /// Settings that only take effect on restart (listeners, hop limit, state dir, STS
+    /// endpoint, limits, admin listener, audit file).
     pub needs_restart: bool,
 }
 
@@ -99,8 +100,12 @@ impl AppState {
         let keep: HashSet<_> = config.apps.iter().map(|a| a.assume_role_input()).collect();
         let needs_restart = old.server.listen != config.server.listen
             || old.server.state_dir != config.server.state_dir
+            || old.server.hop_limit != config.server.hop_limit
             || old.sts.region != config.sts.region
-            || old.sts.endpoint_url != config.sts.endpoint_url;
+            || old.sts.endpoint_url != config.sts.endpoint_url
+            || old.limits != config.limits
+            || old.admin != config.admin
+            || old.audit.path != config.audit.path;
         let cache = self.cache();
         cache.set_policy(config.credentials);
         if (old.sts.max_calls_per_second, old.sts.burst)

@@ -94,7 +94,7 @@ pub struct ServerConfig {
 }
 
 /// Request and connection limits, per caller (resolved identity) and in total.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub requests_per_second: u32,
     pub burst: u32,
