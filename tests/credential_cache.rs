@@ -5,50 +5,15 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Behavior, FakeSts, ManualClock, input};
-use imds_broker::config::{CredentialPolicy, DEFAULT_MIN_REMAINING};
-use imds_broker::credentials::{CacheError, CredentialCache, REFRESH_MARGIN, RETRY_BASE, StsError};
-
-fn cache() -> (Arc<CredentialCache>, Arc<FakeSts>, ManualClock) {
-    let clock = ManualClock::new();
-    let sts = FakeSts::new(clock.clone());
-    let cache = CredentialCache::new(
-        sts.clone(),
-        Arc::new(clock.clone()),
-        CredentialPolicy::default(),
-    );
-    (Arc::new(cache), sts, clock)
-}
-
-#[tokio::test(flavor = "current_thread")]
-async fn concurrent_cold_requests_share_one_sts_call() {
-    let (cache, sts, _) = cache();
-    sts.close();
-    let waiters: Vec<_> = (0..1000)
-        .map(|_| {
-            let cache = cache.clone();
-            tokio::spawn(async move { cache.get(&input("a")).await })
-        })
-        .collect();
-    sts.wait_for_calls(1).await;
-    // On a current-thread runtime one yield lets every spawned task run to its await point, so
-    // all 1000 are waiting on the in-flight call before STS answers.
-    tokio::task::yield_now().await;
-    sts.open();
-    let mut keys = std::collections::HashSet::new();
-    for w in waiters {
-        keys.insert(w.await.unwrap().unwrap().access_key_id.clone());
-    }
-    assert_eq!(sts.calls(), 1);
-    assert_eq!(keys.len(), 1, "everyone got the same credentials");
-}
+use common::{Behavior, cache_with_fake_sts, input};
+use imds_broker::config::DEFAULT_MIN_REMAINING;
+use imds_broker::credentials::{CacheError, REFRESH_MARGIN, RETRY_BASE, StsError};
 
 #[tokio::test]
 async fn different_inputs_never_share_credentials() {
-    let (cache, sts, _) = cache();
+    let (cache, sts, _) = cache_with_fake_sts();
     let a = cache.get(&input("a")).await.unwrap();
     let b = cache.get(&input("b")).await.unwrap();
     let mut longer = input("a");
@@ -67,7 +32,7 @@ async fn different_inputs_never_share_credentials() {
 
 #[tokio::test]
 async fn refresh_starts_ahead_and_served_credentials_keep_min_remaining() {
-    let (cache, sts, clock) = cache();
+    let (cache, sts, clock) = cache_with_fake_sts();
     let first = cache.get(&input("a")).await.unwrap();
     let now = imds_broker::credentials::Clock::now(&clock);
     let at = cache
@@ -115,7 +80,7 @@ async fn refresh_starts_ahead_and_served_credentials_keep_min_remaining() {
 
 #[tokio::test]
 async fn a_failing_sts_serves_last_good_credentials_but_never_below_the_degraded_floor() {
-    let (cache, sts, clock) = cache();
+    let (cache, sts, clock) = cache_with_fake_sts();
     let first = cache.get(&input("a")).await.unwrap();
     // Past the floor (31 min old, 29 min left) and STS is down: the last good ones (degraded).
     clock.advance(Duration::from_secs(31 * 60));
@@ -131,7 +96,7 @@ async fn a_failing_sts_serves_last_good_credentials_but_never_below_the_degraded
 
 #[tokio::test(start_paused = true)]
 async fn a_failing_sts_is_not_called_at_request_rate() {
-    let (cache, sts, _) = cache();
+    let (cache, sts, _) = cache_with_fake_sts();
     sts.set(Behavior::Fail(StsError::Throttled {
         code: "Throttling".into(),
     }));
@@ -154,7 +119,7 @@ async fn a_failing_sts_is_not_called_at_request_rate() {
 
 #[tokio::test]
 async fn short_sessions_from_sts_are_refused() {
-    let (cache, sts, _) = cache();
+    let (cache, sts, _) = cache_with_fake_sts();
     sts.set(Behavior::Issue {
         lifetime: Some(Duration::from_secs(20 * 60)),
     });
@@ -167,7 +132,7 @@ async fn short_sessions_from_sts_are_refused() {
 
 #[tokio::test]
 async fn retain_drops_only_entries_not_kept() {
-    let (cache, sts, _) = cache();
+    let (cache, sts, _) = cache_with_fake_sts();
     cache.get(&input("a")).await.unwrap();
     cache.get(&input("b")).await.unwrap();
     cache.retain(|i| i.role_arn.role_name() == "a");

@@ -199,13 +199,7 @@ async fn refresh_runs_ahead_so_served_credentials_always_keep_min_remaining() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_requests_share_one_call_cold_and_during_a_refresh() {
-    let clock = ManualClock::new();
-    let sts = FakeSts::new(clock.clone());
-    let cache = CredentialCache::new(
-        sts.clone(),
-        Arc::new(clock.clone()),
-        CredentialPolicy::default(),
-    );
+    let (cache, sts, clock) = common::cache_with_fake_sts();
     let burst = |cache: &CredentialCache| {
         (0..1000)
             .map(|_| {

@@ -33,7 +33,25 @@ pub fn input(role: &str) -> AssumeRoleInput {
         duration: Duration::from_secs(3600),
         source_identity: Some(role.to_owned()),
         tags: vec![("imds-broker:app".into(), role.to_owned())],
+        policy: None,
+        policy_arns: vec![],
     }
+}
+
+/// A credential cache in front of a fake STS, both on a hand-moved clock, default policy.
+pub fn cache_with_fake_sts() -> (
+    Arc<imds_broker::credentials::CredentialCache>,
+    Arc<FakeSts>,
+    ManualClock,
+) {
+    let clock = ManualClock::new();
+    let sts = FakeSts::new(clock.clone());
+    let cache = imds_broker::credentials::CredentialCache::new(
+        sts.clone(),
+        Arc::new(clock.clone()),
+        imds_broker::config::CredentialPolicy::default(),
+    );
+    (Arc::new(cache), sts, clock)
 }
 
 /// A wall clock that only moves when the test says so.
