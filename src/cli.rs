@@ -1,4 +1,5 @@
-//! The `imds-broker` command line: `serve` runs the daemon, `check` validates a config file.
+//! The `imds-broker` command line: `serve` runs the daemon, `check` validates a config file,
+//! `lint` reviews session policies, `explain` shows which rule (or policy statement) decides.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -15,7 +16,9 @@ use crate::audit::{self, sink::AuditLayer, sink::AuditSink};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::credentials::{self, ProcessSettings, StsSource, SystemClock};
-use crate::explain::{self, Subject};
+use crate::explain::{self, PolicyOutcome, Subject};
+use crate::iam::lint::{self, Severity};
+use crate::iam::source::Origin;
 use crate::policy;
 use crate::state::AppState;
 use crate::token::TokenKey;
@@ -57,11 +60,32 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Review every app's session policy for least privilege: one `file:line:col: severity:
+    /// field: message` line per finding. Exit 0 if clean, 1 with warnings only, 2 with errors,
+    /// 64 if the config cannot be read.
+    Lint {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Lint one policy JSON file instead of a config's policies.
+        #[arg(long, conflicts_with = "config")]
+        policy: Option<PathBuf>,
+    },
     /// Show which rule a process (or uid, cgroup, source address) matches, and why.
-    /// Exit 0 if a rule matched, 1 if none did.
+    /// Exit 0 if a rule matched, 1 if none did. With --app: whether that app's session policy
+    /// alone allows --action on --resource, and which statement decided; exit 0 allowed,
+    /// 1 denied, 3 undecided (a condition, a policy variable or a managed policy decides).
     Explain {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// An app (by name) whose session policy to evaluate.
+        #[arg(long, conflicts_with_all = ["pid", "uid", "source"], requires_all = ["action", "resource"])]
+        app: Option<String>,
+        /// The action to evaluate, e.g. s3:GetObject.
+        #[arg(long, requires = "app")]
+        action: Option<String>,
+        /// The resource ARN to evaluate, e.g. arn:aws:s3:::bucket/key.
+        #[arg(long, requires = "app")]
+        resource: Option<String>,
         /// A running process.
         #[arg(long, conflicts_with_all = ["uid", "source"])]
         pid: Option<u32>,
@@ -100,6 +124,14 @@ pub async fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => audit_verify(&file),
+        Command::Lint { config, policy } => lint(config, policy),
+        Command::Explain {
+            config,
+            app: Some(app),
+            action: Some(action),
+            resource: Some(resource),
+            ..
+        } => explain_policy(config, &app, &action, &resource),
         Command::Explain {
             config,
             pid,
@@ -108,6 +140,7 @@ pub async fn main() -> ExitCode {
             exe,
             cgroup,
             source,
+            ..
         } => {
             let subject = match (pid, uid, source) {
                 (Some(pid), _, _) => Subject::Pid(pid),
@@ -211,6 +244,98 @@ fn explain(path: PathBuf, subject: Subject) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Exit statuses of `lint`.
+const LINT_WARNINGS: u8 = 1;
+const LINT_ERRORS: u8 = 2;
+/// `explain --app` when only IAM can decide.
+const EXPLAIN_UNDECIDED: u8 = 3;
+
+fn explain_policy(path: PathBuf, app: &str, action: &str, resource: &str) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(app) = config.apps.iter().find(|a| a.name == app) else {
+        eprintln!("{}: no app named {app:?}", path.display());
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    if !action.contains(':') {
+        eprintln!("--action must be service:Action, e.g. s3:GetObject");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let (report, outcome) = explain::policy_report(app, action, resource);
+    print!("{report}");
+    match outcome {
+        PolicyOutcome::Allowed | PolicyOutcome::NoPolicy => ExitCode::SUCCESS,
+        PolicyOutcome::Denied => ExitCode::FAILURE,
+        PolicyOutcome::Undecided => ExitCode::from(EXPLAIN_UNDECIDED),
+    }
+}
+
+fn lint(config: PathBuf, policy: Option<PathBuf>) -> ExitCode {
+    let (texts, problems) = match policy {
+        Some(file) => match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let origin = Origin::file(&file);
+                let field = "policy".to_string();
+                let text = crate::config::PolicyText {
+                    field,
+                    text,
+                    origin,
+                };
+                (vec![text], Vec::new())
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => match crate::config::policy_texts(&config) {
+            Ok(found) => found,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    let mut worst = None;
+    for p in &problems {
+        println!(
+            "{}:{}:{}: error: {}: {}",
+            p.path.display(),
+            p.line,
+            p.column,
+            p.field,
+            p.message
+        );
+        worst = Some(Severity::Error);
+    }
+    for t in &texts {
+        for f in lint::lint(&t.text) {
+            let (line, column) = t.origin.locate(&t.text, f.offset);
+            println!(
+                "{}:{line}:{column}: {}: {}: {}",
+                t.origin.path.display(),
+                f.severity,
+                t.field,
+                f.message
+            );
+            worst = worst.max(Some(f.severity));
+        }
+    }
+    match worst {
+        None => {
+            println!("{} session policies: no findings", texts.len());
+            ExitCode::SUCCESS
+        }
+        Some(Severity::Warning) => ExitCode::from(LINT_WARNINGS),
+        Some(Severity::Error) => ExitCode::from(LINT_ERRORS),
     }
 }
 

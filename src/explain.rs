@@ -1,5 +1,6 @@
 //! `imds-broker explain`: shows which rule a given process, uid, cgroup or source address would
-//! match and why, using the same rule evaluation as the daemon.
+//! match and why, using the same rule evaluation as the daemon; or, with `--app`, whether that
+//! app's session policy alone allows an action on a resource, and which statement decided.
 
 use std::fmt::Write;
 use std::io;
@@ -7,7 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use crate::cgroup;
-use crate::config::Config;
+use crate::config::{App, Config};
+use crate::iam::document::Effect;
+use crate::iam::evaluate::{self, Applies, Decision};
 use crate::identity::{Caller, LocalCaller};
 use crate::process::{self, ProcessInfo};
 
@@ -134,4 +137,118 @@ fn describe(caller: &Caller) -> String {
         Caller::Remote { peer } => format!("non-local source={}", peer.ip()),
         Caller::Unresolved { reason, .. } => format!("unresolved ({reason})"),
     }
+}
+
+/// What an app's session policy alone decides for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyOutcome {
+    Allowed,
+    /// Explicitly or implicitly denied.
+    Denied,
+    /// A condition, a policy variable or a managed policy decides; only IAM can tell.
+    Undecided,
+    /// The app has no session policy: only its role's policies apply.
+    NoPolicy,
+}
+
+/// The report `explain --app` prints: each statement's verdict on `action` on `resource`, and
+/// the outcome of the app's session policy alone (the role's own policies must allow it too).
+pub fn policy_report(app: &App, action: &str, resource: &str) -> (String, PolicyOutcome) {
+    let mut out = String::new();
+    let _ = writeln!(out, "app {:?}: role {}", app.name, app.role_arn);
+    let _ = writeln!(out, "request: {action} on {resource}");
+    if !app.policy_arns.is_empty() {
+        let _ = writeln!(
+            out,
+            "note: managed session policies ({}) cannot be read here: a request is allowed when any session policy allows it and none denies it, so only an explicit Deny below decides",
+            app.policy_arns.join(", ")
+        );
+    }
+    let Some(policy) = &app.policy else {
+        return if app.policy_arns.is_empty() {
+            let _ = writeln!(
+                out,
+                "result: no session policy: only the role's own policies decide"
+            );
+            (out, PolicyOutcome::NoPolicy)
+        } else {
+            let _ = writeln!(
+                out,
+                "result: undecided: the only session policies are managed ones"
+            );
+            (out, PolicyOutcome::Undecided)
+        };
+    };
+    let _ = writeln!(
+        out,
+        "session policy: {}:{}",
+        policy.origin.path.display(),
+        policy.origin.line
+    );
+    let evaluation = evaluate::evaluate(&policy.document, action, resource);
+    let statements = &policy.document.statements;
+    for (i, (s, verdict)) in statements.iter().zip(&evaluation.statements).enumerate() {
+        let verdict = match verdict {
+            Applies::Yes => match s.effect {
+                Effect::Allow => "applies: allows".to_string(),
+                Effect::Deny => "applies: denies".to_string(),
+            },
+            Applies::No(why) => format!("does not apply: {why}"),
+            Applies::Unknown(why) => format!("cannot decide: {why}"),
+        };
+        let _ = writeln!(
+            out,
+            "statement {} {}, line {}: {verdict}",
+            s.label(i),
+            s.effect,
+            policy.line_of(s.offset)
+        );
+    }
+    let managed = !app.policy_arns.is_empty();
+    let outcome = match evaluation.decision {
+        Decision::Allowed(i) | Decision::Undecided(i) if managed => {
+            let _ = writeln!(
+                out,
+                "result: undecided: statement {} may allow it, and a managed session policy may deny it",
+                statements[i].label(i)
+            );
+            PolicyOutcome::Undecided
+        }
+        Decision::ImplicitDeny if managed => {
+            let _ = writeln!(
+                out,
+                "result: undecided: no statement allows, but a managed session policy may"
+            );
+            PolicyOutcome::Undecided
+        }
+        Decision::Allowed(i) => {
+            let _ = writeln!(
+                out,
+                "result: allowed by statement {}",
+                statements[i].label(i)
+            );
+            PolicyOutcome::Allowed
+        }
+        Decision::Denied(i) => {
+            let _ = writeln!(
+                out,
+                "result: denied by statement {}",
+                statements[i].label(i)
+            );
+            PolicyOutcome::Denied
+        }
+        Decision::ImplicitDeny => {
+            let _ = writeln!(out, "result: implicitly denied: no statement allows");
+            PolicyOutcome::Denied
+        }
+        Decision::Undecided(i) => {
+            let _ = writeln!(
+                out,
+                "result: undecided: statement {} depends on what IAM evaluates at request time",
+                statements[i].label(i)
+            );
+            PolicyOutcome::Undecided
+        }
+    };
+    (out, outcome)
 }

@@ -20,6 +20,7 @@ pub mod config;
 pub mod credentials;
 pub mod explain;
 pub mod glob;
+pub mod iam;
 pub mod identity;
 pub mod imds;
 pub mod metrics;

@@ -122,6 +122,44 @@ fn each_invalid_fixture_names_file_line_and_field() {
             "app[0].match.group",
             "no such group",
         ),
+        // Session policies: inline JSON is positioned inside the TOML string.
+        (
+            "policy_invalid_json.toml",
+            17,
+            "app[0].policy",
+            "invalid JSON: expected ',' or '}'",
+        ),
+        (
+            "policy_bad_grammar.toml",
+            10,
+            "app[0].policy",
+            "\"Effect\" must be \"Allow\" or \"Deny\", not \"Permit\"",
+        ),
+        (
+            "policy_too_large_inline.toml",
+            10,
+            "app[0].policy",
+            "over the STS limit of 2048",
+        ),
+        ("policy_and_file.toml", 11, "app[0].policy_file", "not both"),
+        (
+            "policy_file_missing.toml",
+            10,
+            "app[0].policy_file",
+            "cannot read",
+        ),
+        (
+            "policy_arns_bad.toml",
+            10,
+            "app[0].policy_arns",
+            "at most 10",
+        ),
+        (
+            "policy_arns_bad.toml",
+            21,
+            "app[0].policy_arns",
+            "not a managed policy ARN",
+        ),
     ];
     for (name, line, field, words) in cases {
         let found = problems(name);
@@ -133,6 +171,124 @@ fn each_invalid_fixture_names_file_line_and_field() {
             "{name}: wanted line {line}, field {field}, {words:?}; got {found:#?}"
         );
     }
+}
+
+#[test]
+fn session_policy_problems_name_the_exact_position() {
+    // Columns too: inside a multi-line string, and inside a one-line string.
+    let found = problems("policy_invalid_json.toml");
+    let at = format!(
+        "{}:17:7: app[0].policy: ",
+        fixture("policy_invalid_json.toml").display()
+    );
+    assert!(found.iter().any(|p| p.starts_with(&at)), "{found:#?}");
+    let found = problems("policy_bad_grammar.toml");
+    let at = format!(
+        "{}:10:61: app[0].policy: ",
+        fixture("policy_bad_grammar.toml").display()
+    );
+    assert!(found.iter().any(|p| p.starts_with(&at)), "{found:#?}");
+    // A problem inside a policy file names that file, its line and the config field.
+    let policies = fixture("../policies");
+    for (name, at, words) in [
+        (
+            "policy_file_invalid.toml",
+            "invalid_json.json:7:7",
+            "invalid JSON",
+        ),
+        (
+            "policy_too_large.toml",
+            "over_limit.json:1:1",
+            "2057 characters",
+        ),
+    ] {
+        let found = problems(name);
+        let at = format!("{}/{at}: app[0].policy_file: ", policies.display());
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with(&at) && p.contains(words)),
+            "{name}: wanted {at:?}; got {found:#?}"
+        );
+    }
+}
+
+#[test]
+fn policy_files_others_can_write_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[sts]\nregion = \"us-east-1\"\n[[app]]\nname = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/a\"\npolicy_file = \"p.json\"\n[app.match]\nuid = 1\n",
+    )
+    .unwrap();
+    let policy = dir.path().join("p.json");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/policies/s3-prefix-readonly.json"),
+        &policy,
+    )
+    .unwrap();
+    std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o646)).unwrap();
+    let err = Config::load(&config).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("{}:6:15: app[0].policy_file: ", config.display()))
+            && err.contains("world-writable"),
+        "{err}"
+    );
+    std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let app = &Config::load(&config).unwrap().apps[0];
+    assert!(app.policy.is_some());
+}
+
+#[test]
+fn session_policies_reach_the_assume_role_input_minified() {
+    let config = Config::load(&fixture("valid_policies.toml")).unwrap();
+    let [uploader, reporter, admin, tables] = &config.apps[..] else {
+        panic!("{:?}", config.apps)
+    };
+    // policy_file is relative to the config file's directory.
+    let seed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/policies/s3-prefix-readwrite.json"),
+    )
+    .unwrap();
+    let input = uploader.assume_role_input();
+    let sent = input.policy.as_deref().unwrap();
+    assert!(
+        sent.starts_with("{\"Version\":\"2012-10-17\",\"Statement\":[{\"Sid\":\"ListOwnPrefix\""),
+        "{sent}"
+    );
+    assert!(!sent.contains(['\n', ' ']), "whitespace is removed: {sent}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(sent).unwrap(),
+        serde_json::from_str::<serde_json::Value>(&seed).unwrap(),
+        "the same document"
+    );
+    assert!(
+        reporter
+            .assume_role_input()
+            .policy
+            .unwrap()
+            .contains("\"Sid\":\"NotDrafts\"")
+    );
+    assert_eq!(admin.assume_role_input().policy, None);
+    assert_eq!(
+        tables.assume_role_input().policy_arns,
+        [
+            "arn:aws:iam::123456789012:policy/boundaries/deny-deletes",
+            "arn:aws:iam::aws:policy/AmazonDynamoDBReadOnlyAccess"
+        ]
+    );
+    // Same role, different policies: different cache keys, so never the same credentials.
+    let mut keys = std::collections::HashSet::new();
+    for app in &config.apps {
+        let mut input = app.assume_role_input();
+        // Only the policy fields differ in what matters here.
+        input.session_name = "same".into();
+        input.source_identity = None;
+        input.tags.clear();
+        keys.insert(input);
+    }
+    assert_eq!(keys.len(), 4);
 }
 
 #[test]

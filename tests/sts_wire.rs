@@ -91,8 +91,16 @@ fn input() -> AssumeRoleInput {
             ("imds-broker:app".into(), "app-a".into()),
             ("imds-broker:host".into(), "web-1".into()),
         ],
+        policy: Some(POLICY.into()),
+        policy_arns: vec![
+            "arn:aws:iam::aws:policy/AmazonS3ReadOnlyAccess".into(),
+            "arn:aws:iam::111122223333:policy/team/deny-deletes".into(),
+        ],
     }
 }
+
+/// A minified session policy, as the config produces it.
+const POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:PutObject","Resource":"arn:aws:s3:::b/client-a/uploads/*"}]}"#;
 
 const OK: &str = r#"<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
   <AssumeRoleResult>
@@ -141,12 +149,20 @@ async fn assume_role_sends_every_input_signed_with_the_source_key() {
         "Tags.member.1.Value=app-a",
         "Tags.member.2.Key=imds-broker%3Ahost",
         "Tags.member.2.Value=web-1",
+        // The session policy, inline and managed.
+        "PolicyArns.member.1.arn=arn%3Aaws%3Aiam%3A%3Aaws%3Apolicy%2FAmazonS3ReadOnlyAccess",
+        "PolicyArns.member.2.arn=arn%3Aaws%3Aiam%3A%3A111122223333%3Apolicy%2Fteam%2Fdeny-deletes",
     ] {
         assert!(
             body.split('&').any(|p| p == part),
             "{part} missing from {body}"
         );
     }
+    let policy = body
+        .split('&')
+        .find_map(|p| p.strip_prefix("Policy="))
+        .expect("Policy= in the body");
+    assert_eq!(form_decode(policy), POLICY);
     // SigV4 with the daemon's own source credentials.
     let auth = r
         .head
@@ -157,6 +173,44 @@ async fn assume_role_sends_every_input_signed_with_the_source_key() {
         auth.contains("AWS4-HMAC-SHA256 Credential=ANOTREAL/"),
         "{auth}"
     );
+}
+
+#[tokio::test]
+async fn no_session_policy_sends_no_policy_parameters() {
+    let (url, mut requests) = fake_sts(vec![(200, OK.into())]).await;
+    let mut plain = input();
+    plain.policy = None;
+    plain.policy_arns.clear();
+    source(&url).assume_role(plain).await.unwrap();
+    let body = requests.recv().await.unwrap().body;
+    assert!(
+        !body.contains("Policy=") && !body.contains("PolicyArns"),
+        "{body}"
+    );
+}
+
+/// `application/x-www-form-urlencoded` value decoding (`%XX`, `+`).
+fn form_decode(s: &str) -> String {
+    let mut out = Vec::new();
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
 }
 
 #[tokio::test]

@@ -112,6 +112,12 @@ pub struct RawApp {
     /// Extra session tags.
     #[serde(default)]
     pub tags: std::collections::BTreeMap<String, Spanned<String>>,
+    /// Inline session policy (JSON).
+    pub policy: Option<Spanned<String>>,
+    /// Session policy file, relative to the config file's directory.
+    pub policy_file: Option<Spanned<String>>,
+    /// Managed policies used as session policies.
+    pub policy_arns: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

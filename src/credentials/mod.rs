@@ -44,6 +44,11 @@ pub struct AssumeRoleInput {
     pub source_identity: Option<String>,
     /// Session tags, sorted by key.
     pub tags: Vec<(String, String)>,
+    /// Inline session policy, minified: the session gets the intersection of the role's
+    /// permissions and this policy.
+    pub policy: Option<String>,
+    /// Managed policies used as session policies (`PolicyArns`), in config order.
+    pub policy_arns: Vec<String>,
 }
 
 /// Temporary credentials for one role session. The secret parts never print.

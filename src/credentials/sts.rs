@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use aws_config::BehaviorVersion;
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sts::operation::assume_role::AssumeRoleError;
-use aws_sdk_sts::types::Tag;
+use aws_sdk_sts::types::{PolicyDescriptorType, Tag};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
@@ -78,7 +78,18 @@ impl CredentialSource for StsSource {
             .role_arn(input.role_arn.as_str())
             .role_session_name(&input.session_name)
             .duration_seconds(input.duration.as_secs() as i32)
-            .set_source_identity(input.source_identity.clone());
+            .set_source_identity(input.source_identity.clone())
+            .set_policy(input.policy.clone());
+        let policy_arns: Vec<PolicyDescriptorType> = input
+            .policy_arns
+            .iter()
+            .map(|arn| PolicyDescriptorType::builder().arn(arn).build())
+            .collect();
+        let request = if policy_arns.is_empty() {
+            request
+        } else {
+            request.set_policy_arns(Some(policy_arns))
+        };
         let tags: Result<Vec<Tag>, _> = input
             .tags
             .iter()
