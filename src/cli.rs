@@ -25,6 +25,27 @@ use crate::token::TokenKey;
 use crate::{reload, server, signal, systemd};
 use tokio_util::sync::CancellationToken;
 
+/// Command output on stdout. A reader that went away (`imds-broker status | head -1`) ends
+/// the output quietly instead of panicking like `print!` would.
+macro_rules! out {
+    ($($arg:tt)*) => { emit(&format!($($arg)*)) };
+}
+
+macro_rules! outln {
+    ($($arg:tt)*) => { emit(&format!("{}\n", format_args!($($arg)*))) };
+}
+
+fn emit(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
+    }
+}
+
 /// EX_USAGE from sysexits.h: the configuration (or the command line) is wrong.
 const EXIT_CONFIG: u8 = 64;
 
@@ -182,7 +203,7 @@ async fn status(path: PathBuf) -> ExitCode {
     };
     match rows {
         Ok(rows) => {
-            print!("{}", admin::status_table(&rows));
+            out!("{}", admin::status_table(&rows));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -207,7 +228,7 @@ fn audit_verify(file: &std::path::Path) -> ExitCode {
             } else {
                 format!("continuing a chain at seq {}", v.first_seq)
             };
-            println!(
+            outln!(
                 "{}: OK: {} events, {start}, last seq {} hash {}",
                 file.display(),
                 v.events,
@@ -217,7 +238,7 @@ fn audit_verify(file: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            println!("{}: BROKEN: {e}", file.display());
+            outln!("{}: BROKEN: {e}", file.display());
             ExitCode::FAILURE
         }
     }
@@ -239,7 +260,7 @@ fn explain(path: PathBuf, subject: Subject) -> ExitCode {
         }
     };
     let (report, matched) = explain::report(&config, &caller);
-    print!("{report}");
+    out!("{report}");
     if matched {
         ExitCode::SUCCESS
     } else {
@@ -270,7 +291,7 @@ fn explain_policy(path: PathBuf, app: &str, action: &str, resource: &str) -> Exi
         return ExitCode::from(EXIT_CONFIG);
     }
     let (report, outcome) = explain::policy_report(app, action, resource);
-    print!("{report}");
+    out!("{report}");
     match outcome {
         PolicyOutcome::Allowed | PolicyOutcome::NoPolicy => ExitCode::SUCCESS,
         PolicyOutcome::Denied => ExitCode::FAILURE,
@@ -306,7 +327,7 @@ fn lint(config: PathBuf, policy: Option<PathBuf>) -> ExitCode {
     };
     let mut worst = None;
     for p in &problems {
-        println!(
+        outln!(
             "{}:{}:{}: error: {}: {}",
             p.path.display(),
             p.line,
@@ -319,7 +340,7 @@ fn lint(config: PathBuf, policy: Option<PathBuf>) -> ExitCode {
     for t in &texts {
         for f in lint::lint(&t.text) {
             let (line, column) = t.origin.locate(&t.text, f.offset);
-            println!(
+            outln!(
                 "{}:{line}:{column}: {}: {}: {}",
                 t.origin.path.display(),
                 f.severity,
@@ -331,7 +352,7 @@ fn lint(config: PathBuf, policy: Option<PathBuf>) -> ExitCode {
     }
     match worst {
         None => {
-            println!("{} session policies: no findings", texts.len());
+            outln!("{} session policies: no findings", texts.len());
             ExitCode::SUCCESS
         }
         Some(Severity::Warning) => ExitCode::from(LINT_WARNINGS),
@@ -342,15 +363,16 @@ fn lint(config: PathBuf, policy: Option<PathBuf>) -> ExitCode {
 fn check(path: PathBuf) -> ExitCode {
     match Config::load(&path) {
         Ok(config) => {
-            println!("{}: OK, {} app(s)", path.display(), config.apps.len());
+            outln!("{}: OK, {} app(s)", path.display(), config.apps.len());
             for (i, j) in policy::shadowed(&config.apps) {
-                println!(
+                outln!(
                     "warning: app[{j}] {:?} is shadowed by app[{i}] {:?}: every caller it matches is matched earlier",
-                    config.apps[j].name, config.apps[i].name
+                    config.apps[j].name,
+                    config.apps[i].name
                 );
             }
             for app in &config.apps {
-                println!(
+                outln!(
                     "  {}: {} -> {} ({}s, session {})",
                     app.name,
                     app.matcher,

@@ -546,3 +546,20 @@ fn explain_shows_each_rule_and_the_result() {
     let (code, _, err) = run(&["explain", "--config", config]);
     assert_eq!(code, Some(64), "{err}");
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    // `imds-broker check | head -1`: the reader goes away before the command writes.
+    let mut child = broker()
+        .args(["check", "--config"])
+        .arg(fixture("shadowed.toml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
