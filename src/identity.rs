@@ -54,9 +54,13 @@ pub enum Caller {
         peer: SocketAddr,
     },
     /// The caller could not be identified unambiguously. Matches no rule: never guess.
+    /// What the socket did establish (uid, cgroup) is kept for the audit trail and the token
+    /// binding.
     Unresolved {
         peer: SocketAddr,
         reason: String,
+        uid: Option<u32>,
+        cgroup: Option<String>,
     },
 }
 
@@ -88,6 +92,8 @@ impl Resolver {
                 return Caller::Unresolved {
                     peer,
                     reason: format!("socket lookup failed: {e}"),
+                    uid: None,
+                    cgroup: None,
                 };
             }
         };
@@ -114,10 +120,7 @@ impl Resolver {
                             "cannot identify the calling process; refusing callers that rules match by exe or gid"
                         );
                     }
-                    return Caller::Unresolved {
-                        peer,
-                        reason: e.to_string(),
-                    };
+                    return caller.unresolved(e.to_string());
                 }
             }
         }
@@ -127,10 +130,8 @@ impl Resolver {
             match hash_exe(p.pid) {
                 Ok(h) => caller.exe_sha256 = Some(h),
                 Err(e) => {
-                    return Caller::Unresolved {
-                        peer,
-                        reason: format!("cannot hash /proc/{}/exe: {e}", p.pid),
-                    };
+                    let reason = format!("cannot hash /proc/{}/exe: {e}", p.pid);
+                    return caller.unresolved(reason);
                 }
             }
         }
@@ -158,6 +159,23 @@ pub fn hash_exe(pid: u32) -> std::io::Result<String> {
         .collect())
 }
 
+impl LocalCaller {
+    /// This caller, refused for `reason`, keeping what its socket established.
+    fn unresolved(self, reason: String) -> Caller {
+        Caller::Unresolved {
+            peer: self.peer,
+            reason,
+            uid: Some(self.uid),
+            cgroup: self.cgroup,
+        }
+    }
+}
+
+/// The token binding of a local socket: uid and cgroup, what every connection resolves.
+fn local_binding(uid: u32, cgroup: Option<&str>) -> String {
+    format!("local:uid={uid};cgroup={}", cgroup.unwrap_or(""))
+}
+
 impl Caller {
     /// A local caller known only by uid (tests, `explain --uid`).
     pub fn local_uid(uid: u32, peer: SocketAddr) -> Self {
@@ -178,8 +196,14 @@ impl Caller {
         }
     }
 
+    /// The uid that created the socket, when the kernel said (also for an unresolved caller:
+    /// it matches no rule either way, and the audit trail should name it).
     pub fn uid(&self) -> Option<u32> {
-        self.local().map(|l| l.uid)
+        match self {
+            Caller::Local(l) => Some(l.uid),
+            Caller::Unresolved { uid, .. } => *uid,
+            Caller::Remote { .. } => None,
+        }
     }
 
     pub fn process(&self) -> Option<&ProcessInfo> {
@@ -199,7 +223,11 @@ impl Caller {
     }
 
     pub fn cgroup(&self) -> Option<&str> {
-        self.local().and_then(|l| l.cgroup.as_deref())
+        match self {
+            Caller::Local(l) => l.cgroup.as_deref(),
+            Caller::Unresolved { cgroup, .. } => cgroup.as_deref(),
+            Caller::Remote { .. } => None,
+        }
     }
 
     pub fn unit(&self) -> Option<&str> {
@@ -219,12 +247,15 @@ impl Caller {
     /// valid across config reloads; ports are left out so a client may reconnect.
     pub fn token_binding(&self) -> String {
         match self {
-            Caller::Local(l) => format!(
-                "local:uid={};cgroup={}",
-                l.uid,
-                l.cgroup.as_deref().unwrap_or("")
-            ),
+            Caller::Local(l) => local_binding(l.uid, l.cgroup.as_deref()),
             Caller::Remote { peer } => format!("remote:{}", peer.ip()),
+            // Still the same socket owner: its own tokens verify, and the request is then
+            // refused (and audited) as unresolved rather than as a bad token.
+            Caller::Unresolved {
+                uid: Some(uid),
+                cgroup,
+                ..
+            } => local_binding(*uid, cgroup.as_deref()),
             Caller::Unresolved { peer, .. } => format!("unresolved:{}", peer.ip()),
         }
     }
@@ -244,7 +275,9 @@ impl fmt::Display for Caller {
                 write!(f, " via {}", l.peer)
             }
             Caller::Remote { peer } => write!(f, "non-local peer {peer}"),
-            Caller::Unresolved { peer, reason } => write!(f, "unresolved peer {peer} ({reason})"),
+            Caller::Unresolved { peer, reason, .. } => {
+                write!(f, "unresolved peer {peer} ({reason})")
+            }
         }
     }
 }

@@ -283,7 +283,9 @@ mod tests {
         };
         assert!(!m.matches(&Caller::Unresolved {
             peer: "127.0.0.1:1".parse().unwrap(),
-            reason: "ambiguous".into()
+            reason: "ambiguous".into(),
+            uid: Some(0),
+            cgroup: None,
         }));
     }
 

@@ -158,6 +158,15 @@ async fn unmapped_remote_and_unresolved_callers_get_nothing() {
         Caller::Unresolved {
             peer: "127.0.0.1:5555".parse().unwrap(),
             reason: "netlink unavailable".into(),
+            uid: None,
+            cgroup: None,
+        },
+        // app-a's own uid, but its process could not be identified: still nothing.
+        Caller::Unresolved {
+            peer: "127.0.0.1:5556".parse().unwrap(),
+            reason: "the socket is held by 2 processes with different identities".into(),
+            uid: Some(1001),
+            cgroup: Some("/system.slice/a.service".into()),
         },
     ];
     for caller in &callers {

@@ -11,7 +11,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,11 @@ from harness import (
     PYTHON,
     RUST_WHOAMI_BIN,
     Callers,
+    IdentityLab,
+    Rule,
     Server,
     describe,
+    identity_lab,
     run_as,
     start_broker,
     start_moto,
@@ -104,3 +108,21 @@ def broker(built: None, moto_sts: Server, tmp_path_factory: pytest.TempPathFacto
 def callers(broker: Server, moto_sts: Server, client_homes: dict[int, Path]) -> Callers:
     """Runs clients and raw probes as the client uids against the session broker."""
     return Callers(client_homes, sts_endpoint=moto_sts.endpoint, imds_endpoint=broker.endpoint)
+
+
+@pytest.fixture(scope="module")
+def make_identity_lab(
+    built: None, client_homes: dict[int, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[Sequence[Rule], dict[str, bytes]], IdentityLab]]:
+    """Starts harness.identity_lab() for a module's rules and executables; torn down
+    (broker, namespaces, cgroups, clients) at the end of the module."""
+    with ExitStack() as stack:
+
+        def make(rules: Sequence[Rule], executables: dict[str, bytes]) -> IdentityLab:
+            workdir = tmp_path_factory.mktemp("identity")
+            try:
+                return stack.enter_context(identity_lab(workdir, client_homes, rules, executables))
+            except PermissionError as err:
+                pytest.skip(f"this machine does not let the suite create a network namespace: {err}")
+
+        yield make

@@ -8,6 +8,7 @@ started it (see `serving`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -17,11 +18,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 E2E_DIR = Path(__file__).resolve().parent
@@ -60,6 +63,35 @@ class App:
     @property
     def assumed_role_arn_re(self) -> str:
         return rf"arn:aws:sts::{ACCOUNT_ID}:assumed-role/{re.escape(self.name)}/\S+"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One `[[app]]` entry with any `match` table (uid, exe, cgroup, source, ...)."""
+
+    name: str
+    match: dict[str, int | str | list[str]]
+
+    @property
+    def app(self) -> App:
+        # Roles are named after their app, as for the uid-only apps.
+        return App(self.name, int(self.match.get("uid", -1)))
+
+    def toml(self) -> str:
+        entries = "".join(f"{key} = {toml_value(value)}\n" for key, value in self.match.items())
+        return f"""
+[[app]]
+name = "{self.name}"
+role_arn = "{self.app.role_arn}"
+[app.match]
+{entries}"""
+
+
+def toml_value(value: int | str | list[str]) -> str:
+    # A JSON string of printable ASCII is also a TOML basic string.
+    if isinstance(value, list):
+        return "[" + ", ".join(json.dumps(item) for item in value) + "]"
+    return json.dumps(value)
 
 
 APP_A = App("app-a", 61001)
@@ -222,17 +254,13 @@ def issued_credentials(moto_endpoint: str) -> list[dict]:
 # --------------------------------------------------------------------------- broker
 
 
-def broker_config(*, listen: str, sts_endpoint: str, state_dir: Path) -> str:
-    apps = "".join(
-        f"""
-[[app]]
-name = "{app.name}"
-role_arn = "{app.role_arn}"
-[app.match]
-uid = {app.uid}
-"""
-        for app in MAPPED_APPS
-    )
+def broker_config(
+    *, listen: str, sts_endpoint: str, state_dir: Path, rules: Sequence[Rule] | None = None
+) -> str:
+    """The broker's config; `rules` replaces the default uid rules of MAPPED_APPS."""
+    if rules is None:
+        rules = [Rule(app.name, {"uid": app.uid}) for app in MAPPED_APPS]
+    apps = "".join(rule.toml() for rule in rules)
     return f"""\
 [server]
 listen = ["{listen}"]
@@ -267,6 +295,20 @@ def start_broker(
         workdir / "imds-broker.toml",
         broker_config(listen=listen, sts_endpoint=sts_endpoint, state_dir=workdir / "state"),
     )
+    return serve_broker(workdir, config, launcher=netns_exec(netns), rust_log=rust_log)
+
+
+def serve_broker(
+    workdir: Path,
+    config: Path,
+    *,
+    launcher: Sequence[str] = (),
+    rust_log: str = "info",
+    log_format: str | None = None,
+    binary: Path = BROKER_BIN,
+) -> AbstractContextManager[Server]:
+    """Serve the broker from an existing config file (a context manager yielding its
+    Server); `launcher` prefixes the command (e.g. to enter a network namespace)."""
     env = hermetic_env(
         # Source credentials for AssumeRole; moto accepts any.
         AWS_ACCESS_KEY_ID="testing",
@@ -277,7 +319,9 @@ def start_broker(
         AWS_SHARED_CREDENTIALS_FILE="/dev/null",
         RUST_LOG=rust_log,
     )
-    argv = [*netns_exec(netns), str(BROKER_BIN), "serve", "--config", str(config)]
+    argv = [*launcher, str(binary), "serve", "--config", str(config)]
+    if log_format is not None:
+        argv += ["--log-format", log_format]
     return serving("imds-broker", argv, env, workdir)
 
 
@@ -318,9 +362,8 @@ def run_as(
     timeout: float = CLIENT_TIMEOUT_S,
 ) -> subprocess.CompletedProcess[str]:
     """Run argv as uid:uid with no supplementary groups (no passwd entry needed)."""
-    setpriv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
     return subprocess.run(
-        [*netns_exec(netns), *setpriv, *argv],
+        [*netns_exec(netns), *as_user(uid), *argv],
         env=env,
         cwd=env["HOME"],
         stdin=subprocess.DEVNULL,
@@ -353,6 +396,12 @@ class Callers:
         result = run_as(uid, argv, self.env(uid), netns=self.netns)
         assert result.returncode == 0, describe(result)
         return json.loads(result.stdout)
+
+
+def as_user(uid: int, gid: int | None = None) -> list[str]:
+    """The command prefix that runs a program as uid:gid (gid defaults to uid), with no
+    supplementary groups and no passwd entry needed."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid if gid is None else gid}", "--clear-groups"]
 
 
 def describe(result: subprocess.CompletedProcess[str]) -> str:
@@ -414,3 +463,414 @@ def add_link_local_address(netns: str, address: str) -> str:
         device = "lo"
     ip("-n", netns, "addr", "add", f"{address}/32", "dev", device)
     return device
+
+
+# --------------------------------------------------------------------------- identity
+#
+# For identity beyond uid (exe, exe_sha256, gid, cgroup, systemd unit, source address):
+# cgroup v2 paths the test creates, executables at paths it chooses, clients held before
+# they open any socket so the test can place them, a broker in a network namespace of its
+# own with a veth to a second namespace for "remote" callers, and its JSON audit log.
+
+CGROUP_PREFIX = "imdsb-test-"
+HELD_PY = CLIENTS_DIR / "held.py"
+IDENTITY_PROBE_PY = CLIENTS_DIR / "identity_probe.py"
+# The interpreter under the venv; copies of it are the distinct executables under test.
+SYSTEM_PYTHON = PYTHON.resolve()
+# The broker writes an audit line while it answers; this only bounds the wait for it.
+AUDIT_WAIT_S = 10
+# How often to look again for something only a file shows (an audit line, an empty cgroup).
+POLL_INTERVAL_S = 0.05
+# The veth between the broker's namespace and the remote callers' namespace.
+BROKER_VETH_ADDR = "10.200.0.1"
+REMOTE_ADDRS = ("10.200.0.2", "10.200.0.3")
+VETH_PREFIX_LEN = 24
+
+
+def cgroup2_mount() -> Path:
+    """Where cgroup v2 is mounted here (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on
+    hybrid hosts)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mount, _, fs = line.partition(" - ")
+        if fs.split()[0] == "cgroup2":
+            return Path(mount.split()[4])
+    raise FileNotFoundError("no cgroup2 mount in /proc/self/mountinfo")
+
+
+class CgroupTree:
+    """A private subtree `/imdsb-test-<pid>-<random>` of the cgroup v2 hierarchy. Paths
+    are given relative to it and returned as the broker reports them: relative to the
+    cgroup2 mount, starting with `/`."""
+
+    def __init__(self) -> None:
+        self.mount = cgroup2_mount()
+        self.top = f"/{CGROUP_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
+
+    def path(self, rel: str) -> str:
+        return f"{self.top}/{rel}"
+
+    def place(self, pid: int, rel: str) -> None:
+        """Move process `pid` into cgroup `rel`, created if needed."""
+        directory = self.mount / self.path(rel).lstrip("/")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "cgroup.procs").write_text(str(pid))
+
+    def remove(self) -> None:
+        """Remove the subtree, deepest first. Whoever started a client stops it first; a
+        process still inside can only be one of this test's clients or their children, so
+        it is killed by pid before its cgroup is removed."""
+        top = self.mount / self.top.lstrip("/")
+        for directory, _, _ in os.walk(top, topdown=False):
+            self._empty(Path(directory))
+            os.rmdir(directory)
+
+    @staticmethod
+    def _empty(directory: Path) -> None:
+        for pid in (directory / "cgroup.procs").read_text().split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while "populated 1" in (directory / "cgroup.events").read_text():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cgroup {directory} still has processes after {STOP_TIMEOUT_S}s")
+            time.sleep(POLL_INTERVAL_S)
+
+
+def install_python_copy(dest: Path, tag: bytes = b"") -> Path:
+    """A copy of the system python at `dest`: another executable path that runs exactly
+    like the original. `tag` is appended after the ELF image, which the loader never
+    reads, to give the copy a sha256 of its own as well."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(SYSTEM_PYTHON, dest)
+    with open(dest, "ab") as file:
+        file.write(tag)
+    dest.chmod(0o755)
+    return dest
+
+
+def python_sha256(tag: bytes = b"") -> str:
+    """The sha256 of `install_python_copy(..., tag)`."""
+    digest = hashlib.sha256(SYSTEM_PYTHON.read_bytes())
+    digest.update(tag)
+    return digest.hexdigest()
+
+
+def netns_enter(netns: str | None) -> list[str]:
+    """Like netns_exec, but switches the network namespace only: `ip netns exec` also
+    remounts /sys, which hides the cgroup2 mount (the broker maps cgroup ids to paths
+    through it)."""
+    return ["nsenter", f"--net=/run/netns/{netns}", "--"] if netns else []
+
+
+def connect_namespaces(netns_a: str, addr_a: str, netns_b: str, addrs_b: Sequence[str]) -> None:
+    """A veth pair between two namespaces this test created: `addr_a` on one end,
+    `addrs_b` on the other, all in one /VETH_PREFIX_LEN."""
+    ip("link", "add", "imdsb-a", "netns", netns_a, "type", "veth", "peer", "name", "imdsb-b", "netns", netns_b)
+    ip("-n", netns_a, "addr", "add", f"{addr_a}/{VETH_PREFIX_LEN}", "dev", "imdsb-a")
+    for addr in addrs_b:
+        ip("-n", netns_b, "addr", "add", f"{addr}/{VETH_PREFIX_LEN}", "dev", "imdsb-b")
+    ip("-n", netns_a, "link", "set", "imdsb-a", "up")
+    ip("-n", netns_b, "link", "set", "imdsb-b", "up")
+
+
+class _Drain:
+    """Reads a child's pipe to EOF on a thread, keeping every line, so the child never
+    blocks on a full pipe and the test can wait for one line with a timeout."""
+
+    def __init__(self, pipe) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _run(self, pipe) -> None:
+        for line in pipe:
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def next_line(self, timeout: float) -> str | None:
+        """The next line, None at EOF; raises queue.Empty after `timeout`."""
+        return self._queue.get(timeout=timeout)
+
+    def text(self) -> str:
+        self._thread.join(STOP_TIMEOUT_S)
+        return "".join(self.lines)
+
+
+class HeldProcess:
+    """A client started through clients/held.py: it waits before running its script, so
+    the test can place it (in a cgroup, at a pid) before it opens any socket. `release()`
+    lets it run; its stdin stays open until `finish()`."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str], cwd: Path, pass_fds: Sequence[int] = ()):
+        self.argv = list(argv)
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            pass_fds=pass_fds,
+        )
+        self._stdout = _Drain(self.proc.stdout)
+        self._stderr = _Drain(self.proc.stderr)
+
+    @property
+    def pid(self) -> int:
+        # nsenter (network namespace only) and setpriv exec in place: this is the client's pid.
+        return self.proc.pid
+
+    def wait_held(self, timeout: float = CLIENT_TIMEOUT_S) -> None:
+        """Wait until held.py runs and waits (nsenter and setpriv have exec'd into it)."""
+        try:
+            line = self._stderr.next_line(timeout)
+        except queue.Empty:
+            line = None
+        if line != "held\n":
+            self.stop()
+            raise AssertionError(f"held.py did not start\n{describe(self._completed())}")
+
+    def release(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def read_line(self, timeout: float = CLIENT_TIMEOUT_S) -> str:
+        """The client's next stdout line, for clients that report a step."""
+        try:
+            line = self._stdout.next_line(timeout)
+        except queue.Empty:
+            self.stop()
+            raise AssertionError(f"no output within {timeout}s\n{describe(self._completed())}") from None
+        if line is None:
+            raise AssertionError(f"exited without the expected line\n{describe(self.finish())}")
+        return line.rstrip("\n")
+
+    def finish(self, timeout: float = CLIENT_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+        """Close its stdin, wait for it to exit, and return what it did."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:  # it has exited already
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"still running after {timeout}s\n{describe(self._completed())}") from None
+        return self._completed()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(STOP_TIMEOUT_S)
+
+    def _completed(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(self.argv, self.proc.returncode, self._stdout.text(), self._stderr.text())
+
+
+def fields_match(fields: dict, expected: dict) -> bool:
+    """Whether an audit event's fields hold every expected value. Values compare as text
+    (a uid may be logged as a number or a string); a set means any of its members; None
+    means the field is absent."""
+    for key, want in expected.items():
+        if want is None:
+            if key in fields:
+                return False
+            continue
+        if key not in fields:
+            return False
+        wanted = {str(w) for w in want} if isinstance(want, (set, frozenset)) else {str(want)}
+        if str(fields[key]) not in wanted:
+            return False
+    return True
+
+
+class AuditLog:
+    """The broker's audit trail: with `--log-format json` every decision is one JSON line
+    on stderr with `"target": "audit"`. Events are their `fields` objects."""
+
+    def __init__(self, broker: Server):
+        self.broker = broker
+
+    def events(self) -> list[dict]:
+        events = []
+        for line in self.broker.stderr_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the last line may be half-written
+                continue
+            if isinstance(record, dict) and record.get("target") == "audit":
+                events.append(record.get("fields", {}))
+        return events
+
+    def mark(self) -> int:
+        """The current end of the trail: pass it as `after` to see only later events."""
+        return len(self.events())
+
+    def find(self, after: int = 0, **expected) -> list[dict]:
+        return [event for event in self.events()[after:] if fields_match(event, expected)]
+
+    def wait_for(self, after: int = 0, timeout: float = AUDIT_WAIT_S, **expected) -> dict:
+        """The one event after `after` whose fields match `expected` (see fields_match),
+        waiting up to `timeout` for the broker to write it. Fails on none or several."""
+        (event,) = self.wait_for_all(after, 1, timeout, **expected)
+        return event
+
+    def wait_for_all(self, after: int, count: int, timeout: float = AUDIT_WAIT_S, **expected) -> list[dict]:
+        """Exactly `count` events after `after` matching `expected`, waiting up to
+        `timeout` for the broker to write them."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.find(after, **expected)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{len(found)} of {count} audit events with {expected} within {timeout}s; "
+                    f"audit events since the mark:\n{self.dump(after)}"
+                )
+            time.sleep(POLL_INTERVAL_S)
+        assert len(found) == count, f"{len(found)} audit events with {expected}, expected {count}:\n{self.dump(after)}"
+        return found
+
+    def dump(self, after: int = 0) -> str:
+        return "\n".join(json.dumps(event) for event in self.events()[after:]) or "(none)"
+
+
+@dataclass
+class IdentityLab:
+    """A broker serving identity rules, and the means to call it as any process: see
+    identity_lab()."""
+
+    broker: Server
+    moto: Server
+    config: Path
+    cgroups: CgroupTree
+    exe_root: Path
+    scratch: Path  # world-writable, for clients' unix sockets
+    homes: dict[int, Path]
+    broker_netns: str
+    remote_netns: str
+    clients: list[HeldProcess] = field(default_factory=list)
+
+    @property
+    def audit(self) -> AuditLog:
+        return AuditLog(self.broker)
+
+    def endpoint(self, host: str = "127.0.0.1") -> str:
+        port = self.broker.addresses[0].rsplit(":", 1)[1]
+        return f"http://{host}:{port}"
+
+    def exe(self, rel: str) -> Path:
+        return self.exe_root / rel
+
+    def client_env(self, uid: int) -> dict[str, str]:
+        return client_env(self.homes[uid], sts_endpoint=self.moto.endpoint, imds_endpoint=self.endpoint())
+
+    def spawn(
+        self,
+        *,
+        uid: int,
+        exe: Path,
+        cgroup: str,
+        script: Path,
+        args: Sequence[str] = (),
+        gid: int | None = None,
+        env: dict[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> HeldProcess:
+        """Start `exe held.py script args...` as uid:gid in the broker's network namespace,
+        held, and place it in cgroup `cgroup` (relative to the test's subtree)."""
+        argv = [*netns_enter(self.broker_netns), *as_user(uid, gid), str(exe), str(HELD_PY), str(script), *args]
+        client = HeldProcess(argv, {**self.client_env(uid), **(env or {})}, self.homes[uid], pass_fds)
+        self.clients.append(client)
+        self.cgroups.place(client.pid, cgroup)
+        return client
+
+    def probe(
+        self,
+        *,
+        uid: int,
+        exe: Path,
+        cgroup: str,
+        args: Sequence[str] = (),
+        gid: int | None = None,
+        host: str = "127.0.0.1",
+    ) -> dict:
+        """clients/identity_probe.py run by `exe` as uid:gid in cgroup `cgroup`, against
+        the broker at `host`; its JSON report (see there for `args`)."""
+        client = self.spawn(
+            uid=uid, gid=gid, exe=exe, cgroup=cgroup, script=IDENTITY_PROBE_PY, args=[self.endpoint(host), *args]
+        )
+        client.release()
+        return report_of(client.finish())
+
+    def remote_probe(self, source: str, *args: str) -> dict:
+        """clients/identity_probe.py from the remote namespace, from address `source`."""
+        argv = [
+            *netns_enter(self.remote_netns),
+            str(PYTHON),
+            str(IDENTITY_PROBE_PY),
+            self.endpoint(BROKER_VETH_ADDR),
+            "--bind",
+            source,
+            *args,
+        ]
+        result = subprocess.run(
+            argv, env=hermetic_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S
+        )
+        return report_of(result)
+
+    def stop_clients(self) -> None:
+        for client in self.clients:
+            client.stop()
+
+
+def report_of(result: subprocess.CompletedProcess[str]) -> dict:
+    """The JSON a client printed, after checking it ran to completion."""
+    assert result.returncode == 0, describe(result)
+    return json.loads(result.stdout)
+
+
+@contextmanager
+def identity_lab(
+    workdir: Path, homes: dict[int, Path], rules: Sequence[Rule], executables: dict[str, bytes]
+) -> Iterator[IdentityLab]:
+    """A broker serving `rules` with JSON logs, in a network namespace of its own (moto
+    beside it as STS, listening on 0.0.0.0 there) with a veth to a second namespace for
+    remote callers (BROKER_VETH_ADDR <-> REMOTE_ADDRS); python copies installed per
+    `executables` ({relative path: tag}) under a world-readable directory; a private
+    cgroup subtree. Everything is removed on exit, failure included.
+
+    Raises PermissionError when this machine does not let us create a network namespace.
+    """
+    with ExitStack() as stack:
+        exe_root = Path(tempfile.mkdtemp(prefix="imdsb-exe-"))
+        stack.callback(shutil.rmtree, exe_root, ignore_errors=True)
+        for rel, tag in executables.items():
+            install_python_copy(exe_root / rel, tag)
+        scratch = exe_root / "run"
+        scratch.mkdir()
+        for directory in (exe_root, *exe_root.rglob("*")):
+            if directory.is_dir():
+                directory.chmod(0o755)  # the client uids run and read what is in here
+        scratch.chmod(0o1777)
+        cgroups = CgroupTree()
+        stack.callback(cgroups.remove)
+        broker_netns = stack.enter_context(network_namespace("imdsb-id"))
+        remote_netns = stack.enter_context(network_namespace("imdsb-rm"))
+        connect_namespaces(broker_netns, BROKER_VETH_ADDR, remote_netns, REMOTE_ADDRS)
+        moto = stack.enter_context(start_moto(workdir / "moto", netns=broker_netns))
+        config = write_config(
+            workdir / "imds-broker.toml",
+            broker_config(listen="0.0.0.0:0", sts_endpoint=moto.endpoint, state_dir=workdir / "state", rules=rules),
+        )
+        broker = stack.enter_context(
+            serve_broker(workdir / "broker", config, launcher=netns_enter(broker_netns), log_format="json")
+        )
+        lab = IdentityLab(broker, moto, config, cgroups, exe_root, scratch, homes, broker_netns, remote_netns)
+        stack.callback(lab.stop_clients)
+        yield lab
