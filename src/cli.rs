@@ -438,7 +438,6 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    announce(&listeners);
     tracing::info!(
         config = %config.path.display(),
         apps = config.apps.len(),
@@ -482,6 +481,8 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
     if let Some(interval) = systemd::watchdog_interval() {
         tokio::spawn(systemd::watchdog(interval, background.clone()));
     }
+    // Only now is everything listening (IMDS and admin): say so, to scripts and to systemd.
+    announce(&listeners);
     systemd::ready(&status);
     let shutdown = async move {
         shutdown.await;
