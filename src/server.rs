@@ -229,6 +229,18 @@ fn dialled_address(stream: &TcpStream, local: SocketAddr) -> SocketAddr {
     original.unwrap_or(local)
 }
 
+/// The HTTP/1.1 settings of every IMDS connection: header timeout, header count and size.
+pub fn http1_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true);
+    builder
+}
+
 async fn refuse(mut stream: TcpStream) {
     use tokio::io::AsyncWriteExt;
     let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.write_all(REFUSED_CONNECTION)).await;
@@ -280,12 +292,7 @@ async fn serve_connection(
         request.extensions_mut().insert(info.clone());
         request
     });
-    let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_headers(MAX_HEADERS)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .keep_alive(true)
+    let connection = http1_builder()
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
     if let Err(e) = watcher.watch(connection).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
