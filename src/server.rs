@@ -292,8 +292,8 @@ async fn serve_connection(
         request.extensions_mut().insert(info.clone());
         request
     });
-    let connection = http1_builder()
-        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+    let connection =
+        http1_builder().serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
     if let Err(e) = watcher.watch(connection).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
