@@ -1,8 +1,8 @@
 //! The reference server for `tests/bench/load.py`: the daemon's own HTTP stack (tokio's default
-//! multi-threaded runtime, one task per connection, hyper HTTP/1.1 with the limits
-//! `server.rs` sets, an axum router) answering "hello" with nothing else. The gap between
-//! this and the broker is the cost of identity resolution, the security layers, the token
-//! check, the policy lookup, the credential cache and the audit trail.
+//! multi-threaded runtime, one task per connection, `server::http1_builder()`, an axum router)
+//! answering "hello" with nothing else. The gap between this and the broker is the cost of
+//! identity resolution, the security layers, the token check, the policy lookup, the credential
+//! cache and the audit trail.
 //!
 //! Prints `listening on ADDR` like the daemon; serves until killed.
 
@@ -10,10 +10,9 @@ use std::net::SocketAddr;
 
 use axum::Router;
 use axum::routing::get;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use imds_broker::server::{HEADER_READ_TIMEOUT, MAX_HEAD_BYTES, MAX_HEADERS};
+use imds_broker::server::http1_builder;
 use tokio::net::TcpListener;
 
 #[tokio::main]
@@ -32,12 +31,7 @@ async fn main() -> std::io::Result<()> {
         let (stream, _) = listener.accept().await?;
         let service = TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
-            let _ = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_headers(MAX_HEADERS)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .keep_alive(true)
+            let _ = http1_builder()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

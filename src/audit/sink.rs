@@ -21,6 +21,9 @@ use super::chain::{self, ChainHead};
 
 /// The most events written before one fsync; the writer also syncs whenever the queue is empty.
 const MAX_BATCH: usize = 256;
+/// Events waiting for the writer. When it falls behind, emitters wait for room rather than the
+/// queue growing without bound (or events being dropped: an audit trail has no gaps).
+const QUEUE_EVENTS: usize = 16 * 1024;
 /// How much of an existing file's tail is read to find where its chain stands.
 const TAIL_BYTES: u64 = 64 * 1024;
 
@@ -33,12 +36,12 @@ enum Msg {
 /// Handle to the writer thread.
 #[derive(Clone)]
 pub struct AuditSink {
-    tx: mpsc::Sender<Msg>,
+    tx: mpsc::SyncSender<Msg>,
 }
 
 /// The tracing layer that feeds the sink.
 pub struct AuditLayer {
-    tx: mpsc::Sender<Msg>,
+    tx: mpsc::SyncSender<Msg>,
     host: String,
 }
 
@@ -46,7 +49,7 @@ impl AuditSink {
     /// Opens (creating with mode 0600) the audit file at `path` and starts the writer.
     pub fn open(path: &Path, host: String) -> io::Result<(AuditSink, AuditLayer)> {
         let writer = Writer::open(path.to_owned())?;
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(QUEUE_EVENTS);
         thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))?;
@@ -286,5 +289,30 @@ mod tests {
         sink3.flush();
         let v3 = chain::verify(&fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!((v3.first_seq, v3.head.seq), (3, 4));
+    }
+
+    #[test]
+    fn more_events_than_the_queue_holds_all_land_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (sink, layer) = AuditSink::open(&path, "h".into()).unwrap();
+        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer));
+        const THREADS: usize = 4;
+        let per_thread = QUEUE_EVENTS / 2;
+        std::thread::scope(|scope| {
+            for t in 0..THREADS {
+                let dispatch = dispatch.clone();
+                scope.spawn(move || {
+                    tracing::dispatcher::with_default(&dispatch, || {
+                        for i in 0..per_thread {
+                            tracing::info!(target: "audit", event = "token.issued", t, i, "x");
+                        }
+                    });
+                });
+            }
+        });
+        sink.flush();
+        let v = chain::verify(&fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(v.events as usize, THREADS * per_thread, "none dropped");
     }
 }

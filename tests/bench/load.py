@@ -2,7 +2,7 @@
 
 Usage, as root, from anywhere (wrk from Debian: `apt-get install wrk`):
     .venv/bin/python tests/bench/load.py [--duration 10] [--threads 2] [--connections 64]
-        [--rounds 3] [--idle 10000] [--apps 1000]
+        [--rounds 3] [--idle 10000] [--apps 1000] [--only hot|idle|apps] [--ld-preload LIB]
 
 Builds the release daemon and examples/hello_bare (the same HTTP stack with no logic),
 starts moto as STS on loopback, and measures:
@@ -90,8 +90,8 @@ SAMPLE_INTERVAL_S = 0.25
 IDLE_CLOSE_WAIT_S = 20
 NORMAL_CLIENT_REPEATS = 20
 IDLE_BATCH = 32
-SECTIONS = ("hot", "idle", "apps")
 IDLE_PAUSE_S = 0.001
+SECTIONS = ("hot", "idle", "apps")
 
 
 # --------------------------------------------------------------------------- plumbing
