@@ -206,7 +206,12 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 /// The first app whose rule matches `caller`, if any.
 pub fn find_app<'a>(apps: &'a [App], caller: &Caller) -> Option<&'a App> {
-    apps.iter().find(|app| app.matcher.matches(caller))
+    find_app_index(apps, caller).map(|i| &apps[i])
+}
+
+/// The position of the first app whose rule matches `caller`, if any.
+pub fn find_app_index(apps: &[App], caller: &Caller) -> Option<usize> {
+    apps.iter().position(|app| app.matcher.matches(caller))
 }
 
 /// What resolving callers must find out to evaluate `apps`.

@@ -11,7 +11,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use super::error::ImdsError;
-use super::{ConnectionInfo, TOKEN_HEADER, caller_of};
+use super::{ConnectionInfo, Matched, TOKEN_HEADER, caller_of};
 use crate::audit::{self, DenyReason};
 use crate::config::ImdsV1;
 use crate::rate_limit::CallerLimiter;
@@ -138,20 +138,22 @@ pub async fn require_token(
 }
 
 /// Counts every request by path kind, status and the caller's app.
-pub async fn count(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// It also takes the request's one config snapshot and matches the caller's rule once, for the
+/// handlers to use (see [`Matched`]).
+pub async fn count(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let path = crate::metrics::path_kind(request.uri().path());
+    let config = state.config();
     let app = caller_of(request.extensions())
         .ok()
-        .and_then(|conn| {
-            crate::policy::find_app(&state.config().apps, conn).map(|a| a.name.clone())
-        })
-        .unwrap_or_default();
+        .and_then(|conn| crate::policy::find_app_index(&config.apps, conn));
+    let app_label = app.map(|i| config.apps[i].name.clone()).unwrap_or_default();
+    request.extensions_mut().insert(Matched { config, app });
     let response = next.run(request).await;
     metrics::counter!(
         crate::metrics::REQUESTS,
         "path" => path,
         "status" => response.status().as_str().to_owned(),
-        "app" => app
+        "app" => app_label
     )
     .increment(1);
     response

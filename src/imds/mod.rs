@@ -25,7 +25,6 @@ use crate::audit::{self, DenyReason};
 use crate::config::MAX_TOKEN_TTL;
 use crate::credentials::Credentials;
 use crate::identity::Caller;
-use crate::policy;
 use crate::rate_limit::CallerLimiter;
 use crate::state::AppState;
 use metadata::{Node, View};
@@ -39,6 +38,21 @@ pub struct ConnectionInfo {
     pub caller: Arc<Caller>,
     /// The daemon's own address on this connection (what the caller dialled).
     pub local: std::net::SocketAddr,
+}
+
+/// The config snapshot a request is answered under and the caller's matched app (an index into
+/// its apps), decided once per request by the outermost layer: a reload mid-request changes
+/// nothing for it, and rules are not evaluated twice.
+#[derive(Clone)]
+pub(crate) struct Matched {
+    pub config: Arc<crate::config::Config>,
+    pub app: Option<usize>,
+}
+
+impl Matched {
+    fn app(&self) -> Option<&crate::config::App> {
+        self.app.map(|i| &self.config.apps[i])
+    }
 }
 
 pub(crate) fn caller_of(ext: &Extensions) -> Result<&ConnectionInfo, ImdsError> {
@@ -145,8 +159,12 @@ fn requested_ttl(headers: &HeaderMap) -> Result<u64, ImdsError> {
 /// `GET /latest/meta-data/...` and `/latest/dynamic/...`.
 async fn tree(State(state): State<AppState>, request: Request) -> Result<Response, ImdsError> {
     let conn = caller_of(request.extensions())?;
-    let config = state.config();
-    let app = policy::find_app(&config.apps, conn);
+    let matched = request
+        .extensions()
+        .get::<Matched>()
+        .ok_or(ImdsError::Internal("request was not matched"))?;
+    let config = &matched.config;
+    let app = matched.app();
     let view = View {
         instance: &config.instance,
         app,
