@@ -13,7 +13,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -70,6 +70,10 @@ pub fn router(state: AppState, metrics: PrometheusHandle) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
+        .route(
+            "/container-tokens/{app}/rotate",
+            post(rotate_container_token),
+        )
         .with_state(Admin { state, metrics })
 }
 
@@ -119,8 +123,13 @@ pub async fn serve(listener: AdminListener, router: Router, stop: CancellationTo
 
 /// Fetches `path` from a running daemon's admin listener (HTTP/1.0, so the body ends at EOF).
 pub async fn fetch(listen: &AdminListen, path: &str) -> io::Result<(u16, String)> {
+    request(listen, "GET", path).await
+}
+
+/// Sends a body-less `method` request for `path` to a running daemon's admin listener.
+pub async fn request(listen: &AdminListen, method: &str, path: &str) -> io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let request = format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n");
+    let request = format!("{method} {path} HTTP/1.0\r\nHost: admin\r\nContent-Length: 0\r\n\r\n");
     let mut raw = Vec::new();
     match listen {
         AdminListen::Unix(p) => {
@@ -209,6 +218,53 @@ async fn readyz(State(admin): State<Admin>) -> Response {
             ),
         )
             .into_response()
+    }
+}
+
+/// `imds-broker token rotate APP`: a new token in the app's file now; the old one stops
+/// working at once (the operator's answer to a leaked token).
+async fn rotate_container_token(
+    State(admin): State<Admin>,
+    axum::extract::Path(app): axum::extract::Path<String>,
+) -> Response {
+    let Some(tokens) = admin.state.container_tokens().cloned() else {
+        return (
+            StatusCode::NOT_FOUND,
+            "the container endpoint is off (no [container] section)\n",
+        )
+            .into_response();
+    };
+    let now = admin.state.now();
+    let name = app.clone();
+    let rotation = tokio::task::spawn_blocking(move || tokens.rotate(&name, now)).await;
+    match rotation {
+        Ok(Some(rotation)) => {
+            crate::container::record(std::slice::from_ref(&rotation));
+            match rotation.result {
+                Ok(()) => (
+                    StatusCode::OK,
+                    format!("{app}: new token written to {}\n", rotation.file.display()),
+                )
+                    .into_response(),
+                Err(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "{app}: cannot write {}: {e}; the old token still works\n",
+                        rotation.file.display()
+                    ),
+                )
+                    .into_response(),
+            }
+        }
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            format!("{app}: no such app with a container token\n"),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "token rotation failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "rotation failed\n").into_response()
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `imds-broker` command line: `serve` runs the daemon, `check` validates a config file,
 //! `lint` reviews session policies, `explain` shows which rule (or policy statement) decides.
 
+use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +16,8 @@ use crate::admin;
 use crate::audit::{self, sink::AuditLayer, sink::AuditSink};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::container::token_file;
+use crate::container::tokens::TokenStore;
 use crate::credentials::{self, ProcessSettings, StsSource, SystemClock};
 use crate::explain::{self, PolicyOutcome, Subject};
 use crate::iam::lint::{self, Severity};
@@ -76,6 +79,28 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Container-endpoint token tools.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Run CMD with AWS_CONTAINER_CREDENTIALS_FULL_URI and AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE
+    /// set for APP (and static AWS key variables removed), so its SDK gets APP's credentials
+    /// from the container endpoint. Reads the config unless --url and --token-file are given.
+    Exec {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        app: String,
+        /// The endpoint URL, instead of the config's first container.listen address.
+        #[arg(long, requires = "token_file")]
+        url: Option<String>,
+        /// The token file, instead of the config's.
+        #[arg(long, requires = "url")]
+        token_file: Option<PathBuf>,
+        #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
     /// Audit file tools.
     Audit {
         #[command(subcommand)]
@@ -126,6 +151,17 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Write a new container-endpoint token to APP's token file now; the old token stops
+    /// working at once. Exit 0 when done, 1 if the daemon could not, 64 on a config error.
+    Rotate {
+        app: String,
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Check an audit file's hash chain: exit 0 if intact, 1 at the first broken line.
     Verify { file: PathBuf },
@@ -142,6 +178,16 @@ pub async fn main() -> ExitCode {
         Command::Serve { config, log_format } => serve(config, log_format).await,
         Command::Check { config } => check(config),
         Command::Status { config } => status(config).await,
+        Command::Token {
+            command: TokenCommand::Rotate { app, config },
+        } => rotate_token(config, &app).await,
+        Command::Exec {
+            config,
+            app,
+            url,
+            token_file,
+            command,
+        } => exec(config, &app, url.zip(token_file), command),
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => audit_verify(&file),
@@ -211,6 +257,79 @@ async fn status(path: PathBuf) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn rotate_token(path: PathBuf, app: &str) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let target = format!("/container-tokens/{app}/rotate");
+    match admin::request(&config.admin, "POST", &target).await {
+        Ok((200, body)) => {
+            out!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((_, body)) => {
+            eprint!("{body}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("cannot reach the daemon at {}: {e}", config.admin);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Replaces this process with `command`; returns only if that fails.
+fn exec(
+    path: PathBuf,
+    app: &str,
+    given: Option<(String, PathBuf)>,
+    command: Vec<OsString>,
+) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let target = match given {
+        Some((url, token_file)) => crate::exec::Target { url, token_file },
+        None => {
+            let found = Config::load(&path)
+                .map_err(|e| {
+                    format!("{e}\n(pass --url and --token-file where the config is not readable)")
+                })
+                .and_then(|config| crate::exec::target(&config, app).map_err(|e| e.to_string()));
+            match found {
+                Ok(target) => target,
+                Err(e) => {
+                    eprintln!("imds-broker exec: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+    };
+    if let Err(e) = crate::exec::check_readable(&target.token_file) {
+        eprintln!("imds-broker exec: {e}");
+        return ExitCode::FAILURE;
+    }
+    let (set, cleared) = crate::exec::environment(&target);
+    let Some((program, args)) = command.split_first() else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let mut child = std::process::Command::new(program);
+    child.args(args).envs(set);
+    for name in cleared {
+        child.env_remove(name);
+    }
+    let e = child.exec();
+    eprintln!("imds-broker exec: {}: {e}", program.to_string_lossy());
+    // The shell's codes: 127 not found, 126 found but not runnable.
+    ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    })
 }
 
 fn audit_verify(file: &std::path::Path) -> ExitCode {
@@ -430,6 +549,13 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let container = match open_container_endpoint(&config).await {
+        Ok(container) => container,
+        Err(e) => {
+            tracing::error!("container endpoint: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // Both handlers before the ready line: a signal right after it must not kill the process.
     let (shutdown, hangups) = match (signal::shutdown(), signal::hangups()) {
         (Ok(shutdown), Ok(hangups)) => (shutdown, hangups),
@@ -448,6 +574,7 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
         config.apps.len(),
         listeners
             .iter()
+            .chain(container.iter().flat_map(|(_, l)| l))
             .filter_map(|l| l.local_addr().ok())
             .map(|a| a.to_string())
             .collect::<Vec<_>>()
@@ -471,6 +598,14 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
     let state = AppState::new(config, token_key, source, Arc::new(SystemClock));
     // Prefetch apps and the background refresher, then reloads on SIGHUP.
     state.start_refresher();
+    let mut endpoints: Vec<_> = {
+        let router = crate::imds::router(state.clone());
+        listeners.into_iter().map(|l| (l, router.clone())).collect()
+    };
+    if let Some((tokens, container_listeners)) = container {
+        let router = crate::container::start(&state, tokens);
+        endpoints.extend(container_listeners.into_iter().map(|l| (l, router.clone())));
+    }
     reload::spawn_reloader(state.clone(), path.clone(), hangups, Some(audit.clone()));
     let background = CancellationToken::new();
     tokio::spawn(admin::serve(
@@ -482,21 +617,39 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
         tokio::spawn(systemd::watchdog(interval, background.clone()));
     }
     // Only now is everything listening (IMDS and admin): say so, to scripts and to systemd.
-    announce(&listeners);
+    announce(endpoints.iter().map(|(l, _)| l));
     systemd::ready(&status);
     let shutdown = async move {
         shutdown.await;
         systemd::stopping();
     };
-    server::run(state.clone(), listeners, shutdown).await;
+    server::serve(state.clone(), endpoints, shutdown).await;
     state.stop_background().await;
     background.cancel();
     audit.flush();
     ExitCode::SUCCESS
 }
 
-/// One `listening on ADDR` line per listener on stdout, so scripts and tests can use port 0.
-fn announce(listeners: &[tokio::net::TcpListener]) {
+/// The container endpoint's token store (with the tokens of an earlier run) and its bound
+/// listeners, when `[container]` is configured.
+async fn open_container_endpoint(
+    config: &Config,
+) -> Result<Option<(Arc<TokenStore>, Vec<tokio::net::TcpListener>)>, String> {
+    let Some(settings) = &config.container else {
+        return Ok(None);
+    };
+    token_file::ensure_token_dir(&settings.token_dir)
+        .map_err(|e| format!("{}: {e}", settings.token_dir.display()))?;
+    let tokens = TokenStore::open(&config.server.state_dir).map_err(|e| e.to_string())?;
+    let listeners = server::bind(&settings.listen, config.server.hop_limit)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Some((Arc::new(tokens), listeners)))
+}
+
+/// One `listening on ADDR` line per listener on stdout (IMDS first, then the container
+/// endpoint, each in config order), so scripts and tests can use port 0.
+fn announce<'a>(listeners: impl Iterator<Item = &'a tokio::net::TcpListener>) {
     let mut out = std::io::stdout().lock();
     for l in listeners {
         if let Ok(addr) = l.local_addr() {

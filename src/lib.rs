@@ -8,6 +8,8 @@
 //!   [`token`] check) to the metadata tree or the credential handler.
 //! - [`policy`] maps the caller to an `[[app]]` of the [`config`]; [`credentials`] returns that
 //!   app's cached role credentials, calling STS AssumeRole when they need renewing.
+//! - [`container`] serves the same credentials on the ECS-style container endpoint, to callers
+//!   that present the token the daemon wrote to their app's token file.
 //! - [`cli`] is the binary's entry point; [`signal`] turns signals into shutdown, and into a
 //!   [`reload`] of the config on SIGHUP.
 
@@ -17,9 +19,12 @@ pub mod audit;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod container;
 pub mod credentials;
+pub mod exec;
 pub mod explain;
 pub mod glob;
+pub mod host;
 pub mod iam;
 pub mod identity;
 pub mod imds;

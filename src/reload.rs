@@ -61,7 +61,7 @@ pub async fn reload(state: &AppState, path: &Path) -> Result<ReloadSummary, Conf
     audit::config_loaded(path, summary.apps, summary.dropped);
     if summary.needs_restart {
         tracing::warn!(
-            "a setting that takes effect on restart changed (server.listen, hop_limit or state_dir, sts.region or endpoint_url, [limits], [admin] or [audit]); restart to apply it"
+            "a setting that takes effect on restart changed (server.listen, hop_limit or state_dir, sts.region or endpoint_url, [limits], [admin], [audit] or container.listen); restart to apply it"
         );
     }
     Ok(summary)

@@ -135,18 +135,30 @@ const REFUSED_CONNECTION: &[u8] =
 /// in-flight requests [`SHUTDOWN_GRACE`] to finish.
 pub async fn run(state: AppState, listeners: Vec<TcpListener>, shutdown: impl Future<Output = ()>) {
     let router = imds::router(state.clone());
+    let endpoints = listeners.into_iter().map(|l| (l, router.clone())).collect();
+    serve(state, endpoints, shutdown).await;
+}
+
+/// Serves each listener's router (IMDS, the container endpoint) until `shutdown` completes,
+/// as [`run`] does. Every connection is identified the same way, and the connection limits
+/// are shared: a caller cannot double its share by using both endpoints.
+pub async fn serve(
+    state: AppState,
+    endpoints: Vec<(TcpListener, axum::Router)>,
+    shutdown: impl Future<Output = ()>,
+) {
     let resolver = Arc::new(Resolver::new());
     let limits = Arc::new(ConnectionLimits::new(state.config().limits));
     let stop = CancellationToken::new();
     let graceful = Arc::new(GracefulShutdown::new());
     let accept_loops = TaskTracker::new();
-    for listener in listeners {
+    for (listener, router) in endpoints {
         accept_loops.spawn(accept_loop(
             listener,
             state.clone(),
             resolver.clone(),
             limits.clone(),
-            router.clone(),
+            router,
             graceful.clone(),
             stop.clone(),
         ));

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::container::tokens::TokenStore;
 use crate::credentials::{Clock, CredentialCache, CredentialSource, StsBudget, TokioTime};
 use crate::token::TokenKey;
 
@@ -25,6 +26,8 @@ struct Shared {
     cache: CredentialCache,
     clock: Arc<dyn Clock>,
     started_at: SystemTime,
+    /// The container endpoint's tokens, when it is on.
+    container_tokens: OnceLock<Arc<TokenStore>>,
     /// Background tasks other than the cache's own (the reloader).
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -57,6 +60,7 @@ impl AppState {
                 token_key,
                 cache,
                 clock,
+                container_tokens: OnceLock::new(),
                 stop: CancellationToken::new(),
                 tasks: TaskTracker::new(),
             }),
@@ -75,6 +79,16 @@ impl AppState {
 
     pub fn cache(&self) -> &CredentialCache {
         &self.inner.cache
+    }
+
+    /// Hands the container endpoint's token store to the state, so that reloads keep the
+    /// tokens in line with the apps (once, at start).
+    pub fn attach_container_tokens(&self, tokens: Arc<TokenStore>) {
+        let _ = self.inner.container_tokens.set(tokens);
+    }
+
+    pub fn container_tokens(&self) -> Option<&Arc<TokenStore>> {
+        self.inner.container_tokens.get()
     }
 
     pub fn now(&self) -> SystemTime {
@@ -105,7 +119,9 @@ impl AppState {
             || old.sts.endpoint_url != config.sts.endpoint_url
             || old.limits != config.limits
             || old.admin != config.admin
-            || old.audit.path != config.audit.path;
+            || old.audit.path != config.audit.path
+            || old.container.as_ref().map(|c| &c.listen)
+                != config.container.as_ref().map(|c| &c.listen);
         let cache = self.cache();
         cache.set_policy(config.credentials);
         if (old.sts.max_calls_per_second, old.sts.burst)
@@ -119,9 +135,14 @@ impl AppState {
         let apps = config.apps.len();
         // Swap first: a request on the old snapshot may still create an entry for an old input,
         // but never one the new config would be served from.
-        self.inner.config.store(Arc::new(config));
+        let config = Arc::new(config);
+        self.inner.config.store(config.clone());
         let dropped = cache.retain(|input| keep.contains(input));
         cache.prefetch(prefetch);
+        // After the swap: a new app's token file appears once the app can be served.
+        if let Some(store) = self.container_tokens() {
+            crate::container::record(&store.reconcile(&config.apps, self.now()));
+        }
         ReloadSummary {
             apps,
             dropped,

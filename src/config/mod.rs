@@ -1,6 +1,7 @@
 //! Configuration: loads the TOML file, refuses files others can write, and turns the raw serde
 //! structs into a validated [`Config`] whose every error names the file, line and field.
 
+mod container;
 mod raw;
 
 use std::fmt;
@@ -14,6 +15,7 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+pub use container::{AppContainer, ContainerConfig};
 pub use raw::ImdsV1;
 use raw::{RawApp, RawConfig, RawDuration, RawMatch};
 
@@ -77,6 +79,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Metrics, health and status: a Unix socket or a loopback port.
     pub admin: AdminListen,
+    /// The container credentials endpoint, when `[container]` is present.
+    pub container: Option<ContainerConfig>,
     pub apps: Vec<App>,
 }
 
@@ -167,6 +171,8 @@ pub struct App {
     pub policy: Option<SessionPolicy>,
     /// Managed policies used as session policies.
     pub policy_arns: Vec<String>,
+    /// Also served on the container endpoint, to whoever presents the token in this file.
+    pub container: Option<AppContainer>,
 }
 
 impl App {
@@ -366,6 +372,15 @@ fn check_permissions(path: &Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// What every app inherits from the sections above it.
+#[derive(Clone, Copy)]
+struct AppDefaults<'a> {
+    sts: &'a StsConfig,
+    policy: CredentialPolicy,
+    hostname: &'a str,
+    container: Option<&'a ContainerConfig>,
+}
+
 struct Validator<'a> {
     text: &'a str,
     path: &'a Path,
@@ -397,6 +412,7 @@ impl Validator<'_> {
 
     fn validate(&mut self, raw: RawConfig) -> Config {
         let server = self.server(raw.server);
+        let container = self.container(raw.container, &server.listen);
         let admin = match raw.admin.listen {
             None => AdminListen::Unix(server.state_dir.join("admin.sock")),
             Some(l) => l.get_ref().parse().unwrap_or_else(|e: String| {
@@ -529,7 +545,13 @@ impl Validator<'_> {
 
         let mut apps: Vec<App> = Vec::with_capacity(raw.apps.len());
         for (i, raw_app) in raw.apps.into_iter().enumerate() {
-            if let Some(app) = self.app(i, raw_app, &sts, credentials, &instance.hostname, &apps) {
+            let defaults = AppDefaults {
+                sts: &sts,
+                policy: credentials,
+                hostname: &instance.hostname,
+                container: container.as_ref(),
+            };
+            if let Some(app) = self.app(i, raw_app, defaults, &apps) {
                 apps.push(app);
             }
         }
@@ -543,6 +565,7 @@ impl Validator<'_> {
             audit,
             admin,
             limits,
+            container,
             apps,
         }
     }
@@ -647,11 +670,15 @@ impl Validator<'_> {
         &mut self,
         index: usize,
         raw: Spanned<RawApp>,
-        sts: &StsConfig,
-        policy: CredentialPolicy,
-        hostname: &str,
+        defaults: AppDefaults<'_>,
         earlier: &[App],
     ) -> Option<App> {
+        let AppDefaults {
+            sts,
+            policy,
+            hostname,
+            container: endpoint,
+        } = defaults;
         let raw = raw.into_inner();
         let field = |f: &str| format!("app[{index}].{f}");
         let name = raw.name.get_ref().clone();
@@ -755,6 +782,31 @@ impl Validator<'_> {
             .policy_text(index, raw.policy, raw.policy_file)
             .and_then(|(text, origin)| self.session_policy(&policy_field, text, origin));
         let policy_arns = self.policy_arns(raw.policy_arns, &field("policy_arns"));
+        let container_span = raw.container.as_ref().map(|c| c.span());
+        let container = self.app_container(
+            &field("container"),
+            &name,
+            raw.container,
+            endpoint,
+            matcher.as_ref(),
+        );
+        if let (Some(c), Some(span)) = (&container, container_span)
+            && let Some(other) = earlier.iter().find(|a| {
+                a.container
+                    .as_ref()
+                    .is_some_and(|o| o.token_file == c.token_file)
+            })
+        {
+            self.push(
+                span,
+                &field("container.token_file"),
+                format!(
+                    "{} is app {:?}'s token file too",
+                    c.token_file.display(),
+                    other.name
+                ),
+            );
+        }
         Some(App {
             name,
             matcher: matcher?,
@@ -766,6 +818,7 @@ impl Validator<'_> {
             tags: tags.into_iter().collect(),
             policy,
             policy_arns,
+            container,
         })
     }
 

@@ -20,6 +20,8 @@ pub struct RawConfig {
     pub audit: RawAudit,
     #[serde(default)]
     pub admin: RawAdmin,
+    /// The container credentials endpoint; absent means off.
+    pub container: Option<Spanned<RawContainer>>,
     #[serde(default, rename = "app")]
     pub apps: Vec<Spanned<RawApp>>,
 }
@@ -39,6 +41,27 @@ pub struct RawServer {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawContainer {
+    pub listen: Option<Spanned<Vec<Spanned<String>>>>,
+    pub token_dir: Option<Spanned<String>>,
+    pub rotate_every: Option<Spanned<RawDuration>>,
+    pub grace: Option<Spanned<RawDuration>>,
+}
+
+/// `[app.container]`: the app may use the container endpoint with the token the daemon writes
+/// for it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAppContainer {
+    pub uid: Option<u32>,
+    pub user: Option<Spanned<String>>,
+    pub gid: Option<u32>,
+    pub group: Option<Spanned<String>>,
+    pub token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -118,6 +141,8 @@ pub struct RawApp {
     pub policy_file: Option<Spanned<String>>,
     /// Managed policies used as session policies.
     pub policy_arns: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Served on the container credentials endpoint too.
+    pub container: Option<Spanned<RawAppContainer>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -222,6 +222,8 @@ pub fn unmapped_config_text(state_dir: &Path) -> String {
 /// A running in-process daemon.
 pub struct TestDaemon {
     pub addr: SocketAddr,
+    /// The container endpoint, when the config has `[container]`.
+    pub container_addr: Option<SocketAddr>,
     pub state: AppState,
     pub sts: Arc<FakeSts>,
     pub clock: ManualClock,
@@ -252,13 +254,39 @@ impl TestDaemon {
             .await
             .unwrap();
         let addr = listeners[0].local_addr().unwrap();
+        let container = match &config.container {
+            None => None,
+            Some(c) => {
+                imds_broker::container::token_file::ensure_token_dir(&c.token_dir).unwrap();
+                let store =
+                    imds_broker::container::tokens::TokenStore::open(&config.server.state_dir)
+                        .unwrap();
+                let bound = imds_broker::server::bind(&c.listen, config.server.hop_limit)
+                    .await
+                    .unwrap();
+                Some((Arc::new(store), bound))
+            }
+        };
         let state = AppState::new(config, key, sts.clone(), Arc::new(clock.clone()));
+        let router = imds_broker::imds::router(state.clone());
+        let mut endpoints: Vec<_> = listeners.into_iter().map(|l| (l, router.clone())).collect();
+        let mut container_addr = None;
+        if let Some((store, bound)) = container {
+            let router = imds_broker::container::start(&state, store);
+            container_addr = Some(bound[0].local_addr().unwrap());
+            endpoints.extend(bound.into_iter().map(|l| (l, router.clone())));
+        }
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(imds_broker::server::run(state.clone(), listeners, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(imds_broker::server::serve(
+            state.clone(),
+            endpoints,
+            async {
+                let _ = stopped.await;
+            },
+        ));
         Self {
             addr,
+            container_addr,
             state,
             sts,
             clock,
@@ -268,10 +296,11 @@ impl TestDaemon {
         }
     }
 
-    /// Stops the daemon and waits until it has drained.
+    /// Stops the daemon and waits until it has drained, background work included.
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.task.take().unwrap().await.unwrap();
+        self.state.stop_background().await;
     }
 
     pub async fn send(&self, raw: &str) -> RawResponse {

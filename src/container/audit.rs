@@ -1,0 +1,129 @@
+//! What the container endpoint records in the audit trail (target `audit`, like every other
+//! decision): credentials issued and refused, tokens rejected, tokens rotated. Never a token or
+//! a secret; a rejected token is named by nothing but the reason.
+
+use crate::audit::DenyReason;
+use crate::config::App;
+use crate::credentials::Credentials;
+use crate::identity::Caller;
+use crate::imds::imds_time;
+
+use super::tokens::Rotation;
+
+macro_rules! container_event {
+    ($level:ident, $event:literal, $caller:expr, $($rest:tt)*) => {{
+        let caller: &Caller = $caller;
+        tracing::$level!(
+            target: "audit",
+            event = $event,
+            endpoint = "container",
+            peer = %caller.peer(),
+            uid = caller.uid(),
+            pid = caller.pid(),
+            exe = caller.exe().map(|e| e.display().to_string()),
+            cgroup = caller.cgroup(),
+            unit = caller.unit(),
+            $($rest)*
+        )
+    }};
+}
+
+pub fn credentials_issued(caller: &Caller, app: &App, creds: &Credentials) {
+    metrics::counter!(crate::metrics::CREDENTIALS_SERVED, "app" => app.name.clone()).increment(1);
+    container_event!(info, "credentials.issued", caller,
+        app = %app.name,
+        role_arn = %app.role_arn,
+        access_key_id = %creds.access_key_id,
+        expiration = %imds_time(creds.expiration),
+        "credentials issued"
+    );
+}
+
+pub fn credentials_denied(caller: &Caller, app: &str, detail: &str) {
+    metrics::counter!(crate::metrics::DENIALS, "reason" => DenyReason::Upstream.as_str())
+        .increment(1);
+    container_event!(
+        warn,
+        "credentials.denied",
+        caller,
+        app,
+        reason = DenyReason::Upstream.as_str(),
+        detail,
+        "credentials denied"
+    );
+}
+
+/// Why a request's token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    Missing,
+    Malformed,
+    Unknown,
+    /// A token the app had before a rotation.
+    Stale,
+    /// A valid token of another app than the one in the path.
+    OtherApp,
+    /// The token's app is no longer served on this endpoint.
+    Withdrawn,
+}
+
+impl TokenRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRefusal::Missing => "missing",
+            TokenRefusal::Malformed => "malformed",
+            TokenRefusal::Unknown => "unknown",
+            TokenRefusal::Stale => "stale",
+            TokenRefusal::OtherApp => "other_app",
+            TokenRefusal::Withdrawn => "withdrawn",
+        }
+    }
+}
+
+pub fn token_rejected(caller: &Caller, refusal: TokenRefusal, app: Option<&str>) {
+    metrics::counter!(crate::metrics::DENIALS, "reason" => DenyReason::BadToken.as_str())
+        .increment(1);
+    container_event!(
+        warn,
+        "container_token.rejected",
+        caller,
+        reason = refusal.as_str(),
+        app,
+        "container credentials request refused"
+    );
+}
+
+/// A request refused before its token was looked at (relayed, browser, foreign Host, rate).
+pub fn refused(caller: &Caller, reason: DenyReason, detail: &str) {
+    metrics::counter!(crate::metrics::DENIALS, "reason" => reason.as_str()).increment(1);
+    container_event!(
+        warn,
+        "token.rejected",
+        caller,
+        reason = reason.as_str(),
+        detail,
+        "request refused"
+    );
+}
+
+pub fn token_rotated(rotation: &Rotation) {
+    match &rotation.result {
+        Ok(()) => tracing::info!(
+            target: "audit",
+            event = "container_token.rotated",
+            app = %rotation.app,
+            cause = rotation.cause.as_str(),
+            token_file = %rotation.file.display(),
+            "container token written"
+        ),
+        Err(e) => tracing::error!(
+            target: "audit",
+            event = "container_token.rotated",
+            app = %rotation.app,
+            cause = rotation.cause.as_str(),
+            token_file = %rotation.file.display(),
+            error = %e,
+            "cannot write the container token file; the app cannot use the container endpoint"
+        ),
+    }
+}

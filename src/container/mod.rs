@@ -1,0 +1,328 @@
+//! The ECS-style container credentials endpoint, for apps the daemon cannot tell apart by socket
+//! owner (containers, sandboxes, other network namespaces): SDKs find it through
+//! `AWS_CONTAINER_CREDENTIALS_FULL_URI` and prove which app they are with the token the daemon
+//! wrote to that app's file (`AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`).
+//!
+//! `GET /v1/credentials` answers with the credentials of the token's app;
+//! `GET /v1/credentials/{app}` does too, and refuses a token of any other app.
+
+pub mod audit;
+mod error;
+pub mod token_file;
+pub mod tokens;
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+pub use error::ContainerError;
+use tokens::{TokenStore, Verdict};
+
+use crate::audit::DenyReason;
+use crate::credentials::Credentials;
+use crate::imds::{ConnectionInfo, imds_time};
+use crate::rate_limit::CallerLimiter;
+use crate::state::AppState;
+use audit::TokenRefusal;
+
+/// The path SDKs are pointed at (EKS Pod Identity uses the same).
+pub const CREDENTIALS_PATH: &str = "/v1/credentials";
+/// The container-credential addresses in every SDK's plain-HTTP allow-list (ECS, EKS).
+const CONTAINER_HOSTS: [&str; 3] = ["169.254.170.2", "169.254.170.23", "fd00:ec2::23"];
+/// How often the rotation task looks at the clock at most: a wall-clock jump (suspend, NTP)
+/// is noticed within this.
+const ROTATION_CHECK: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+struct Endpoint {
+    state: AppState,
+    tokens: Arc<TokenStore>,
+}
+
+/// The container endpoint's router. Layers run outermost first: relayed-request refusal, the
+/// caller's rate limit, then the routes (which check the token).
+pub fn router(state: AppState, tokens: Arc<TokenStore>) -> Router {
+    let limits = state.config().limits;
+    let limiter = Arc::new(CallerLimiter::new(
+        NonZeroU32::new(limits.requests_per_second).unwrap_or(NonZeroU32::MIN),
+        NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN),
+    ));
+    let endpoint = Endpoint { state, tokens };
+    Router::new()
+        .route(
+            CREDENTIALS_PATH,
+            get(credentials_of_token).fallback(|| async { ContainerError::MethodNotAllowed }),
+        )
+        .route(
+            &format!("{CREDENTIALS_PATH}/{{app}}"),
+            get(credentials_of_app).fallback(|| async { ContainerError::MethodNotAllowed }),
+        )
+        .fallback(|| async { ContainerError::NotFound })
+        .layer(from_fn_with_state(limiter, rate_limit))
+        .layer(from_fn_with_state(endpoint.clone(), refuse_relayed))
+        .with_state(endpoint)
+}
+
+fn connection(request: &Request) -> Result<&ConnectionInfo, ContainerError> {
+    request
+        .extensions()
+        .get::<ConnectionInfo>()
+        .ok_or(ContainerError::Internal("connection identity missing"))
+}
+
+/// As on the IMDS endpoint: nothing relayed by a proxy, nothing from a browser, and a `Host`
+/// that names this daemon (DNS rebinding).
+async fn refuse_relayed(
+    State(endpoint): State<Endpoint>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ContainerError> {
+    let conn = connection(&request)?;
+    let headers = request.headers();
+    let refusal =
+        if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
+            Some((DenyReason::Forwarded, "forwarded requests are refused"))
+        } else if headers.contains_key(header::ORIGIN)
+            || headers.contains_key(header::REFERER)
+            || headers.keys().any(|k| k.as_str().starts_with("sec-fetch-"))
+        {
+            Some((DenyReason::Browser, "browser requests are refused"))
+        } else if !host_allowed(&endpoint.state, conn, headers.get(header::HOST)) {
+            Some((
+                DenyReason::ForeignHost,
+                "the Host header does not name this daemon",
+            ))
+        } else {
+            None
+        };
+    if let Some((reason, message)) = refusal {
+        audit::refused(conn, reason, message);
+        return Err(ContainerError::Forbidden(message));
+    }
+    Ok(next.run(request).await)
+}
+
+fn host_allowed(state: &AppState, conn: &ConnectionInfo, host: Option<&HeaderValue>) -> bool {
+    let Some(host) = host else { return true };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = crate::host::strip_port(host).to_ascii_lowercase();
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        let config = state.config();
+        return ip == conn.local.ip()
+            || CONTAINER_HOSTS.iter().any(|h| h.parse() == Ok(ip))
+            || config
+                .container
+                .as_ref()
+                .is_some_and(|c| c.listen.iter().any(|l| l.ip() == ip));
+    }
+    (name == "localhost" && conn.local.ip().is_loopback())
+        || state.config().server.allowed_hosts.contains(&name)
+}
+
+async fn rate_limit(
+    State(limiter): State<Arc<CallerLimiter>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ContainerError> {
+    let conn = connection(&request)?;
+    if let Err(retry_after) = limiter.check(&conn.token_binding()) {
+        audit::refused(conn, DenyReason::RateLimited, "request rate over the limit");
+        return Err(ContainerError::RateLimited { retry_after });
+    }
+    Ok(next.run(request).await)
+}
+
+async fn credentials_of_token(
+    State(endpoint): State<Endpoint>,
+    request: Request,
+) -> Result<Response, ContainerError> {
+    serve(&endpoint, connection(&request)?, request.headers(), None).await
+}
+
+async fn credentials_of_app(
+    State(endpoint): State<Endpoint>,
+    Path(app): Path<String>,
+    request: Request,
+) -> Result<Response, ContainerError> {
+    serve(
+        &endpoint,
+        connection(&request)?,
+        request.headers(),
+        Some(&app),
+    )
+    .await
+}
+
+async fn serve(
+    endpoint: &Endpoint,
+    conn: &ConnectionInfo,
+    headers: &HeaderMap,
+    wanted: Option<&str>,
+) -> Result<Response, ContainerError> {
+    let refuse = |refusal: TokenRefusal, app: Option<&str>, error: ContainerError| {
+        audit::token_rejected(conn, refusal, app);
+        Err(error)
+    };
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let token = match (values.next(), values.next()) {
+        (None, _) => return refuse(TokenRefusal::Missing, None, ContainerError::MissingToken),
+        (Some(_), Some(_)) => {
+            return refuse(
+                TokenRefusal::Malformed,
+                None,
+                ContainerError::BadToken("one Authorization header, please"),
+            );
+        }
+        (Some(value), None) => match value.to_str() {
+            Ok(token) if !token.is_empty() => token,
+            _ => {
+                return refuse(
+                    TokenRefusal::Malformed,
+                    None,
+                    ContainerError::BadToken("invalid token"),
+                );
+            }
+        },
+    };
+    let state = &endpoint.state;
+    let app_name = match endpoint.tokens.verify(token, state.now()) {
+        Verdict::Valid { app } => app,
+        Verdict::Stale { app } => {
+            return refuse(
+                TokenRefusal::Stale,
+                Some(&app),
+                ContainerError::BadToken("the token was replaced; read the token file again"),
+            );
+        }
+        Verdict::Unknown => {
+            return refuse(
+                TokenRefusal::Unknown,
+                None,
+                ContainerError::BadToken("invalid token"),
+            );
+        }
+    };
+    if wanted.is_some_and(|w| w != app_name) {
+        return refuse(
+            TokenRefusal::OtherApp,
+            Some(&app_name),
+            ContainerError::BadToken("the token is not valid for this app"),
+        );
+    }
+    let config = state.config();
+    let Some(app) = config
+        .apps
+        .iter()
+        .find(|a| a.name == app_name && a.container.is_some())
+    else {
+        return refuse(
+            TokenRefusal::Withdrawn,
+            Some(&app_name),
+            ContainerError::BadToken("the token's app is no longer served here"),
+        );
+    };
+    let creds = match state.cache().get(&app.assume_role_input()).await {
+        Ok(creds) => creds,
+        Err(e) => {
+            audit::credentials_denied(conn, &app.name, &e.to_string());
+            return Err(e.into());
+        }
+    };
+    audit::credentials_issued(conn, app, &creds);
+    Ok(document(
+        &creds,
+        &app.role_arn.to_string(),
+        app.role_arn.account_id(),
+    ))
+}
+
+/// The ECS agent's credential JSON: the four fields every SDK requires, plus the role and
+/// account (botocore, aws-sdk-rust and the JS SDK read `AccountId`).
+fn document(creds: &Credentials, role_arn: &str, account_id: &str) -> Response {
+    #[derive(Serialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Document<'a> {
+        access_key_id: &'a str,
+        secret_access_key: &'a str,
+        token: &'a str,
+        expiration: String,
+        role_arn: &'a str,
+        account_id: &'a str,
+    }
+    let doc = Document {
+        access_key_id: &creds.access_key_id,
+        secret_access_key: creds.secret_access_key.expose(),
+        token: creds.session_token.expose(),
+        expiration: imds_time(creds.expiration),
+        role_arn,
+        account_id,
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        serde_json::to_string(&doc).expect("plain struct serializes"),
+    )
+        .into_response()
+}
+
+/// Puts the container endpoint to work on `state`: its tokens follow config reloads, every
+/// app gets its token file now, rotation runs on schedule; returns the endpoint's router.
+pub fn start(state: &AppState, tokens: Arc<TokenStore>) -> Router {
+    state.attach_container_tokens(tokens.clone());
+    record(&tokens.reconcile(&state.config().apps, state.now()));
+    let task_state = state.clone();
+    let task_tokens = tokens.clone();
+    state.spawn_background(move |stop| rotate_on_schedule(task_state, task_tokens, stop));
+    router(state.clone(), tokens)
+}
+
+/// Applies `rotations` to the audit trail (and the log, through it).
+pub fn record(rotations: &[tokens::Rotation]) {
+    for rotation in rotations {
+        audit::token_rotated(rotation);
+    }
+}
+
+/// Replaces each app's token once it is `container.rotate_every` old, until `stop`.
+pub async fn rotate_on_schedule(state: AppState, tokens: Arc<TokenStore>, stop: CancellationToken) {
+    loop {
+        let Some(settings) = state.config().container.clone() else {
+            return;
+        };
+        let now = state.now();
+        let wait = tokens
+            .next_due(settings.rotate_every)
+            .map_or(ROTATION_CHECK, |due| {
+                due.duration_since(now)
+                    .unwrap_or(Duration::ZERO)
+                    .min(ROTATION_CHECK)
+            });
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let (store, now) = (tokens.clone(), state.now());
+        let rotated = tokio::task::spawn_blocking(move || {
+            store.rotate_due(settings.rotate_every, settings.grace, now)
+        })
+        .await;
+        match rotated {
+            Ok(rotations) => record(&rotations),
+            Err(e) => tracing::error!(error = %e, "container token rotation failed"),
+        }
+    }
+}

@@ -1,0 +1,671 @@
+//! The container endpoint's per-app authorization tokens: issued, written to each app's token
+//! file, rotated on a schedule or on demand, and checked on every request.
+//!
+//! The daemon keeps only SHA-256 digests of tokens (in memory and in its state file, so tokens
+//! survive a restart); the token itself exists only in the app's file. Looking a presented
+//! token up by its digest reveals nothing through timing: an attacker does not know the digest
+//! of what they send against what is stored.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::token_file;
+use crate::config::{App, AppContainer};
+use crate::secret::Secret;
+
+const STATE_FILE: &str = "container-tokens.json";
+/// Replaced tokens remembered after their grace, so a late caller is told "stale", not "unknown".
+const RETIRED_KEPT: usize = 4;
+/// Tokens are 32 random bytes, prefixed so that one found in a log or a repository is
+/// recognisable for what it is.
+const TOKEN_PREFIX: &str = "ibct_";
+
+/// How long the old token of a revoking rotation stays valid at most: only while the new
+/// file is written, after which it is retired at once.
+const WRITE_WINDOW: Duration = Duration::from_secs(60);
+
+type Digest = [u8; 32];
+
+fn digest(token: &str) -> Digest {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn new_token() -> Secret {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    Secret::new(format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes)))
+}
+
+/// What a presented token is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The app's current token, or the one before it within its grace period.
+    Valid {
+        app: String,
+    },
+    /// A token this app had before; it no longer opens anything.
+    Stale {
+        app: String,
+    },
+    Unknown,
+}
+
+/// Why a token was issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotationCause {
+    /// The app is new (or its token file settings changed, or the file was missing).
+    Issued,
+    Scheduled,
+    /// `imds-broker token rotate`: the old token stops working at once.
+    Requested,
+}
+
+impl RotationCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotationCause::Issued => "issued",
+            RotationCause::Scheduled => "scheduled",
+            RotationCause::Requested => "requested",
+        }
+    }
+}
+
+/// One token change, for the audit trail and the caller.
+#[derive(Debug)]
+pub struct Rotation {
+    pub app: String,
+    pub file: PathBuf,
+    pub cause: RotationCause,
+    pub result: io::Result<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {reason}")]
+    Refused { path: PathBuf, reason: String },
+}
+
+#[derive(Debug, Clone)]
+struct AppTokens {
+    target: AppContainer,
+    current: Digest,
+    issued_at: SystemTime,
+    /// The token before `current` and until when it is still accepted.
+    previous: Option<(Digest, SystemTime)>,
+    retired: VecDeque<Digest>,
+}
+
+#[derive(Default)]
+struct Tokens {
+    apps: HashMap<String, AppTokens>,
+}
+
+pub struct TokenStore {
+    state_file: PathBuf,
+    tokens: RwLock<Tokens>,
+    /// Serialises changes (they write files); checks only take `tokens` briefly.
+    writer: Mutex<()>,
+    /// Counts token changes, for whoever waits for one (status, tests).
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+/// The state file: digests, never tokens.
+#[derive(Serialize, Deserialize, Default)]
+struct SavedState {
+    apps: BTreeMap<String, SavedApp>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedApp {
+    token_file: PathBuf,
+    uid: u32,
+    gid: u32,
+    current: String,
+    issued_at: u64,
+    previous: Option<(String, u64)>,
+}
+
+/// A token's status for `imds-broker status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenStatus {
+    pub app: String,
+    pub token_file: PathBuf,
+    pub issued_at: SystemTime,
+    pub previous_until: Option<SystemTime>,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn from_unix(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+fn parse_digest(hex: &str) -> Option<Digest> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn hex(d: &Digest) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl TokenStore {
+    /// Opens the store kept in `state_dir`, with the tokens of an earlier run (their files are
+    /// checked by [`TokenStore::reconcile`]). A state file others could write is refused.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let state_file = state_dir.join(STATE_FILE);
+        let io_err = |source| StoreError::Io {
+            path: state_file.clone(),
+            source,
+        };
+        let saved = match fs::File::open(&state_file) {
+            Ok(file) => {
+                let meta = file.metadata().map_err(io_err)?;
+                if meta.mode() & 0o022 != 0 || meta.uid() != nix::unistd::geteuid().as_raw() {
+                    return Err(StoreError::Refused {
+                        path: state_file,
+                        reason: "must be owned by the daemon's user and writable only by it".into(),
+                    });
+                }
+                serde_json::from_reader::<_, SavedState>(io::BufReader::new(file)).unwrap_or_else(
+                    |e| {
+                        // Losing it only means every app gets a new token now.
+                        tracing::warn!(path = %state_file.display(), error = %e, "unreadable container token state; issuing new tokens");
+                        SavedState::default()
+                    },
+                )
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => SavedState::default(),
+            Err(e) => return Err(io_err(e)),
+        };
+        let apps = saved
+            .apps
+            .into_iter()
+            .filter_map(|(name, s)| {
+                let current = parse_digest(&s.current)?;
+                let previous = s
+                    .previous
+                    .and_then(|(d, until)| Some((parse_digest(&d)?, from_unix(until))));
+                Some((
+                    name,
+                    AppTokens {
+                        target: AppContainer {
+                            token_file: s.token_file,
+                            uid: s.uid,
+                            gid: s.gid,
+                        },
+                        current,
+                        issued_at: from_unix(s.issued_at),
+                        previous,
+                        retired: VecDeque::new(),
+                    },
+                ))
+            })
+            .collect();
+        Ok(Self {
+            state_file,
+            tokens: RwLock::new(Tokens { apps }),
+            writer: Mutex::new(()),
+            changes: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// What `presented` opens at `now`.
+    pub fn verify(&self, presented: &str, now: SystemTime) -> Verdict {
+        let d = digest(presented);
+        let tokens = self.tokens.read().expect("token store lock");
+        for (name, app) in &tokens.apps {
+            if app.current == d {
+                return Verdict::Valid { app: name.clone() };
+            }
+            if let Some((prev, until)) = app.previous
+                && prev == d
+            {
+                return if now < until {
+                    Verdict::Valid { app: name.clone() }
+                } else {
+                    Verdict::Stale { app: name.clone() }
+                };
+            }
+            if app.retired.contains(&d) {
+                return Verdict::Stale { app: name.clone() };
+            }
+        }
+        Verdict::Unknown
+    }
+
+    /// Brings the tokens in line with `apps`: a token for every app with `[app.container]`
+    /// whose file is missing, tampered with or configured differently; none for the others
+    /// (their files are removed).
+    pub fn reconcile(&self, apps: &[App], now: SystemTime) -> Vec<Rotation> {
+        let _writer = self.writer.lock().expect("token writer lock");
+        let wanted: HashMap<&str, &AppContainer> = apps
+            .iter()
+            .filter_map(|a| a.container.as_ref().map(|c| (a.name.as_str(), c)))
+            .collect();
+        let gone: Vec<(String, PathBuf)> = {
+            let mut tokens = self.tokens.write().expect("token store lock");
+            let gone = tokens
+                .apps
+                .iter()
+                .filter(|(name, held)| {
+                    wanted
+                        .get(name.as_str())
+                        .is_none_or(|c| c.token_file != held.target.token_file)
+                })
+                .map(|(name, held)| (name.clone(), held.target.token_file.clone()))
+                .collect::<Vec<_>>();
+            for (name, _) in &gone {
+                tokens.apps.remove(name);
+            }
+            gone
+        };
+        for (app, file) in gone {
+            if let Err(e) = token_file::remove(&file) {
+                tracing::warn!(%app, file = %file.display(), error = %e, "cannot remove an old token file");
+            }
+        }
+        let mut rotations = Vec::new();
+        for (name, target) in wanted {
+            let keep = {
+                let tokens = self.tokens.read().expect("token store lock");
+                tokens
+                    .apps
+                    .get(name)
+                    .is_some_and(|held| &held.target == target)
+            } && token_file::intact(target);
+            if !keep {
+                rotations.push(self.replace(name, target, now, None, RotationCause::Issued));
+            }
+        }
+        self.save();
+        rotations
+    }
+
+    /// Replaces every token issued `every` or longer ago; the old one stays valid for `grace`.
+    pub fn rotate_due(&self, every: Duration, grace: Duration, now: SystemTime) -> Vec<Rotation> {
+        let _writer = self.writer.lock().expect("token writer lock");
+        let due: Vec<(String, AppContainer)> = {
+            let tokens = self.tokens.read().expect("token store lock");
+            tokens
+                .apps
+                .iter()
+                .filter(|(_, held)| held.issued_at + every <= now)
+                .map(|(name, held)| (name.clone(), held.target.clone()))
+                .collect()
+        };
+        let rotations: Vec<_> = due
+            .into_iter()
+            .map(|(name, target)| {
+                self.replace(&name, &target, now, Some(grace), RotationCause::Scheduled)
+            })
+            .collect();
+        if !rotations.is_empty() {
+            self.save();
+        }
+        rotations
+    }
+
+    /// Replaces `app`'s token now; the old one stops working at once. `None` if the app has no
+    /// container token.
+    pub fn rotate(&self, app: &str, now: SystemTime) -> Option<Rotation> {
+        let _writer = self.writer.lock().expect("token writer lock");
+        let target = self
+            .tokens
+            .read()
+            .expect("token store lock")
+            .apps
+            .get(app)?
+            .target
+            .clone();
+        let rotation = self.replace(app, &target, now, None, RotationCause::Requested);
+        self.save();
+        Some(rotation)
+    }
+
+    /// Sees every change of any app's token (a counter that moves once per change).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// When the next scheduled rotation is due.
+    pub fn next_due(&self, every: Duration) -> Option<SystemTime> {
+        let tokens = self.tokens.read().expect("token store lock");
+        tokens.apps.values().map(|a| a.issued_at + every).min()
+    }
+
+    pub fn status(&self) -> Vec<TokenStatus> {
+        let tokens = self.tokens.read().expect("token store lock");
+        let mut list: Vec<_> = tokens
+            .apps
+            .iter()
+            .map(|(name, a)| TokenStatus {
+                app: name.clone(),
+                token_file: a.target.token_file.clone(),
+                issued_at: a.issued_at,
+                previous_until: a.previous.map(|(_, until)| until),
+            })
+            .collect();
+        list.sort_by(|a, b| a.app.cmp(&b.app));
+        list
+    }
+
+    /// Issues a new token for `name` and writes its file. The new token is accepted before the
+    /// file is written (a fast reader must not be refused); the old one is kept for `grace`, or
+    /// retired once the file is in place. If the file cannot be written nothing changes.
+    fn replace(
+        &self,
+        name: &str,
+        target: &AppContainer,
+        now: SystemTime,
+        grace: Option<Duration>,
+        cause: RotationCause,
+    ) -> Rotation {
+        let token = new_token();
+        let new = digest(token.expose());
+        let before = {
+            let mut tokens = self.tokens.write().expect("token store lock");
+            let before = tokens.apps.get(name).cloned();
+            let mut next = before.clone().unwrap_or_else(|| AppTokens {
+                target: target.clone(),
+                current: new,
+                issued_at: now,
+                previous: None,
+                retired: VecDeque::new(),
+            });
+            if let Some(old) = &before {
+                // Both stay valid while the file changes hands.
+                next.previous = Some((old.current, now + grace.unwrap_or(WRITE_WINDOW)));
+                if let Some((prev, _)) = old.previous {
+                    retire(&mut next.retired, prev);
+                }
+            }
+            next.target = target.clone();
+            next.current = new;
+            next.issued_at = now;
+            tokens.apps.insert(name.to_owned(), next);
+            before
+        };
+        let result = token_file::write(target, &token);
+        let mut tokens = self.tokens.write().expect("token store lock");
+        match (&result, before) {
+            (Err(_), Some(old)) => {
+                tokens.apps.insert(name.to_owned(), old);
+            }
+            (Err(_), None) => {
+                tokens.apps.remove(name);
+            }
+            (Ok(()), _) if grace.is_none() => {
+                if let Some(held) = tokens.apps.get_mut(name)
+                    && let Some((old, _)) = held.previous.take()
+                {
+                    retire(&mut held.retired, old);
+                }
+            }
+            (Ok(()), _) => {}
+        }
+        drop(tokens);
+        if result.is_ok() {
+            self.changes.send_modify(|n| *n += 1);
+        }
+        Rotation {
+            app: name.to_owned(),
+            file: target.token_file.clone(),
+            cause,
+            result,
+        }
+    }
+
+    /// Writes the digests to the state file (0600, atomically). A failure is logged: the
+    /// tokens in force are unaffected, a restart would just issue new ones.
+    fn save(&self) {
+        let saved = {
+            let tokens = self.tokens.read().expect("token store lock");
+            SavedState {
+                apps: tokens
+                    .apps
+                    .iter()
+                    .map(|(name, a)| {
+                        (
+                            name.clone(),
+                            SavedApp {
+                                token_file: a.target.token_file.clone(),
+                                uid: a.target.uid,
+                                gid: a.target.gid,
+                                current: hex(&a.current),
+                                issued_at: unix(a.issued_at),
+                                previous: a.previous.map(|(d, until)| (hex(&d), unix(until))),
+                            },
+                        )
+                    })
+                    .collect(),
+            }
+        };
+        let tmp = self.state_file.with_extension("json.tmp");
+        let result = (|| {
+            let _ = fs::remove_file(&tmp);
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(&serde_json::to_vec(&saved).map_err(io::Error::other)?)?;
+            file.sync_all()?;
+            fs::rename(&tmp, &self.state_file)
+        })();
+        if let Err(e) = result {
+            tracing::error!(path = %self.state_file.display(), error = %e, "cannot save the container token state");
+        }
+    }
+}
+
+fn retire(retired: &mut VecDeque<Digest>, d: Digest) {
+    if retired.len() == RETIRED_KEPT {
+        retired.pop_front();
+    }
+    retired.push_back(d);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn config(dir: &Path) -> Config {
+        let me = nix::unistd::geteuid().as_raw();
+        let text = format!(
+            r#"
+            [server]
+            listen = ["127.0.0.1:0"]
+            state_dir = "{dir}"
+            [sts]
+            region = "us-east-1"
+            [container]
+            listen = ["127.0.0.1:0"]
+            token_dir = "{dir}/tokens"
+            [[app]]
+            name = "a"
+            match = {{ uid = {me} }}
+            role_arn = "arn:aws:iam::111122223333:role/a"
+            container = {{}}
+            [[app]]
+            name = "b"
+            match = {{ uid = 4242 }}
+            role_arn = "arn:aws:iam::111122223333:role/b"
+            container = {{ uid = {me} }}
+            "#,
+            dir = dir.display()
+        );
+        Config::parse(&text, Path::new("test.toml")).unwrap()
+    }
+
+    fn token_of(config: &Config, app: &str) -> String {
+        let app = config.apps.iter().find(|a| a.name == app).unwrap();
+        fs::read_to_string(&app.container.as_ref().unwrap().token_file).unwrap()
+    }
+
+    fn store(dir: &Path, config: &Config, now: SystemTime) -> TokenStore {
+        token_file::ensure_token_dir(&dir.join("tokens")).unwrap();
+        let store = TokenStore::open(dir).unwrap();
+        let issued = store.reconcile(&config.apps, now);
+        assert!(issued.iter().all(|r| r.result.is_ok()), "{issued:?}");
+        store
+    }
+
+    #[test]
+    fn each_token_opens_its_own_app_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let now = SystemTime::now();
+        let store = store(dir.path(), &config, now);
+        let (a, b) = (token_of(&config, "a"), token_of(&config, "b"));
+        assert_ne!(a, b);
+        assert!(a.starts_with(TOKEN_PREFIX) && !a.contains('\n'));
+        assert_eq!(store.verify(&a, now), Verdict::Valid { app: "a".into() });
+        assert_eq!(store.verify(&b, now), Verdict::Valid { app: "b".into() });
+        assert_eq!(store.verify("ibct_guess", now), Verdict::Unknown);
+        assert_eq!(store.verify("", now), Verdict::Unknown);
+    }
+
+    #[test]
+    fn scheduled_rotation_keeps_the_old_token_for_the_grace_period_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let t0 = SystemTime::now();
+        let store = store(dir.path(), &config, t0);
+        let old = token_of(&config, "a");
+        let every = Duration::from_secs(3600);
+        let grace = Duration::from_secs(60);
+        assert!(store.rotate_due(every, grace, t0 + every / 2).is_empty());
+        assert_eq!(store.next_due(every), Some(t0 + every));
+        let t1 = t0 + every;
+        let rotated = store.rotate_due(every, grace, t1);
+        assert_eq!(rotated.len(), 2);
+        let new = token_of(&config, "a");
+        assert_ne!(old, new);
+        assert_eq!(store.verify(&new, t1), Verdict::Valid { app: "a".into() });
+        assert_eq!(
+            store.verify(&old, t1 + grace / 2),
+            Verdict::Valid { app: "a".into() }
+        );
+        assert_eq!(
+            store.verify(&old, t1 + grace),
+            Verdict::Stale { app: "a".into() }
+        );
+    }
+
+    #[test]
+    fn a_requested_rotation_revokes_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let now = SystemTime::now();
+        let store = store(dir.path(), &config, now);
+        let old = token_of(&config, "b");
+        let other = token_of(&config, "a");
+        let r = store.rotate("b", now).unwrap();
+        assert!(r.result.is_ok());
+        assert_eq!(r.cause, RotationCause::Requested);
+        assert_eq!(store.verify(&old, now), Verdict::Stale { app: "b".into() });
+        let new = token_of(&config, "b");
+        assert_eq!(store.verify(&new, now), Verdict::Valid { app: "b".into() });
+        assert_eq!(
+            store.verify(&other, now),
+            Verdict::Valid { app: "a".into() }
+        );
+        assert!(store.rotate("nope", now).is_none());
+    }
+
+    #[test]
+    fn tokens_survive_a_restart_and_a_tampered_file_gets_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let now = SystemTime::now();
+        let a = {
+            let _store = store(dir.path(), &config, now);
+            token_of(&config, "a")
+        };
+        let state = fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        assert!(!state.contains(&a), "the state file holds digests only");
+        // Restart: same tokens.
+        let store = TokenStore::open(dir.path()).unwrap();
+        assert!(store.reconcile(&config.apps, now).is_empty());
+        assert_eq!(store.verify(&a, now), Verdict::Valid { app: "a".into() });
+        // A token file that was deleted gets a new token on the next reconcile.
+        let file = &config.apps[1].container.as_ref().unwrap().token_file;
+        fs::remove_file(file).unwrap();
+        let again = store.reconcile(&config.apps, now);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].app, "b");
+        assert!(file.exists());
+    }
+
+    #[test]
+    fn removed_apps_lose_their_token_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        let now = SystemTime::now();
+        let store = store(dir.path(), &config, now);
+        let b = token_of(&config, "b");
+        let file = config.apps[1].container.clone().unwrap().token_file;
+        config.apps.truncate(1);
+        store.reconcile(&config.apps, now);
+        assert_eq!(store.verify(&b, now), Verdict::Unknown);
+        assert!(!file.exists());
+        assert_eq!(store.status().len(), 1);
+    }
+
+    #[test]
+    fn an_app_whose_file_cannot_be_written_has_no_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        let now = SystemTime::now();
+        let store = store(dir.path(), &config, now);
+        let a = token_of(&config, "a");
+        // Point app a at a directory that does not exist.
+        config.apps[0].container.as_mut().unwrap().token_file = dir.path().join("missing/a.token");
+        let r = store.reconcile(&config.apps, now);
+        assert_eq!(r.len(), 1);
+        assert!(r[0].result.is_err());
+        assert_eq!(
+            store.verify(&a, now),
+            Verdict::Unknown,
+            "the old file was removed"
+        );
+        assert!(store.status().iter().all(|s| s.app != "a"));
+    }
+
+    #[test]
+    fn a_state_file_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        fs::write(&path, "{}").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(matches!(
+            TokenStore::open(dir.path()),
+            Err(StoreError::Refused { .. })
+        ));
+    }
+}
