@@ -1,0 +1,438 @@
+//! The container credentials endpoint in process: the token in an app's file opens that app's
+//! credentials and nothing else; missing, unknown, stale and other-app tokens are refused with
+//! the JSON errors SDKs parse; rotation (scheduled, requested, by reload) moves the file and
+//! the daemon together.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{RawResponse, TestDaemon, send_raw};
+use imds_broker::config::Config;
+use imds_broker::container::tokens::TokenStore;
+use serde_json::Value;
+
+fn config_text(state_dir: &Path, extra_container: &str) -> String {
+    let me = nix::unistd::geteuid().as_raw();
+    let tokens = state_dir.with_file_name("tokens");
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+state_dir = "{state}"
+
+[sts]
+region = "us-east-1"
+
+[container]
+listen = ["127.0.0.1:0"]
+token_dir = "{tokens}"
+{extra_container}
+
+[[app]]
+name = "app-a"
+role_arn = "arn:aws:iam::111122223333:role/app-a"
+match = {{ uid = 4000001 }}
+container = {{ uid = {me} }}
+
+[[app]]
+name = "app-b"
+role_arn = "arn:aws:iam::444455556666:role/app-b"
+match = {{ uid = 4000002 }}
+container = {{ uid = {me} }}
+
+[[app]]
+name = "imds-only"
+role_arn = "arn:aws:iam::111122223333:role/imds-only"
+match = {{ uid = 4000003 }}
+"#,
+        state = state_dir.display(),
+        tokens = tokens.display(),
+    )
+}
+
+fn token_file(daemon: &TestDaemon, app: &str) -> PathBuf {
+    daemon
+        .state
+        .config()
+        .apps
+        .iter()
+        .find(|a| a.name == app)
+        .and_then(|a| a.container.as_ref())
+        .unwrap()
+        .token_file
+        .clone()
+}
+
+fn token(daemon: &TestDaemon, app: &str) -> String {
+    std::fs::read_to_string(token_file(daemon, app)).unwrap()
+}
+
+async fn get(daemon: &TestDaemon, path: &str, headers: &[(&str, &str)]) -> RawResponse {
+    let addr = daemon.container_addr.expect("container endpoint");
+    let mut raw = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\n");
+    for (k, v) in headers {
+        raw.push_str(&format!("{k}: {v}\r\n"));
+    }
+    raw.push_str("Connection: close\r\n\r\n");
+    send_raw(addr, raw.as_bytes()).await
+}
+
+async fn with_token(daemon: &TestDaemon, path: &str, token: &str) -> RawResponse {
+    get(daemon, path, &[("Authorization", token)]).await
+}
+
+fn json(r: &RawResponse) -> Value {
+    serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("not JSON ({e}): {r:?}"))
+}
+
+/// An error the Go SDK (lowercase) and the JS SDK (capitalised) can both read.
+fn assert_error(r: &RawResponse, status: u16, code: &str) {
+    assert_eq!(r.status, status, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let body = json(r);
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["Code"], code, "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(body["message"], body["Message"]);
+}
+
+#[tokio::test]
+async fn the_token_in_an_apps_file_opens_that_apps_credentials() {
+    let daemon = TestDaemon::start(|dir| config_text(dir, "")).await;
+    let a = token(&daemon, "app-a");
+    for path in ["/v1/credentials", "/v1/credentials/app-a"] {
+        let r = with_token(&daemon, path, &a).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let doc = json(&r);
+        for field in ["AccessKeyId", "SecretAccessKey", "Token", "Expiration"] {
+            assert!(doc[field].is_string(), "{field} in {doc}");
+        }
+        assert!(
+            doc.get("Code").is_none(),
+            "Rust rejects a Code other than Success"
+        );
+        assert_eq!(doc["RoleArn"], "arn:aws:iam::111122223333:role/app-a");
+        assert_eq!(doc["AccountId"], "111122223333");
+        let expiration = doc["Expiration"].as_str().unwrap();
+        assert_eq!(expiration.len(), 20, "{expiration}");
+        assert!(expiration.ends_with('Z'));
+    }
+    let b = with_token(&daemon, "/v1/credentials", &token(&daemon, "app-b")).await;
+    assert_eq!(json(&b)["AccountId"], "444455556666");
+    let inputs = daemon.sts.inputs();
+    assert_eq!(inputs.len(), 2, "one AssumeRole per app: {inputs:?}");
+    assert!(inputs.iter().any(|c| c.role_arn.role_name() == "app-a"));
+    assert!(inputs.iter().any(|c| c.role_arn.role_name() == "app-b"));
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn token_files_are_the_apps_alone_and_have_no_newline() {
+    let daemon = TestDaemon::start(|dir| config_text(dir, "")).await;
+    let file = token_file(&daemon, "app-a");
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o400);
+    assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
+    let dir = std::fs::metadata(file.parent().unwrap()).unwrap();
+    assert_eq!(dir.mode() & 0o777, 0o711, "others may not list the tokens");
+    let a = token(&daemon, "app-a");
+    assert!(a.bytes().all(|b| b.is_ascii_graphic()), "{a:?}");
+    assert!(a.len() >= 40);
+    assert_ne!(a, token(&daemon, "app-b"));
+    assert!(
+        !file.with_file_name("imds-only.token").exists(),
+        "no [app.container], no token"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn missing_unknown_and_other_apps_tokens_are_refused() {
+    let daemon = TestDaemon::start(|dir| config_text(dir, "")).await;
+    assert_error(
+        &get(&daemon, "/v1/credentials", &[]).await,
+        401,
+        "Unauthorized",
+    );
+    assert_error(
+        &with_token(&daemon, "/v1/credentials", "ibct_made-up").await,
+        403,
+        "AccessDenied",
+    );
+    let a = token(&daemon, "app-a");
+    // A prefix, or the token with something after it, is another token.
+    assert_error(
+        &with_token(&daemon, "/v1/credentials", &a[..a.len() - 1]).await,
+        403,
+        "AccessDenied",
+    );
+    assert_error(
+        &with_token(&daemon, "/v1/credentials", &format!("Bearer {a}")).await,
+        403,
+        "AccessDenied",
+    );
+    assert_error(
+        &with_token(&daemon, "/v1/credentials/app-b", &a).await,
+        403,
+        "AccessDenied",
+    );
+    assert_error(
+        &with_token(&daemon, "/v1/credentials/imds-only", &a).await,
+        403,
+        "AccessDenied",
+    );
+    let twice = get(
+        &daemon,
+        "/v1/credentials",
+        &[("Authorization", &a), ("Authorization", &a)],
+    )
+    .await;
+    assert_error(&twice, 403, "AccessDenied");
+    assert_eq!(daemon.sts.calls(), 0, "nothing refused reached STS");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn relayed_browser_and_rebound_requests_are_refused() {
+    let daemon = TestDaemon::start(|dir| config_text(dir, "")).await;
+    let a = token(&daemon, "app-a");
+    for header in [
+        ("X-Forwarded-For", "10.0.0.1"),
+        ("Forwarded", "for=10.0.0.1"),
+        ("Origin", "http://evil.example"),
+        ("Sec-Fetch-Mode", "cors"),
+    ] {
+        let r = get(&daemon, "/v1/credentials", &[("Authorization", &a), header]).await;
+        assert_error(&r, 403, "AccessDenied");
+    }
+    let addr = daemon.container_addr.unwrap();
+    let rebound = send_raw(
+        addr,
+        format!(
+            "GET /v1/credentials HTTP/1.1\r\nHost: evil.example\r\nAuthorization: {a}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_error(&rebound, 403, "AccessDenied");
+    for host in ["localhost", "169.254.170.23", "127.0.0.1"] {
+        let r = send_raw(
+            addr,
+            format!(
+                "GET /v1/credentials HTTP/1.1\r\nHost: {host}\r\nAuthorization: {a}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "Host {host}: {r:?}");
+    }
+    let post = send_raw(
+        addr,
+        format!(
+            "POST /v1/credentials HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {a}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_error(&post, 405, "MethodNotAllowed");
+    assert_error(
+        &with_token(&daemon, "/latest/meta-data/", &a).await,
+        404,
+        "NotFound",
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_requested_rotation_revokes_the_old_token_at_once() {
+    let daemon = TestDaemon::start(|dir| config_text(dir, "")).await;
+    let (old_a, b) = (token(&daemon, "app-a"), token(&daemon, "app-b"));
+    let tokens = daemon.state.container_tokens().unwrap().clone();
+    let rotation = tokens.rotate("app-a", daemon.state.now()).unwrap();
+    assert!(rotation.result.is_ok());
+    let new_a = token(&daemon, "app-a");
+    assert_ne!(new_a, old_a);
+    assert_error(
+        &with_token(&daemon, "/v1/credentials", &old_a).await,
+        403,
+        "AccessDenied",
+    );
+    assert_eq!(
+        with_token(&daemon, "/v1/credentials", &new_a).await.status,
+        200
+    );
+    assert_eq!(
+        with_token(&daemon, "/v1/credentials", &b).await.status,
+        200,
+        "other apps keep their tokens"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn scheduled_rotation_replaces_the_file_and_honours_the_grace_period() {
+    let daemon =
+        TestDaemon::start(|dir| config_text(dir, "rotate_every = \"10m\"\ngrace = \"1m\"")).await;
+    let tokens = daemon.state.container_tokens().unwrap().clone();
+    let mut changes = tokens.subscribe();
+    let before = *changes.borrow_and_update();
+    let old = token(&daemon, "app-a");
+    // The rotation task checks the (hand-moved) clock at least once a minute of real time; a
+    // reload wakes nothing, so move the clock and let the task find the tokens due.
+    daemon.clock.advance(Duration::from_secs(10 * 60));
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(61)).await;
+    tokio::time::resume();
+    // Both apps are due: two changes.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        changes.wait_for(|n| *n >= before + 2),
+    )
+    .await
+    .expect("scheduled rotations")
+    .unwrap();
+    let new = token(&daemon, "app-a");
+    assert_ne!(new, old);
+    assert_eq!(
+        with_token(&daemon, "/v1/credentials", &new).await.status,
+        200
+    );
+    assert_eq!(
+        with_token(&daemon, "/v1/credentials", &old).await.status,
+        200,
+        "within the grace period"
+    );
+    daemon.clock.advance(Duration::from_secs(61));
+    assert_error(
+        &with_token(&daemon, "/v1/credentials", &old).await,
+        403,
+        "AccessDenied",
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_issues_tokens_for_new_apps_and_withdraws_removed_ones() {
+    let daemon = TestDaemon::start(|dir| config_text(dir, "")).await;
+    let a = token(&daemon, "app-a");
+    let b_file = token_file(&daemon, "app-b");
+    let b = token(&daemon, "app-b");
+    let state_dir = daemon.dir.path().join("state");
+    let me = nix::unistd::geteuid().as_raw();
+    let text = config_text(&state_dir, "")
+        .replace(
+            &format!("match = {{ uid = 4000002 }}\ncontainer = {{ uid = {me} }}"),
+            "match = { uid = 4000002 }",
+        )
+        .replace(
+            "match = { uid = 4000003 }",
+            &format!("match = {{ uid = 4000003 }}\ncontainer = {{ uid = {me} }}"),
+        );
+    let config = Config::parse(&text, Path::new("reload.toml")).unwrap();
+    daemon.state.apply_config(config);
+    assert!(!b_file.exists(), "a removed app's token file is deleted");
+    assert_error(
+        &with_token(&daemon, "/v1/credentials", &b).await,
+        403,
+        "AccessDenied",
+    );
+    let fresh = token(&daemon, "imds-only");
+    assert_eq!(
+        with_token(&daemon, "/v1/credentials/imds-only", &fresh)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        with_token(&daemon, "/v1/credentials", &a).await.status,
+        200,
+        "an unchanged app keeps its token"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_survive_a_daemon_restart() {
+    let first = TestDaemon::start(|dir| config_text(dir, "")).await;
+    let a = token(&first, "app-a");
+    let dir: Arc<tempfile::TempDir> = first.dir.clone();
+    let (clock, sts) = (first.clock.clone(), first.sts.clone());
+    first.stop().await;
+    let second = TestDaemon::start_with(dir, |d| config_text(d, ""), clock, sts).await;
+    assert_eq!(token(&second, "app-a"), a, "the file was not rewritten");
+    assert_eq!(with_token(&second, "/v1/credentials", &a).await.status, 200);
+    second.stop().await;
+}
+
+#[test]
+fn a_container_app_needs_the_endpoint_and_an_owner() {
+    let base = |container: &str, app: &str| {
+        format!(
+            "[sts]\nregion = \"us-east-1\"\n{container}\n[[app]]\nname = \"x\"\nrole_arn = \"arn:aws:iam::111122223333:role/x\"\n{app}\n"
+        )
+    };
+    let err = |text: String| {
+        Config::parse(&text, Path::new("c.toml"))
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(base("", "match = { uid = 5 }\ncontainer = {}"));
+    assert!(e.contains("add a [container] section"), "{e}");
+    let e = err(base(
+        "[container]\nlisten = [\"127.0.0.1:8023\"]",
+        "match = { systemd_unit = \"x.service\" }\ncontainer = {}",
+    ));
+    assert!(e.contains("needs uid or user"), "{e}");
+    let e = err(base(
+        "[container]\nlisten = [\"127.0.0.1:8023\"]\nrotate_every = \"10s\"",
+        "match = { uid = 5 }\ncontainer = {}",
+    ));
+    assert!(e.contains("container.rotate_every"), "{e}");
+    let e = err(base(
+        "[container]\nlisten = [\"127.0.0.1:8023\"]",
+        "match = { uid = 5 }\ncontainer = { token_file = \"relative\" }",
+    ));
+    assert!(e.contains("absolute file path"), "{e}");
+    let ok = Config::parse(
+        &base(
+            "[container]\nlisten = [\"127.0.0.1:8023\"]",
+            "match = { uid = 5 }\ncontainer = {}",
+        ),
+        Path::new("c.toml"),
+    )
+    .unwrap();
+    let c = ok.apps[0].container.as_ref().unwrap();
+    assert_eq!(c.uid, 5);
+    assert_eq!(
+        c.token_file,
+        PathBuf::from("/run/imds-broker-tokens/x.token")
+    );
+}
+
+#[test]
+fn two_apps_cannot_share_a_token_file() {
+    let text = "[sts]\nregion = \"us-east-1\"\n[container]\nlisten = [\"127.0.0.1:8023\"]\n\
+        [[app]]\nname = \"x\"\nrole_arn = \"arn:aws:iam::111122223333:role/x\"\nmatch = { uid = 5 }\ncontainer = { token_file = \"/t/f\" }\n\
+        [[app]]\nname = \"y\"\nrole_arn = \"arn:aws:iam::111122223333:role/y\"\nmatch = { uid = 6 }\ncontainer = { token_file = \"/t/f\" }\n";
+    let e = Config::parse(text, Path::new("c.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("token file too"), "{e}");
+}
+
+#[test]
+fn a_store_reopened_from_a_state_file_others_may_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("container-tokens.json");
+    std::fs::write(&state, "{\"apps\":{}}").unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o646)).unwrap();
+    assert!(TokenStore::open(dir.path()).is_err());
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(TokenStore::open(dir.path()).is_ok());
+}
