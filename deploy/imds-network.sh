@@ -6,8 +6,10 @@
 #   imds-network.sh up|down|status [--mode auto|local|ec2] [--broker-port PORT] [--broker-user USER]
 #
 # local: a dummy interface `imds0` holding 169.254.169.254/32 and fd00:ec2::254/128, for a broker
-#        listening on those addresses (port 80). Where the kernel has no dummy link type (some
-#        containers), the addresses go on `lo` instead, and the script says so.
+#        listening on those addresses (port 80), and the container-credentials addresses
+#        169.254.170.23/32 and fd00:ec2::23/128 (for a [container] endpoint on its default
+#        address). Where the kernel has no dummy link type (some containers), the addresses go
+#        on `lo` instead, and the script says so.
 # ec2:   an nftables table `inet imds_broker` that DNATs TCP to 169.254.169.254:80 and
 #        [fd00:ec2::254]:80 from every local process except those of --broker-user to the broker
 #        on 127.0.0.1/[::1]:--broker-port. The broker's own user still reaches the real IMDS for
@@ -19,6 +21,8 @@ set -euo pipefail
 
 IMDS_V4=169.254.169.254
 IMDS_V6=fd00:ec2::254
+CONTAINER_V4=169.254.170.23
+CONTAINER_V6=fd00:ec2::23
 DEVICE=imds0
 TABLE=imds_broker
 
@@ -64,10 +68,12 @@ local_up() {
         fi
     fi
     ip addr replace "$IMDS_V4/32" dev "$dev"
+    ip addr replace "$CONTAINER_V4/32" dev "$dev"
     if ipv6_enabled; then
         ip -6 addr replace "$IMDS_V6/128" dev "$dev" nodad
+        ip -6 addr replace "$CONTAINER_V6/128" dev "$dev" nodad
     fi
-    say "local: $IMDS_V4 (and $IMDS_V6) on $dev"
+    say "local: $IMDS_V4, $CONTAINER_V4 (and $IMDS_V6, $CONTAINER_V6) on $dev"
 }
 
 local_down() {
@@ -75,7 +81,9 @@ local_down() {
         ip link del "$DEVICE"
     fi
     ip addr del "$IMDS_V4/32" dev lo 2>/dev/null || true
+    ip addr del "$CONTAINER_V4/32" dev lo 2>/dev/null || true
     ip -6 addr del "$IMDS_V6/128" dev lo 2>/dev/null || true
+    ip -6 addr del "$CONTAINER_V6/128" dev lo 2>/dev/null || true
     say "local: IMDS addresses removed"
 }
 
@@ -110,7 +118,7 @@ ec2_down() {
 }
 
 status() {
-    ip -br addr show | grep -E "$IMDS_V4|$IMDS_V6" || echo "no IMDS address on any interface"
+    ip -br addr show | grep -E "$IMDS_V4|$IMDS_V6|$CONTAINER_V4|$CONTAINER_V6" || echo "no IMDS address on any interface"
     if command -v nft >/dev/null; then
         nft list table inet "$TABLE" 2>/dev/null || echo "no nftables redirect"
     fi

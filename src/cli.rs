@@ -499,6 +499,22 @@ fn check(path: PathBuf) -> ExitCode {
                     app.duration.as_secs(),
                     app.session_name
                 );
+                if let Some(c) = &app.container {
+                    outln!(
+                        "    container endpoint: token {} (owner {}:{}, 0400)",
+                        c.token_file.display(),
+                        c.uid,
+                        c.gid
+                    );
+                }
+            }
+            if let Some(c) = &config.container {
+                let listen: Vec<String> = c.listen.iter().map(|a| a.to_string()).collect();
+                outln!(
+                    "container endpoint on {}, tokens rotated every {}",
+                    listen.join(", "),
+                    humantime::format_duration(c.rotate_every)
+                );
             }
             ExitCode::SUCCESS
         }

@@ -58,6 +58,12 @@ def test_units_pass_systemd_analyze_verify(built, tmp_path):
         text = text.replace("/usr/bin/imds-broker", str(BROKER_BIN))
         text = text.replace("/usr/lib/imds-broker/imds-network.sh", str(SCRIPT))
         (tmp_path / unit.name).write_text(text)
+    # The container-endpoint drop-in, applied: its lines must be valid in the unit too.
+    broker = tmp_path / "imds-broker.service"
+    with_dropin = tmp_path / "imds-broker-with-container.service"
+    dropin = (REPO_ROOT / "deploy" / "container-endpoint.conf").read_text()
+    body = "".join(line + "\n" for line in dropin.splitlines() if not line.startswith(("#", "[Service]")))
+    with_dropin.write_text(broker.read_text().replace("[Install]", body + "\n[Install]"))
     units = sorted(str(p) for p in tmp_path.glob("*.service"))
     result = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, describe(result)
@@ -67,7 +73,8 @@ def test_units_pass_systemd_analyze_verify(built, tmp_path):
 def test_local_mode_serves_zero_config_clients_and_tears_down(built, client_homes, tmp_path):
     with network_namespace() as netns:
         out = network_script(netns, "up", "--mode", "local")
-        assert IMDS in ip("-n", netns, "-br", "addr").stdout, out
+        up = ip("-n", netns, "-br", "addr").stdout
+        assert IMDS in up and "169.254.170.23" in up, out
         with ExitStack() as stack:
             moto = stack.enter_context(start_moto(tmp_path / "moto", netns=netns))
             stack.enter_context(
@@ -80,7 +87,8 @@ def test_local_mode_serves_zero_config_clients_and_tears_down(built, client_home
                 assert re.fullmatch(APP_A.assumed_role_arn_re, result.stdout.strip()), describe(result)
         network_script(netns, "down", "--mode", "local")
         addresses = ip("-n", netns, "-br", "addr").stdout
-        assert IMDS not in addresses and "fd00:ec2::254" not in addresses, addresses
+        for address in (IMDS, "fd00:ec2::254", "169.254.170.23", "fd00:ec2::23"):
+            assert address not in addresses, addresses
         assert "imds0" not in ip("-n", netns, "link").stdout
 
 
