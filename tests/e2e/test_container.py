@@ -16,6 +16,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
@@ -31,15 +32,20 @@ from harness import (
     PYTHON,
     REGION,
     Server,
+    add_link_local_address,
     as_user,
     client_env,
     describe,
+    netns_exec,
+    network_namespace,
     run_as,
     serve_broker,
+    start_moto,
     write_config,
 )
 
 CONTAINER_APPS = (APP_A, APP_B)
+DEFAULT_ADDRESS = "169.254.170.23"
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,10 @@ class ContainerBroker:
         return [json.loads(line) for line in self.audit.read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def container_broker(built: None, moto_sts: Server, client_homes: dict[int, Path]) -> Iterator[ContainerBroker]:
+@contextmanager
+def serve_container_broker(
+    sts_endpoint: str, *, listen: str = "127.0.0.1:0", netns: str | None = None
+) -> Iterator[ContainerBroker]:
     # Not under pytest's tmp_path (0700 root): the app uids must reach their token files.
     root = Path(tempfile.mkdtemp(prefix="imds-broker-e2e-container-"))
     root.chmod(0o711)
@@ -93,14 +101,14 @@ state_dir = "{state}"
 
 [sts]
 region = "{REGION}"
-endpoint_url = "{moto_sts.endpoint}"
+endpoint_url = "{sts_endpoint}"
 
 [container]
-listen = ["127.0.0.1:0"]
+listen = ["{listen}"]
 token_dir = "{token_dir}"
 {apps}""",
         )
-        with serve_broker(root, config) as server:
+        with serve_broker(root, config, launcher=netns_exec(netns)) as server:
             imds, container = server.wait_listening(2)
             assert imds != container
             yield ContainerBroker(
@@ -109,10 +117,33 @@ token_dir = "{token_dir}"
                 url=f"http://{container}/v1/credentials",
                 token_dir=token_dir,
                 audit=state / "audit.log",
-                sts_endpoint=moto_sts.endpoint,
+                sts_endpoint=sts_endpoint,
             )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def container_broker(built: None, moto_sts: Server, client_homes: dict[int, Path]) -> Iterator[ContainerBroker]:
+    with serve_container_broker(moto_sts.endpoint) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def default_address_broker(
+    built: None, client_homes: dict[int, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ContainerBroker, str]]:
+    """The endpoint on its default address, 169.254.170.23:80, in a namespace of its own
+    (with moto on the namespace's loopback): the address every SDK allows over plain HTTP."""
+    with ExitStack() as stack:
+        try:
+            netns = stack.enter_context(network_namespace())
+        except PermissionError as err:
+            pytest.skip(f"this machine does not let the suite create a network namespace: {err}")
+        add_link_local_address(netns, DEFAULT_ADDRESS)
+        moto = stack.enter_context(start_moto(tmp_path_factory.mktemp("moto-container"), netns=netns))
+        broker = stack.enter_context(serve_container_broker(moto.endpoint, listen=f"{DEFAULT_ADDRESS}:80", netns=netns))
+        yield broker, netns
 
 
 def fetch(url: str, token: str | None) -> tuple[int, Message, dict]:
@@ -136,6 +167,19 @@ def test_sdk_gets_its_apps_role_from_the_token_file(container_broker, client_hom
 
     assert result.returncode == 0, describe(result)
     assert re.fullmatch(app.assumed_role_arn_re, result.stdout.strip()), describe(result)
+
+
+@pytest.mark.parametrize("client", CLIENTS, ids=lambda c: c.name)
+def test_sdk_finds_the_endpoint_at_its_default_address(default_address_broker, client_homes, client):
+    broker, netns = default_address_broker
+    env = broker.env(client_homes[APP_B.uid], APP_B.name)
+    # The generic path and no port: the token alone says which app this is.
+    env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = f"http://{DEFAULT_ADDRESS}/v1/credentials"
+
+    result = run_as(APP_B.uid, client.argv, env, netns=netns)
+
+    assert result.returncode == 0, describe(result)
+    assert re.fullmatch(APP_B.assumed_role_arn_re, result.stdout.strip()), describe(result)
 
 
 def test_token_files_are_readable_by_their_app_user_only(container_broker, client_homes):
