@@ -4,11 +4,12 @@
 //! secrets never appear (only access key ids).
 
 pub mod chain;
+mod repeats;
 pub mod sink;
 
 use std::time::SystemTime;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use crate::config::App;
@@ -87,15 +88,21 @@ macro_rules! audit_event {
     }};
 }
 
+/// Issuances already in the audit trail. Process-wide: a process runs one daemon.
+static ISSUED: LazyLock<repeats::Issued> = LazyLock::new(repeats::Issued::default);
+
+/// Counts every serve; audits the first of each (caller, app, access key id), see [`repeats`].
 pub fn credentials_issued(caller: &Caller, app: &App, creds: &Credentials) {
     metrics::counter!(crate::metrics::CREDENTIALS_SERVED, "app" => app.name.clone()).increment(1);
-    audit_event!(info, "credentials.issued", caller,
-        app = %app.name,
-        role_arn = %app.role_arn,
-        access_key_id = %creds.access_key_id,
-        expiration = %imds_time(creds.expiration),
-        "credentials issued"
-    );
+    ISSUED.once(caller, &app.name, &creds.access_key_id, || {
+        audit_event!(info, "credentials.issued", caller,
+            app = %app.name,
+            role_arn = %app.role_arn,
+            access_key_id = %creds.access_key_id,
+            expiration = %imds_time(creds.expiration),
+            "credentials issued"
+        )
+    });
 }
 
 pub fn credentials_denied(caller: &Caller, reason: DenyReason, detail: &str) {
