@@ -11,7 +11,6 @@ mod error;
 pub mod token_file;
 pub mod tokens;
 
-use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +31,7 @@ use crate::audit::DenyReason;
 use crate::credentials::Credentials;
 use crate::imds::{ConnectionInfo, imds_time};
 use crate::rate_limit::CallerLimiter;
+use crate::relay::{self, OwnHosts};
 use crate::state::AppState;
 use audit::TokenRefusal;
 
@@ -88,47 +88,24 @@ async fn refuse_relayed(
     next: Next,
 ) -> Result<Response, ContainerError> {
     let conn = connection(&request)?;
-    let headers = request.headers();
-    let refusal =
-        if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
-            Some((DenyReason::Forwarded, "forwarded requests are refused"))
-        } else if headers.contains_key(header::ORIGIN)
-            || headers.contains_key(header::REFERER)
-            || headers.keys().any(|k| k.as_str().starts_with("sec-fetch-"))
-        {
-            Some((DenyReason::Browser, "browser requests are refused"))
-        } else if !host_allowed(&endpoint.state, conn, headers.get(header::HOST)) {
-            Some((
-                DenyReason::ForeignHost,
-                "the Host header does not name this daemon",
-            ))
-        } else {
-            None
-        };
-    if let Some((reason, message)) = refusal {
+    let config = endpoint.state.config();
+    let configured = config
+        .container
+        .iter()
+        .flat_map(|c| c.listen.iter().map(|l| l.ip()));
+    let own = OwnHosts {
+        dialled: conn.local.ip(),
+        addresses: CONTAINER_HOSTS
+            .iter()
+            .filter_map(|h| h.parse().ok())
+            .chain(configured),
+        names: &config.server.allowed_hosts,
+    };
+    if let Some((reason, message)) = relay::refusal(request.headers(), own) {
         audit::refused(conn, reason, message);
         return Err(ContainerError::Forbidden(message));
     }
     Ok(next.run(request).await)
-}
-
-fn host_allowed(state: &AppState, conn: &ConnectionInfo, host: Option<&HeaderValue>) -> bool {
-    let Some(host) = host else { return true };
-    let Ok(host) = host.to_str() else {
-        return false;
-    };
-    let name = crate::host::strip_port(host).to_ascii_lowercase();
-    if let Ok(ip) = name.parse::<IpAddr>() {
-        let config = state.config();
-        return ip == conn.local.ip()
-            || CONTAINER_HOSTS.iter().any(|h| h.parse() == Ok(ip))
-            || config
-                .container
-                .as_ref()
-                .is_some_and(|c| c.listen.iter().any(|l| l.ip() == ip));
-    }
-    (name == "localhost" && conn.local.ip().is_loopback())
-        || state.config().server.allowed_hosts.contains(&name)
 }
 
 async fn rate_limit(

@@ -1,0 +1,128 @@
+//! The refusal both endpoints apply before anything else: requests relayed by a proxy, sent by
+//! a browser, or addressed to a name that is not the daemon's (DNS rebinding).
+//! - `X-Forwarded-For`/`Forwarded`: real IMDS refuses proxied token requests, and a proxy on
+//!   this host would make its own identity stand for its clients'.
+//! - `Origin`, `Referer`, `Sec-Fetch-*`: browser markers; no SDK sends them.
+//! - a `Host` that is not one of the daemon's own addresses: a page on a rebound DNS name.
+
+use std::net::IpAddr;
+
+use axum::http::{HeaderMap, HeaderValue, header};
+
+use crate::audit::DenyReason;
+
+/// What the `Host` header may name: the address the caller dialled, the endpoint's well-known
+/// and configured addresses, `localhost` on loopback, and the operator's extra names.
+pub struct OwnHosts<'a, I> {
+    pub dialled: IpAddr,
+    pub addresses: I,
+    pub names: &'a [String],
+}
+
+/// Why the request must be refused, if it must.
+pub fn refusal<I: Iterator<Item = IpAddr>>(
+    headers: &HeaderMap,
+    own: OwnHosts<'_, I>,
+) -> Option<(DenyReason, &'static str)> {
+    if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
+        Some((DenyReason::Forwarded, "forwarded requests are refused"))
+    } else if headers.contains_key(header::ORIGIN)
+        || headers.contains_key(header::REFERER)
+        || headers.keys().any(|k| k.as_str().starts_with("sec-fetch-"))
+    {
+        Some((DenyReason::Browser, "browser requests are refused"))
+    } else if !host_allowed(headers.get(header::HOST), own) {
+        Some((
+            DenyReason::ForeignHost,
+            "the Host header does not name this daemon",
+        ))
+    } else {
+        None
+    }
+}
+
+fn host_allowed<I: Iterator<Item = IpAddr>>(
+    host: Option<&HeaderValue>,
+    mut own: OwnHosts<'_, I>,
+) -> bool {
+    // HTTP/1.0 clients may send no Host; browsers always send one.
+    let Some(host) = host else { return true };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = strip_port(host).to_ascii_lowercase();
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return ip == own.dialled || own.addresses.any(|a| a == ip);
+    }
+    (name == "localhost" && own.dialled.is_loopback()) || own.names.contains(&name)
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port` → the host part, unbracketed.
+pub fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(strip_port("169.254.169.254"), "169.254.169.254");
+        assert_eq!(strip_port("127.0.0.1:8080"), "127.0.0.1");
+        assert_eq!(strip_port("[fd00:ec2::254]:80"), "fd00:ec2::254");
+        assert_eq!(strip_port("[::1]"), "::1");
+        assert_eq!(strip_port("evil.example:80"), "evil.example");
+        assert_eq!(strip_port("fd00:ec2::254"), "fd00:ec2::254");
+    }
+
+    fn refused(headers: &[(&str, &str)], dialled: &str) -> Option<DenyReason> {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let names = vec!["imds.internal".to_string()];
+        let own = OwnHosts {
+            dialled: dialled.parse().unwrap(),
+            addresses: ["169.254.169.254".parse().unwrap()].into_iter(),
+            names: &names,
+        };
+        refusal(&map, own).map(|(reason, _)| reason)
+    }
+
+    #[test]
+    fn each_kind_of_relay_is_named() {
+        assert_eq!(refused(&[], "127.0.0.1"), None);
+        assert_eq!(refused(&[("host", "169.254.169.254")], "127.0.0.1"), None);
+        assert_eq!(refused(&[("host", "127.0.0.1:80")], "127.0.0.1"), None);
+        assert_eq!(refused(&[("host", "localhost")], "127.0.0.1"), None);
+        assert_eq!(refused(&[("host", "imds.internal")], "10.0.0.1"), None);
+        assert_eq!(
+            refused(&[("host", "localhost")], "10.0.0.1"),
+            Some(DenyReason::ForeignHost)
+        );
+        assert_eq!(
+            refused(&[("host", "evil.example")], "127.0.0.1"),
+            Some(DenyReason::ForeignHost)
+        );
+        assert_eq!(
+            refused(&[("x-forwarded-for", "1.2.3.4")], "127.0.0.1"),
+            Some(DenyReason::Forwarded)
+        );
+        assert_eq!(
+            refused(&[("sec-fetch-site", "cross-site")], "127.0.0.1"),
+            Some(DenyReason::Browser)
+        );
+    }
+}
