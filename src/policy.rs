@@ -126,13 +126,38 @@ impl Matcher {
         checks
     }
 
+    /// Whether every criterion holds: the same verdict as [`Self::evaluate`], without building
+    /// its report (this runs on every request, for every rule before the caller's).
     pub fn matches(&self, caller: &Caller) -> bool {
         // Deny by default: an empty matcher matches nobody, and an unresolved caller matches
         // no rule at all.
         if self.is_empty() || matches!(caller, Caller::Unresolved { .. }) {
             return false;
         }
-        self.evaluate(caller).iter().all(|c| c.ok)
+        let glob_holds = |glob: &Option<Glob>, got: Option<&str>| {
+            glob.as_ref()
+                .is_none_or(|g| got.is_some_and(|got| g.matches(got)))
+        };
+        self.uid.is_none_or(|uid| caller.uid() == Some(uid))
+            && self.gid.is_none_or(|gid| caller.gid() == Some(gid))
+            // Lossy like `evaluate`'s `display()`, which borrows for UTF-8 paths.
+            && self.exe.as_ref().is_none_or(|exe| {
+                caller
+                    .exe()
+                    .is_some_and(|e| exe.matches(&e.as_os_str().to_string_lossy()))
+            })
+            && self.exe_sha256.as_ref().is_none_or(|hash| {
+                caller
+                    .local()
+                    .and_then(|l| l.exe_sha256.as_ref())
+                    .is_some_and(|got| got == hash)
+            })
+            && glob_holds(&self.systemd_unit, caller.unit())
+            && glob_holds(&self.cgroup, caller.cgroup())
+            && (self.source.is_empty() || {
+                let ip = canonical_ip(caller.peer().ip());
+                self.source.iter().any(|n| n.contains(&ip))
+            })
     }
 
     /// Whether every caller `later` matches is also matched by `self`, so that a rule with
@@ -352,6 +377,136 @@ mod tests {
         assert!(!m.matches(&Caller::Remote {
             peer: "10.201.0.7:4000".parse().unwrap()
         }));
+    }
+
+    /// Every combination of a pool of criteria against a pool of callers (local with and
+    /// without process, hash, cgroup; v4, v4-mapped and v6 peers; a non-UTF-8 executable;
+    /// remote; unresolved): `matches` says what `evaluate` says.
+    #[test]
+    fn matches_agrees_with_evaluate_everywhere() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+
+        let sha_a = "ab".repeat(32);
+        let non_utf8 = std::path::PathBuf::from(OsStr::from_bytes(b"/opt/billing/r\xffn"));
+        let mut callers = Vec::new();
+        for peer in ["127.0.0.1:5000", "[::ffff:10.200.0.7]:1"] {
+            for uid in [0, 1000] {
+                for cgroup in [
+                    None,
+                    Some("/system.slice/billing.service"),
+                    Some("/user.slice/x"),
+                ] {
+                    for process in [
+                        None,
+                        Some((7, "/usr/bin/python3".into())),
+                        Some((8, "/opt/billing/run".into())),
+                        Some((7, non_utf8.clone())),
+                    ] {
+                        for sha in [None, Some(sha_a.clone()), Some("cd".repeat(32))] {
+                            callers.push(Caller::Local(LocalCaller {
+                                peer: peer.parse().unwrap(),
+                                uid,
+                                cgroup: cgroup.map(str::to_owned),
+                                unit: cgroup.and_then(crate::cgroup::unit_of),
+                                process: process.clone().map(|(gid, exe)| ProcessInfo {
+                                    pid: 42,
+                                    uid,
+                                    gid,
+                                    exe,
+                                    start_time: 1,
+                                }),
+                                exe_sha256: sha,
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+        for peer in [
+            "10.200.0.7:1",
+            "[::ffff:10.200.0.7]:1",
+            "[fd00::1]:1",
+            "8.8.8.8:1",
+        ] {
+            callers.push(Caller::Remote {
+                peer: peer.parse().unwrap(),
+            });
+        }
+        for (peer, uid) in [("127.0.0.1:1", Some(1000)), ("10.200.0.7:1", None)] {
+            callers.push(Caller::Unresolved {
+                peer: peer.parse().unwrap(),
+                reason: "ambiguous".into(),
+                uid,
+                cgroup: Some("/system.slice/billing.service".into()),
+            });
+        }
+
+        let globs = |pool: &[&str]| {
+            std::iter::once(None)
+                .chain(pool.iter().map(|p| Some(Glob::new(p))))
+                .collect::<Vec<_>>()
+        };
+        let nets = |pool: &[&str]| pool.iter().map(|n| n.parse().unwrap()).collect::<Vec<_>>();
+        let (mut checked, mut matched) = (0, 0);
+        for uid in [None, Some(0), Some(1000)] {
+            for gid in [None, Some(7)] {
+                for exe in globs(&[
+                    "/usr/bin/*",
+                    "/opt/billing/run",
+                    "/opt/**",
+                    "/opt/billing/r*n",
+                ]) {
+                    for exe_sha256 in [None, Some(sha_a.clone())] {
+                        for systemd_unit in globs(&["billing.service", "*.service"]) {
+                            for cgroup in globs(&["/system.slice/*", "/user.slice/x"]) {
+                                for source in [
+                                    nets(&[]),
+                                    nets(&["10.200.0.0/24"]),
+                                    nets(&["127.0.0.0/8", "fd00::/8"]),
+                                ] {
+                                    let m = Matcher {
+                                        uid,
+                                        gid,
+                                        exe: exe.clone(),
+                                        exe_sha256: exe_sha256.clone(),
+                                        systemd_unit: systemd_unit.clone(),
+                                        cgroup: cgroup.clone(),
+                                        source,
+                                    };
+                                    for caller in &callers {
+                                        let expected = !m.is_empty()
+                                            && !matches!(caller, Caller::Unresolved { .. })
+                                            && m.evaluate(caller).iter().all(|c| c.ok);
+                                        assert_eq!(
+                                            m.matches(caller),
+                                            expected,
+                                            "{m} vs {caller:?}"
+                                        );
+                                        checked += 1;
+                                        matched += usize::from(expected);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Not vacuous: both verdicts occur often, the non-UTF-8 executable included.
+        assert!(
+            matched > 1_000 && checked - matched > 1_000,
+            "{matched} of {checked}"
+        );
+        let glob_on_lossy = Matcher {
+            exe: Some(Glob::new("/opt/billing/r*n")),
+            ..Default::default()
+        };
+        assert!(
+            callers
+                .iter()
+                .any(|c| c.exe() == Some(&non_utf8) && glob_on_lossy.matches(c))
+        );
     }
 
     #[test]
