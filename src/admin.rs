@@ -280,11 +280,19 @@ pub struct AppStatus {
     pub last_refresh: Option<String>,
     pub next_refresh: Option<String>,
     pub last_error: Option<String>,
+    /// When the app's container-endpoint token was issued, and its file.
+    #[serde(default)]
+    pub container_token: Option<(String, String)>,
 }
 
 async fn status(State(admin): State<Admin>) -> Response {
     let config = admin.state.config();
     let now = admin.state.now();
+    let tokens = admin
+        .state
+        .container_tokens()
+        .map(|t| t.status())
+        .unwrap_or_default();
     let rows: Vec<AppStatus> = config
         .apps
         .iter()
@@ -306,6 +314,10 @@ async fn status(State(admin): State<Admin>) -> Response {
                 last_refresh: current.as_ref().map(|c| imds_time(c.issued_at)),
                 next_refresh: entry.as_ref().and_then(|e| e.refresh_at).map(imds_time),
                 last_error: entry.and_then(|e| e.last_error),
+                container_token: tokens
+                    .iter()
+                    .find(|t| t.app == app.name)
+                    .map(|t| (imds_time(t.issued_at), t.token_file.display().to_string())),
             }
         })
         .collect();
@@ -332,6 +344,14 @@ pub fn status_table(rows: &[AppStatus]) -> String {
             r.last_refresh.as_deref().unwrap_or("-"),
             r.last_error.as_deref().unwrap_or("-"),
         ));
+    }
+    for r in rows {
+        if let Some((issued, file)) = &r.container_token {
+            out.push_str(&format!(
+                "{}: container token issued {issued}, in {file}\n",
+                r.app
+            ));
+        }
     }
     out
 }

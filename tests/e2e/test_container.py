@@ -316,3 +316,14 @@ def test_the_state_file_keeps_digests_not_tokens(container_broker):
     assert set(state["apps"]) == {APP_A.name, APP_B.name}
     assert token not in json.dumps(state)
     assert stat.S_IMODE(os.stat(container_broker.audit.parent / "container-tokens.json").st_mode) == 0o600
+
+
+def test_status_shows_each_apps_token_file_not_the_token(container_broker):
+    result = subprocess.run(
+        [str(BROKER_BIN), "status", "--config", str(container_broker.config)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, describe(result)
+    for app in CONTAINER_APPS:
+        line = next((l for l in result.stdout.splitlines() if l.startswith(f"{app.name}: container token")), None)
+        assert line is not None and str(container_broker.token_file(app.name)) in line, describe(result)
+        assert container_broker.token_file(app.name).read_text() not in result.stdout
