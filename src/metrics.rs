@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use axum::http::StatusCode;
+use metrics::SharedString;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Requests by `path` kind, `status` and `app` ("" when the caller maps to none).
@@ -87,6 +89,23 @@ pub fn path_kind(path: &str) -> &'static str {
     }
 }
 
+/// The `status` label of [`REQUESTS`]; the statuses the daemon answers with cost no allocation.
+pub fn status_label(status: StatusCode) -> SharedString {
+    let code = match status.as_u16() {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        _ => return SharedString::from(status.as_str().to_owned()),
+    };
+    SharedString::const_str(code)
+}
+
 /// Tokens are stateless, so the daemon keeps only counts of their expiry, per minute.
 static TOKEN_EXPIRIES: Mutex<BTreeMap<u64, u64>> = Mutex::new(BTreeMap::new());
 
@@ -148,5 +167,13 @@ mod tests {
             "metadata"
         );
         assert_eq!(path_kind("/x/y"), "other");
+    }
+
+    #[test]
+    fn status_labels_are_the_three_digit_code() {
+        for code in 100..=999 {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert_eq!(status_label(status).as_ref(), status.as_str());
+        }
     }
 }

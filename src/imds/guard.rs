@@ -2,7 +2,7 @@
 //! requests (proxies, browsers, foreign `Host`) are refused, the caller's rate is checked, then
 //! the session token for metadata reads.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -53,24 +53,33 @@ pub async fn refuse_relayed(
     Ok(next.run(request).await)
 }
 
-/// The link-local IMDS addresses every SDK uses by default.
-const IMDS_HOSTS: [&str; 2] = ["169.254.169.254", "fd00:ec2::254"];
+/// The link-local IMDS addresses every SDK uses by default: 169.254.169.254, fd00:ec2::254.
+const IMDS_HOSTS: [IpAddr; 2] = [
+    IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+];
 
+/// Checked on every request, so without allocating: names compare case-insensitively
+/// (`allowed_hosts` are lower-case), addresses parse in either case.
 fn host_allowed(state: &AppState, conn: &ConnectionInfo, host: Option<&HeaderValue>) -> bool {
     // HTTP/1.0 clients may send no Host; browsers always send one.
     let Some(host) = host else { return true };
     let Ok(host) = host.to_str() else {
         return false;
     };
-    let name = strip_port(host).to_ascii_lowercase();
+    let name = strip_port(host);
     if let Ok(ip) = name.parse::<IpAddr>() {
-        let config = state.config();
         return ip == conn.local.ip()
-            || IMDS_HOSTS.iter().any(|h| h.parse() == Ok(ip))
-            || config.server.listen.iter().any(|l| l.ip() == ip);
+            || IMDS_HOSTS.contains(&ip)
+            || state.config().server.listen.iter().any(|l| l.ip() == ip);
     }
-    (name == "localhost" && conn.local.ip().is_loopback())
-        || state.config().server.allowed_hosts.contains(&name)
+    (name.eq_ignore_ascii_case("localhost") && conn.local.ip().is_loopback())
+        || state
+            .config()
+            .server
+            .allowed_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name))
 }
 
 /// `host`, `host:port`, `[v6]` or `[v6]:port` → the host part, unbracketed.
@@ -152,7 +161,7 @@ pub async fn count(State(state): State<AppState>, mut request: Request, next: Ne
     metrics::counter!(
         crate::metrics::REQUESTS,
         "path" => path,
-        "status" => response.status().as_str().to_owned(),
+        "status" => crate::metrics::status_label(response.status()),
         "app" => app_label
     )
     .increment(1);
@@ -169,7 +178,14 @@ pub async fn server_header(mut response: Response) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_port;
+    use super::{IMDS_HOSTS, strip_port};
+    use std::net::IpAddr;
+
+    #[test]
+    fn imds_hosts_are_the_documented_addresses() {
+        assert_eq!(IMDS_HOSTS[0], "169.254.169.254".parse::<IpAddr>().unwrap());
+        assert_eq!(IMDS_HOSTS[1], "fd00:ec2::254".parse::<IpAddr>().unwrap());
+    }
 
     #[test]
     fn host_port_forms() {
