@@ -190,22 +190,42 @@ class WrkResult:
     p99_us: float
     requests: int
     bad: int  # non-2xx answers, socket errors and timeouts
+    # The server's CPU time (user + system) per request: on a busy machine requests/s move with
+    # what else runs, this much less.
+    cpu_us: float | None = None
 
     def row(self, name: str) -> str:
+        cpu = "" if self.cpu_us is None else f"{self.cpu_us:.1f}"
         return (
-            f"| {name} | {self.rps:,.0f} | {self.p50_us:,.0f} | {self.p99_us:,.0f} | {self.requests:,} | {self.bad} |"
+            f"| {name} | {self.rps:,.0f} | {self.p50_us:,.0f} | {self.p99_us:,.0f} | {cpu} | {self.requests:,} "
+            f"| {self.bad} |"
         )
+
+
+TABLE_HEAD = (
+    "| server | requests/s | p50 (us) | p99 (us) | CPU us/request | requests | non-2xx/errors |\n|---|---|---|---|---|---|---|"
+)
+CLOCK_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` so far (/proc/<pid>/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * CLOCK_TICK_S
 
 
 UNITS_US = {"us": 1.0, "ms": 1_000.0, "s": 1_000_000.0}
 
 
-def wrk(addr: tuple[str, int], token: str | None, args: argparse.Namespace) -> WrkResult:
+def wrk(addr: tuple[str, int], token: str | None, args: argparse.Namespace, pid: int | None = None) -> WrkResult:
+    """wrk's numbers, and the CPU time `pid` (the server) spent per request, if given."""
+    cpu_before = None if pid is None else cpu_seconds(pid)
     argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency"]
     if token is not None:
         argv += ["-H", f"{TOKEN_HEADER}: {token}"]
     argv.append(f"http://{addr[0]}:{addr[1]}{CREDENTIALS_PATH}")
     out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=args.duration + 60).stdout
+    cpu_s = None if cpu_before is None else cpu_seconds(pid) - cpu_before
 
     def latency(percent: str) -> float:
         value, unit = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)$", out, re.MULTILINE).groups()
@@ -214,12 +234,14 @@ def wrk(addr: tuple[str, int], token: str | None, args: argparse.Namespace) -> W
     bad = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
     if errors := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
         bad += sum(int(n) for n in errors.groups())
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     return WrkResult(
         rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         p50_us=latency("50"),
         p99_us=latency("99"),
-        requests=int(re.search(r"(\d+) requests in", out).group(1)),
+        requests=requests,
         bad=bad,
+        cpu_us=None if cpu_s is None else cpu_s / max(requests, 1) * 1e6,
     )
 
 
@@ -254,25 +276,26 @@ def hot_path(broker_server: Server, bare: Server, args: argparse.Namespace) -> N
     rounds: dict[str, list[WrkResult]] = {"imds-broker": [], "hello_bare": []}
     peak_rss = 0
     for _ in range(args.rounds):
-        rounds["hello_bare"].append(wrk(address(bare), None, args))
+        rounds["hello_bare"].append(wrk(address(bare), None, args, bare.proc.pid))
         with Sampler(broker_server.proc.pid) as sampler:
-            rounds["imds-broker"].append(wrk(addr, tok, args))
+            rounds["imds-broker"].append(wrk(addr, tok, args, broker_server.proc.pid))
         peak_rss = max(peak_rss, sampler.peak_rss)
     print(
         f"\n## Hot path: cached credential GET, wrk -t{args.threads} -c{args.connections} "
         f"-d{args.duration}s, {args.rounds} round(s), bare and broker alternating\n"
     )
-    print("| server | requests/s | p50 (us) | p99 (us) | requests | non-2xx/errors |")
-    print("|---|---|---|---|---|---|")
+    print(TABLE_HEAD)
     for name, results in rounds.items():
         for i, result in enumerate(results, 1):
             print(result.row(f"{name} round {i}"))
     median = {name: statistics.median(r.rps for r in results) for name, results in rounds.items()}
     p99 = statistics.median(r.p99_us for r in rounds["imds-broker"])
+    cpu = {name: statistics.median(r.cpu_us for r in results) for name, results in rounds.items()}
     print(
         f"\nmedian requests/s: broker {median['imds-broker']:,.0f}, bare {median['hello_bare']:,.0f}, "
         f"ratio {median['imds-broker'] / median['hello_bare']:.2f} (goal >= 0.5); broker median p99 "
-        f"{p99:,.0f} us (goal < 1000)"
+        f"{p99:,.0f} us (goal < 1000); median CPU per request: broker {cpu['imds-broker']:.1f} us, "
+        f"bare {cpu['hello_bare']:.1f} us"
     )
     mem = memory(broker_server.proc.pid)
     print(
@@ -427,14 +450,13 @@ def many_apps(workdir: Path, sts: str, args: argparse.Namespace) -> None:
         tok = warm(addr)
         idle = memory(pid)
         with Sampler(pid) as sampler:
-            result = wrk(addr, tok, args)
+            result = wrk(addr, tok, args, pid)
         after = memory(pid)
     print(
         f"\n## {args.apps:,} apps, all prefetch (default STS budget), caller matching the last rule\n\n"
         f"/readyz after {prefetch_s:.0f} s: {ready[:200]}\n"
     )
-    print("| server | requests/s | p50 (us) | p99 (us) | requests | non-2xx/errors |")
-    print("|---|---|---|---|---|---|")
+    print(TABLE_HEAD)
     print(result.row(f"imds-broker, {args.apps} apps"))
     print(
         f"\nVmRSS before load {idle['VmRSS'] / 1024:.1f} MiB, peak under load {sampler.peak_rss / 1024:.1f} MiB, "
