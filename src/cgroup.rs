@@ -35,10 +35,19 @@ impl CgroupIndex {
         self.root.as_deref()
     }
 
+    /// The path of cgroup `id` if it is already indexed: never walks the tree.
+    pub fn cached_path_of(&self, id: u64) -> Option<String> {
+        self.by_id
+            .lock()
+            .expect("cgroup index lock")
+            .get(&id)
+            .cloned()
+    }
+
     /// The path of cgroup `id`, if it exists.
     pub fn path_of(&self, id: u64) -> Option<String> {
-        if let Some(p) = self.by_id.lock().expect("cgroup index lock").get(&id) {
-            return Some(p.clone());
+        if let Some(p) = self.cached_path_of(id) {
+            return Some(p);
         }
         let root = self.root.as_ref()?;
         let mut fresh = HashMap::new();
@@ -136,13 +145,18 @@ mod tests {
             index.path_of(ino).as_deref(),
             Some("/system.slice/a.service")
         );
-        // A cgroup created later is found by the re-walk on miss.
+        // A cgroup created later is found by the re-walk on miss, and only by it.
         fs::create_dir_all(dir.path().join("system.slice/b.service")).unwrap();
         let ino_b = fs::metadata(dir.path().join("system.slice/b.service"))
             .unwrap()
             .ino();
+        assert_eq!(index.cached_path_of(ino_b), None);
         assert_eq!(
             index.path_of(ino_b).as_deref(),
+            Some("/system.slice/b.service")
+        );
+        assert_eq!(
+            index.cached_path_of(ino_b).as_deref(),
             Some("/system.slice/b.service")
         );
         assert_eq!(index.path_of(1 << 60), None);

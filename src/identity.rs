@@ -15,11 +15,12 @@ use std::fs;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
 use crate::cgroup::{self, CgroupIndex};
-use crate::process::{self, ProcessError, ProcessInfo};
+use crate::process::{self, Budget, ProcessError, ProcessInfo};
 use crate::sock_diag;
 
 /// What the current rules need to know about callers beyond uid and cgroup.
@@ -83,21 +84,64 @@ impl Resolver {
     }
 
     /// Resolves the owner of the connection `peer -> local` that the daemon accepted.
-    /// Blocking (netlink and `/proc` reads): call it off the async workers.
+    /// Blocking (netlink and `/proc` reads): call it off the async workers, or use
+    /// [`Resolver::resolve_async`].
     pub fn resolve(&self, peer: SocketAddr, local: SocketAddr, needs: Needs) -> Caller {
+        self.resolve_within(peer, local, needs, Budget::Unlimited)
+            .expect("an unlimited budget is never exhausted")
+    }
+
+    /// Resolves the owner of the connection `peer -> local` from async code.
+    ///
+    /// Most lookups are short (one netlink round trip, a cached cgroup, a few fds to read),
+    /// and handing each to the blocking pool cost two cross-thread wake-ups, which dominated
+    /// the tail latency of new connections on a busy host. So the lookup is first tried right
+    /// here, within [`INLINE_BUDGET`]; only one that needs more (a cgroup not indexed yet, a
+    /// crowded cgroup, the fallback scan of a uid, an executable to hash) is redone on the
+    /// blocking pool. `None` if that blocking lookup panicked.
+    pub async fn resolve_async(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        needs: Needs,
+    ) -> Option<Caller> {
+        let quick = self.resolve_within(peer, local, needs, Budget::Reads(INLINE_BUDGET));
+        if quick.is_some() {
+            return quick;
+        }
+        let resolver = Arc::clone(self);
+        tokio::task::spawn_blocking(move || resolver.resolve(peer, local, needs))
+            .await
+            .ok()
+    }
+
+    /// [`Resolver::resolve`] if it can be done within `budget`; `None` if it would need more.
+    fn resolve_within(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        needs: Needs,
+        mut budget: Budget,
+    ) -> Option<Caller> {
+        let bounded = budget != Budget::Unlimited;
         let owner = match sock_diag::lookup_peer(peer, local) {
             Ok(Some(owner)) => owner,
-            Ok(None) => return Caller::Remote { peer },
+            Ok(None) => return Some(Caller::Remote { peer }),
             Err(e) => {
-                return Caller::Unresolved {
+                return Some(Caller::Unresolved {
                     peer,
                     reason: format!("socket lookup failed: {e}"),
                     uid: None,
                     cgroup: None,
-                };
+                });
             }
         };
-        let cgroup = owner.cgroup_id.and_then(|id| self.cgroups.path_of(id));
+        let cgroup = match owner.cgroup_id {
+            None => None,
+            // A miss walks the whole cgroup tree.
+            Some(id) if bounded => Some(self.cgroups.cached_path_of(id)?),
+            Some(id) => self.cgroups.path_of(id),
+        };
         let mut caller = LocalCaller {
             peer,
             uid: owner.uid,
@@ -106,21 +150,33 @@ impl Resolver {
             process: None,
             exe_sha256: None,
         };
+        if needs.exe_hash && bounded {
+            return None; // reads the whole executable
+        }
         if needs.process || needs.exe_hash {
             let dir = match (self.cgroups.root(), &caller.cgroup) {
                 (Some(root), Some(path)) => Some(root.join(path.trim_start_matches('/'))),
                 _ => None,
             };
-            match process::owner_of_socket(owner.inode, owner.uid, dir.as_deref()) {
+            let found = process::owner_of_socket_within(
+                owner.inode,
+                owner.uid,
+                dir.as_deref(),
+                &mut budget,
+            )?;
+            match found {
                 Ok(process) => caller.process = Some(process),
                 Err(e) => {
-                    if matches!(e, ProcessError::Permission { .. }) {
+                    if matches!(
+                        e,
+                        ProcessError::Permission { .. } | ProcessError::Unreadable { .. }
+                    ) {
                         tracing::error!(
                             error = %e,
                             "cannot identify the calling process; refusing callers that rules match by exe or gid"
                         );
                     }
-                    return caller.unresolved(e.to_string());
+                    return Some(caller.unresolved(e.to_string()));
                 }
             }
         }
@@ -131,13 +187,18 @@ impl Resolver {
                 Ok(h) => caller.exe_sha256 = Some(h),
                 Err(e) => {
                     let reason = format!("cannot hash /proc/{}/exe: {e}", p.pid);
-                    return caller.unresolved(reason);
+                    return Some(caller.unresolved(reason));
                 }
             }
         }
-        Caller::Local(caller)
+        Some(Caller::Local(caller))
     }
 }
+
+/// How much `/proc` reading a lookup may do on an async worker before it is handed to the
+/// blocking pool instead (see [`Budget`]): about 1 µs per read, measured, so a worker is
+/// never held for more than some tens of µs. Enough for a cgroup of a few small processes.
+pub const INLINE_BUDGET: usize = 64;
 
 /// sha256 of the running executable, read through `/proc/<pid>/exe` so it is the file the
 /// process runs even if its path was replaced since.

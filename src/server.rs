@@ -277,15 +277,10 @@ async fn serve_connection(
     // Once per connection: every request on a keep-alive connection comes from the same socket,
     // so from the same owner.
     let needs = state.config().needs();
-    // netlink and /proc reads block; keep them off the async workers.
-    let caller =
-        match tokio::task::spawn_blocking(move || resolver.resolve(peer, local, needs)).await {
-            Ok(caller) => caller,
-            Err(e) => {
-                tracing::error!(%peer, error = %e, "identifying the caller failed");
-                return;
-            }
-        };
+    let Some(caller) = resolver.resolve_async(peer, local, needs).await else {
+        tracing::error!(%peer, "identifying the caller failed");
+        return;
+    };
     tracing::debug!(%caller, %local, "connection accepted");
     let Some(_slot) = limits.claim(caller.token_binding()) else {
         audit::token_rejected(

@@ -10,11 +10,17 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use imds_broker::identity::{Caller, Needs, Resolver};
+use imds_broker::identity::{Caller, INLINE_BUDGET, Needs, Resolver};
+use imds_broker::process::{self, Budget};
 
 const ALL: Needs = Needs {
     process: true,
     exe_hash: true,
+};
+/// What exe and gid rules need: the process, not its executable's hash.
+const PROCESS: Needs = Needs {
+    process: true,
+    exe_hash: false,
 };
 
 /// A cgroup under the cgroup2 mount, removed on drop (after its processes are gone).
@@ -152,6 +158,120 @@ fn a_socket_shared_with_another_executable_is_refused() {
         ..Default::default()
     };
     assert!(!broad.matches(&caller));
+    finish(child);
+}
+
+/// `sleep` processes placed in `cgroup`, killed on drop: a crowd for the lookup to read.
+struct Crowd(Vec<Child>);
+
+impl Crowd {
+    fn new(cgroup: &TestCgroup, count: usize) -> Self {
+        let crowd = Crowd(
+            (0..count)
+                .map(|_| Command::new("/usr/bin/sleep").arg("600").spawn().unwrap())
+                .collect(),
+        );
+        for child in &crowd.0 {
+            cgroup.add(child.id());
+        }
+        crowd
+    }
+}
+
+impl Drop for Crowd {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_resolution_names_the_same_process_in_small_and_crowded_cgroups() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cgroup = TestCgroup::new("crowded.service");
+    let mut child = held_client(&[], port, "");
+    cgroup.add(child.id());
+    release(&mut child);
+    let (stream, peer) = listener.accept().unwrap();
+    let local = stream.local_addr().unwrap();
+    let resolver = std::sync::Arc::new(Resolver::new());
+    let alone = resolver.resolve_async(peer, local, PROCESS).await.unwrap();
+    assert_eq!(alone.pid(), Some(child.id()), "{alone}");
+    assert_eq!(alone.exe(), Some(&PathBuf::from("/usr/bin/bash")));
+
+    // More processes than a lookup may read on an async worker: same answer, from the pool.
+    let crowd = Crowd::new(&cgroup, 40);
+    let inode = imds_broker::sock_diag::lookup_peer(peer, local)
+        .unwrap()
+        .unwrap()
+        .inode;
+    let mut budget = Budget::Reads(INLINE_BUDGET);
+    let uid = nix::unistd::geteuid().as_raw();
+    assert_eq!(
+        process::owner_of_socket_within(inode, uid, Some(&cgroup.dir), &mut budget),
+        None,
+        "the crowd fits in the inline budget: the test would not reach the pool"
+    );
+    let crowded = resolver.resolve_async(peer, local, PROCESS).await.unwrap();
+    assert_eq!(crowded, alone);
+    drop(crowd);
+    finish(child);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_resolution_refuses_a_shared_socket_in_a_small_cgroup() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cgroup = TestCgroup::new("shared.service");
+    // bash connects, then hands fd 3 to a python3 it starts; python3 prints its pid once it
+    // runs, the event the test waits for.
+    let sharer =
+        "/usr/bin/python3 -c 'import os,time; print(os.getpid(), flush=True); time.sleep(60)' &";
+    let mut child = Command::new("/usr/bin/bash")
+        .args([
+            "-c",
+            &format!("read go; exec 3<>/dev/tcp/127.0.0.1/{port}; {sharer} read done"),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cgroup.add(child.id());
+    release(&mut child);
+    let (stream, peer) = listener.accept().unwrap();
+    let local = stream.local_addr().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let sharer_pid: i32 = line.trim().parse().expect("the sharer printed its pid");
+
+    let inode = imds_broker::sock_diag::lookup_peer(peer, local)
+        .unwrap()
+        .unwrap()
+        .inode;
+    let uid = nix::unistd::geteuid().as_raw();
+    let mut budget = Budget::Reads(INLINE_BUDGET);
+    let inline = process::owner_of_socket_within(inode, uid, Some(&cgroup.dir), &mut budget);
+    let resolver = std::sync::Arc::new(Resolver::new());
+    let caller = resolver.resolve_async(peer, local, PROCESS).await.unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sharer_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert_eq!(
+        inline,
+        Some(Err(process::ProcessError::Ambiguous { count: 2 })),
+        "decided within the inline budget"
+    );
+    assert!(
+        matches!(&caller, Caller::Unresolved { reason, .. }
+            if reason.contains("2 processes with different identities")),
+        "{caller}"
+    );
     finish(child);
 }
 
