@@ -253,7 +253,7 @@ def measure(setting: str, address: tuple[str, int], args: argparse.Namespace) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--broker", type=Path, default=BROKER_BIN, help="imds-broker binary (default: debug build)")
-    parser.add_argument("--idle", type=int, default=2000, help="idle processes to add")
+    parser.add_argument("--idle", type=int, default=2000, help="idle processes to add (0: only the setting without)")
     parser.add_argument("--requests", type=int, default=2000, help="samples per same-process measurement")
     parser.add_argument("--new-processes", type=int, default=200, help="samples of first-contact PUTs")
     parser.add_argument("--match", choices=["exe", "uid"], default="exe", help="the rule matches this client by")
@@ -295,10 +295,11 @@ def main() -> None:
 
         try:
             measure("no extra processes", address, args)
-            for setting, cgroup in (
+            crowded = (
                 (f"{args.idle} idle, own cgroup", "idle.service"),
                 (f"{args.idle} idle, client's cgroup", CLIENT_CGROUP),
-            ):
+            )
+            for setting, cgroup in crowded if args.idle > 0 else ():
                 spawner = idle_processes(args.idle, cgroups, cgroup)
                 try:
                     measure(setting, address, args)
