@@ -41,6 +41,8 @@ pub fn refusal<I: Iterator<Item = IpAddr>>(
     }
 }
 
+/// Checked on every request, so without allocating: names compare case-insensitively,
+/// addresses parse in either case.
 fn host_allowed<I: Iterator<Item = IpAddr>>(
     host: Option<&HeaderValue>,
     mut own: OwnHosts<'_, I>,
@@ -50,11 +52,12 @@ fn host_allowed<I: Iterator<Item = IpAddr>>(
     let Ok(host) = host.to_str() else {
         return false;
     };
-    let name = strip_port(host).to_ascii_lowercase();
+    let name = strip_port(host);
     if let Ok(ip) = name.parse::<IpAddr>() {
         return ip == own.dialled || own.addresses.any(|a| a == ip);
     }
-    (name == "localhost" && own.dialled.is_loopback()) || own.names.contains(&name)
+    (name.eq_ignore_ascii_case("localhost") && own.dialled.is_loopback())
+        || own.names.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// `host`, `host:port`, `[v6]` or `[v6]:port` → the host part, unbracketed.
@@ -106,7 +109,8 @@ mod tests {
         assert_eq!(refused(&[], "127.0.0.1"), None);
         assert_eq!(refused(&[("host", "169.254.169.254")], "127.0.0.1"), None);
         assert_eq!(refused(&[("host", "127.0.0.1:80")], "127.0.0.1"), None);
-        assert_eq!(refused(&[("host", "localhost")], "127.0.0.1"), None);
+        assert_eq!(refused(&[("host", "LocalHost")], "127.0.0.1"), None);
+        assert_eq!(refused(&[("host", "IMDS.internal:80")], "10.0.0.1"), None);
         assert_eq!(refused(&[("host", "imds.internal")], "10.0.0.1"), None);
         assert_eq!(
             refused(&[("host", "localhost")], "10.0.0.1"),

@@ -13,7 +13,7 @@ use axum::extract::{Request, State};
 use axum::http::{Extensions, HeaderMap, HeaderValue, header};
 use std::num::NonZeroU32;
 
-use axum::middleware::{from_fn_with_state, map_response};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, put};
 use serde::Serialize;
@@ -67,8 +67,9 @@ impl std::ops::Deref for ConnectionInfo {
     }
 }
 
-/// The whole IMDS router. Layers run outermost first: `Server` header, request metrics,
-/// relayed-request refusal, per-caller rate limit, token check, then routing.
+/// The whole IMDS router: one guard layer (request metrics and `Server` header around the
+/// relayed-request refusal, per-caller rate limit and token check, in that order; see
+/// [`guard::checks`]), then routing.
 pub fn router(state: AppState) -> Router {
     let limits = state.config().limits;
     let limiter = Arc::new(CallerLimiter::new(
@@ -104,11 +105,13 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async {
             ImdsError::MethodNotAllowed { allow: "GET, HEAD" }
         })
-        .layer(from_fn_with_state(state.clone(), guard::require_token))
-        .layer(from_fn_with_state(limiter, guard::rate_limit))
-        .layer(from_fn_with_state(state.clone(), guard::refuse_relayed))
-        .layer(from_fn_with_state(state.clone(), guard::count))
-        .layer(map_response(guard::server_header))
+        .layer(from_fn_with_state(
+            guard::Guards {
+                state: state.clone(),
+                limiter,
+            },
+            guard::checks,
+        ))
         .with_state(state)
 }
 
