@@ -302,7 +302,10 @@ async fn status(State(admin): State<Admin>) -> Response {
             AppStatus {
                 app: app.name.clone(),
                 role_arn: app.role_arn.to_string(),
-                rule: app.matcher.to_string(),
+                rule: app
+                    .matcher
+                    .as_ref()
+                    .map_or_else(|| "container endpoint only".into(), |m| m.to_string()),
                 prefetch: app.prefetch,
                 access_key_id: current.as_ref().map(|c| c.access_key_id.clone()),
                 expires_in_secs: current.as_ref().map(|c| {

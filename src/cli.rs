@@ -494,7 +494,9 @@ fn check(path: PathBuf) -> ExitCode {
                 outln!(
                     "  {}: {} -> {} ({}s, session {})",
                     app.name,
-                    app.matcher,
+                    app.matcher
+                        .as_ref()
+                        .map_or_else(|| "container endpoint only".into(), |m| m.to_string()),
                     app.role_arn,
                     app.duration.as_secs(),
                     app.session_name

@@ -84,8 +84,16 @@ pub fn report(config: &Config, caller: &Caller) -> (String, bool) {
     let _ = writeln!(out, "caller: {}", describe(caller));
     let mut winner = None;
     for (i, app) in config.apps.iter().enumerate() {
-        let checks = app.matcher.evaluate(caller);
-        let matched = app.matcher.matches(caller);
+        let Some(rule) = &app.matcher else {
+            let _ = writeln!(
+                out,
+                "rule app[{i}] {:?}: container endpoint only (no match rule)",
+                app.name
+            );
+            continue;
+        };
+        let checks = rule.evaluate(caller);
+        let matched = rule.matches(caller);
         let verdict = match (matched, winner.is_some()) {
             (true, false) => "match",
             (true, true) => "match (not reached: an earlier rule won)",

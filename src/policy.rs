@@ -236,13 +236,14 @@ pub fn find_app<'a>(apps: &'a [App], caller: &Caller) -> Option<&'a App> {
 
 /// The position of the first app whose rule matches `caller`, if any.
 pub fn find_app_index(apps: &[App], caller: &Caller) -> Option<usize> {
-    apps.iter().position(|app| app.matcher.matches(caller))
+    apps.iter()
+        .position(|app| app.matcher.as_ref().is_some_and(|m| m.matches(caller)))
 }
 
 /// What resolving callers must find out to evaluate `apps`.
 pub fn needs(apps: &[App]) -> Needs {
     apps.iter().fold(Needs::default(), |acc, app| {
-        let n = app.matcher.needs();
+        let n = app.matcher.as_ref().map(Matcher::needs).unwrap_or_default();
         Needs {
             process: acc.process || n.process,
             exe_hash: acc.exe_hash || n.exe_hash,
@@ -254,10 +255,15 @@ pub fn needs(apps: &[App]) -> Needs {
 pub fn shadowed(apps: &[App]) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     for (j, later) in apps.iter().enumerate() {
-        if let Some(i) = apps[..j]
-            .iter()
-            .position(|earlier| earlier.matcher.covers(&later.matcher))
-        {
+        let Some(later_rule) = &later.matcher else {
+            continue;
+        };
+        if let Some(i) = apps[..j].iter().position(|earlier| {
+            earlier
+                .matcher
+                .as_ref()
+                .is_some_and(|rule| rule.covers(later_rule))
+        }) {
             out.push((i, j));
         }
     }

@@ -320,7 +320,11 @@ fn valid_fixture_loads_with_defaults_applied() {
     let config = Config::load(&fixture("valid.toml")).unwrap();
     assert_eq!(config.apps.len(), 2);
     let billing = &config.apps[0];
-    assert_eq!(billing.matcher.uid, Some(0), "user names resolve at load");
+    assert_eq!(
+        billing.matcher.as_ref().unwrap().uid,
+        Some(0),
+        "user names resolve at load"
+    );
     assert_eq!(billing.duration.as_secs(), 7200);
     let etl = &config.apps[1];
     assert_eq!(etl.role_arn.role_name(), "etl");

@@ -436,3 +436,52 @@ fn a_store_reopened_from_a_state_file_others_may_write_is_refused() {
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o600)).unwrap();
     assert!(TokenStore::open(dir.path()).is_ok());
 }
+
+#[tokio::test]
+async fn an_app_without_a_match_rule_is_served_on_the_container_endpoint_only() {
+    let me = nix::unistd::geteuid().as_raw();
+    let daemon = TestDaemon::start(|dir| {
+        format!(
+            "{}\n[[app]]\nname = \"ctr-only\"\nrole_arn = \"arn:aws:iam::111122223333:role/ctr-only\"\ncontainer = {{ uid = {me} }}\n",
+            config_text(dir, "")
+        )
+    })
+    .await;
+    let config = daemon.state.config();
+    assert!(
+        config
+            .apps
+            .iter()
+            .any(|a| a.name == "ctr-only" && a.matcher.is_none())
+    );
+    let doc = with_token(&daemon, "/v1/credentials", &token(&daemon, "ctr-only")).await;
+    assert_eq!(
+        json(&doc)["RoleArn"],
+        "arn:aws:iam::111122223333:role/ctr-only"
+    );
+    // Over IMDS this process (uid `me`) matches no rule: the rule-less app is not a catch-all.
+    let imds_token = daemon.token(60).await;
+    let listing = daemon
+        .get("/latest/meta-data/iam/security-credentials/", &imds_token)
+        .await;
+    assert_eq!(listing.status, 404, "{listing:?}");
+    let (report, matched) = imds_broker::explain::report(
+        &config,
+        &imds_broker::identity::Caller::local_uid(me, "127.0.0.1:1".parse().unwrap()),
+    );
+    assert!(!matched, "{report}");
+    assert!(report.contains("container endpoint only"), "{report}");
+    daemon.stop().await;
+}
+
+#[test]
+fn only_a_container_app_may_go_without_a_match_rule() {
+    let text = "[sts]\nregion = \"us-east-1\"\n[[app]]\nname = \"x\"\nrole_arn = \"arn:aws:iam::111122223333:role/x\"\n";
+    let e = Config::parse(text, Path::new("c.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("app[0].match") && e.contains("needs a match table"),
+        "{e}"
+    );
+}

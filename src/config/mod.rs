@@ -156,7 +156,8 @@ pub struct InstanceInfo {
 #[derive(Debug, Clone)]
 pub struct App {
     pub name: String,
-    pub matcher: Matcher,
+    /// Who gets this app over IMDS; `None` for an app served on the container endpoint only.
+    pub matcher: Option<Matcher>,
     pub role_arn: RoleArn,
     pub duration: Duration,
     pub session_name: String,
@@ -730,7 +731,18 @@ impl Validator<'_> {
             }
             None => default_session_name(&name, hostname),
         };
-        let matcher = self.matcher(raw.matcher, &field("match"));
+        let matcher = match raw.matcher {
+            Some(m) => self.matcher(m, &field("match")).map(Some),
+            None if raw.container.is_some() => Some(None),
+            None => {
+                self.push(
+                    raw.name.span(),
+                    &field("match"),
+                    "needs a match table (only an app with [app.container] may go without: it is then served on the container endpoint alone)",
+                );
+                None
+            }
+        };
         let source_identity = match raw.source_identity {
             None => Some(name.clone()),
             Some(s) if s.get_ref().is_empty() => None,
@@ -751,7 +763,7 @@ impl Validator<'_> {
             // session; the exact calling process is in the audit trail, by access key id.
             tags.insert("imds-broker:app".to_string(), name.clone());
             tags.insert("imds-broker:host".to_string(), hostname.to_string());
-            if let Some(m) = &matcher {
+            if let Some(Some(m)) = &matcher {
                 if let Some(uid) = m.uid {
                     tags.insert("imds-broker:uid".to_string(), uid.to_string());
                 }
@@ -788,7 +800,7 @@ impl Validator<'_> {
             &name,
             raw.container,
             endpoint,
-            matcher.as_ref(),
+            matcher.as_ref().and_then(Option::as_ref),
         );
         if let (Some(c), Some(span)) = (&container, container_span)
             && let Some(other) = earlier.iter().find(|a| {

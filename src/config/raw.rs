@@ -121,8 +121,9 @@ pub struct RawInstance {
 #[serde(deny_unknown_fields)]
 pub struct RawApp {
     pub name: Spanned<String>,
+    /// Absent only for apps served on the container endpoint alone.
     #[serde(rename = "match")]
-    pub matcher: Spanned<RawMatch>,
+    pub matcher: Option<Spanned<RawMatch>>,
     pub role_arn: Spanned<String>,
     pub duration: Option<Spanned<RawDuration>>,
     pub session_name: Option<Spanned<String>>,
