@@ -12,6 +12,12 @@ use governor::{Quota, RateLimiter};
 /// Beyond this many tracked callers, the state of those back at full burst is dropped.
 const MAX_TRACKED_CALLERS: usize = 10_000;
 
+/// A `Retry-After` value: whole seconds, rounded up, so a client that waits this long is
+/// admitted; at least 1.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
 pub struct CallerLimiter<C: Clock = DefaultClock> {
     limiter: RateLimiter<String, HashMapStateStore<String>, C, NoOpMiddleware<C::Instant>>,
     clock: C,

@@ -71,9 +71,10 @@ impl DenyReason {
     }
 }
 
+/// One caller decision with target `audit`, naming the caller as far as it was resolved.
 macro_rules! audit_event {
     ($level:ident, $event:literal, $caller:expr, $($rest:tt)*) => {{
-        let caller: &Caller = $caller;
+        let caller: &$crate::identity::Caller = $caller;
         tracing::$level!(
             target: "audit",
             event = $event,
@@ -87,6 +88,7 @@ macro_rules! audit_event {
         )
     }};
 }
+pub(crate) use audit_event;
 
 /// Issuances already in the audit trail. Process-wide: a process runs one daemon.
 static ISSUED: LazyLock<repeats::Issued> = LazyLock::new(repeats::Issued::default);

@@ -2,7 +2,7 @@
 //! decision): credentials issued and refused, tokens rejected, tokens rotated. Never a token or
 //! a secret; a rejected token is named by nothing but the reason.
 
-use crate::audit::DenyReason;
+use crate::audit::{DenyReason, audit_event};
 use crate::config::App;
 use crate::credentials::Credentials;
 use crate::identity::Caller;
@@ -10,27 +10,10 @@ use crate::imds::imds_time;
 
 use super::tokens::Rotation;
 
-macro_rules! container_event {
-    ($level:ident, $event:literal, $caller:expr, $($rest:tt)*) => {{
-        let caller: &Caller = $caller;
-        tracing::$level!(
-            target: "audit",
-            event = $event,
-            endpoint = "container",
-            peer = %caller.peer(),
-            uid = caller.uid(),
-            pid = caller.pid(),
-            exe = caller.exe().map(|e| e.display().to_string()),
-            cgroup = caller.cgroup(),
-            unit = caller.unit(),
-            $($rest)*
-        )
-    }};
-}
-
 pub fn credentials_issued(caller: &Caller, app: &App, creds: &Credentials) {
     metrics::counter!(crate::metrics::CREDENTIALS_SERVED, "app" => app.name.clone()).increment(1);
-    container_event!(info, "credentials.issued", caller,
+    audit_event!(info, "credentials.issued", caller,
+        endpoint = "container",
         app = %app.name,
         role_arn = %app.role_arn,
         access_key_id = %creds.access_key_id,
@@ -42,10 +25,11 @@ pub fn credentials_issued(caller: &Caller, app: &App, creds: &Credentials) {
 pub fn credentials_denied(caller: &Caller, app: &str, detail: &str) {
     metrics::counter!(crate::metrics::DENIALS, "reason" => DenyReason::Upstream.as_str())
         .increment(1);
-    container_event!(
+    audit_event!(
         warn,
         "credentials.denied",
         caller,
+        endpoint = "container",
         app,
         reason = DenyReason::Upstream.as_str(),
         detail,
@@ -83,27 +67,21 @@ impl TokenRefusal {
 pub fn token_rejected(caller: &Caller, refusal: TokenRefusal, app: Option<&str>) {
     metrics::counter!(crate::metrics::DENIALS, "reason" => DenyReason::BadToken.as_str())
         .increment(1);
-    container_event!(
+    audit_event!(
         warn,
         "container_token.rejected",
         caller,
+        endpoint = "container",
         reason = refusal.as_str(),
         app,
         "container credentials request refused"
     );
 }
 
-/// A request refused before its token was looked at (relayed, browser, foreign Host, rate).
+/// A request refused before its token was looked at (relayed, browser, foreign Host, rate):
+/// the same event as on IMDS.
 pub fn refused(caller: &Caller, reason: DenyReason, detail: &str) {
-    metrics::counter!(crate::metrics::DENIALS, "reason" => reason.as_str()).increment(1);
-    container_event!(
-        warn,
-        "token.rejected",
-        caller,
-        reason = reason.as_str(),
-        detail,
-        "request refused"
-    );
+    crate::audit::token_rejected(caller, reason, detail);
 }
 
 pub fn token_rotated(rotation: &Rotation) {

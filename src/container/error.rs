@@ -96,10 +96,10 @@ impl IntoResponse for ContainerError {
                     .insert(header::ALLOW, HeaderValue::from_static("GET"));
             }
             ContainerError::RateLimited { retry_after } => {
-                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                let secs = crate::rate_limit::retry_after_secs(retry_after);
                 response
                     .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
             _ => {}
         }

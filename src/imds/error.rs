@@ -66,11 +66,10 @@ impl IntoResponse for ImdsError {
                     .insert(header::ALLOW, HeaderValue::from_static(allow));
             }
             ImdsError::RateLimited { retry_after } => {
-                // Whole seconds, rounded up: a client that waits this long is admitted.
-                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                let secs = crate::rate_limit::retry_after_secs(retry_after);
                 response
                     .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
             _ => {}
         }
