@@ -322,7 +322,7 @@ def test_socket_shared_with_child_of_another_executable_is_refused(lab, warm):
     strict=True,
     reason=(
         "known limit: holders are looked for in the socket's own cgroup (a full /proc scan per "
-        "connection would cost ~55 ms with 2,000 processes). A socket can only reach another "
+        "connection would cost ~48 ms with 2,000 processes). A socket can only reach another "
         "cgroup if its owner hands it over (SCM_RIGHTS) or is ptrace-able, and such a receiver "
         "could read the owner's credentials anyway; see README, identity limits"
     ),
