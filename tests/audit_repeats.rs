@@ -12,19 +12,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use common::{FakeSts, ManualClock};
 use imds_broker::audit::sink::AuditSink;
 use imds_broker::config::{Config, DEFAULT_MIN_REMAINING, DEFAULT_SESSION};
 use imds_broker::identity::{Caller, LocalCaller};
-use imds_broker::imds::{self, ConnectionInfo};
 use imds_broker::process::ProcessInfo;
 use imds_broker::state::AppState;
 use imds_broker::token::TokenKey;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use serde_json::Value;
-use tower::ServiceExt;
 use tracing_subscriber::layer::SubscriberExt;
 
 const CONFIG: &str = r#"
@@ -64,40 +61,13 @@ fn caller(uid: u32, pid: u32, port: u16) -> Caller {
     })
 }
 
-async fn call(
-    state: &AppState,
-    caller: &Caller,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-) -> (StatusCode, String) {
-    let mut request = Request::builder().method(method).uri(path);
-    if method == "PUT" {
-        request = request.header("x-aws-ec2-metadata-token-ttl-seconds", "21600");
-    }
-    if let Some(t) = token {
-        request = request.header("x-aws-ec2-metadata-token", t);
-    }
-    let mut request = request.body(Body::empty()).unwrap();
-    request.extensions_mut().insert(ConnectionInfo {
-        caller: Arc::new(caller.clone()),
-        local: "169.254.169.254:80".parse().unwrap(),
-    });
-    let response = imds::router(state.clone()).oneshot(request).await.unwrap();
-    let status = response.status();
-    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    (status, String::from_utf8(body.to_vec()).unwrap())
-}
-
 /// Gets `role`'s credentials as `caller` `times` times; returns the access key id served.
 async fn get_creds(state: &AppState, caller: &Caller, role: &str, times: usize) -> String {
-    let (status, token) = call(state, caller, "PUT", "/latest/api/token", None).await;
+    let (status, token) = common::route(state, caller, "PUT", "/latest/api/token", None).await;
     assert_eq!(status, StatusCode::OK);
     let mut keys = Vec::new();
     for _ in 0..times {
-        let (status, body) = call(
+        let (status, body) = common::route(
             state,
             caller,
             "GET",
@@ -147,10 +117,10 @@ async fn repeats_are_audited_once_and_every_new_issuance_always() {
     // Another app's first credentials.
     let key_b = get_creds(&state, &caller(1002, 200, 40_003), "app-b", 2).await;
     // A role that is not the caller's own: refused, and audited every time.
-    let (status, token) = call(&state, &first, "PUT", "/latest/api/token", None).await;
+    let (status, token) = common::route(&state, &first, "PUT", "/latest/api/token", None).await;
     assert_eq!(status, StatusCode::OK);
     for _ in 0..3 {
-        let (status, _) = call(
+        let (status, _) = common::route(
             &state,
             &first,
             "GET",

@@ -12,7 +12,7 @@ use axum::http::{Request, StatusCode};
 use common::{FakeSts, ManualClock};
 use imds_broker::config::Config;
 use imds_broker::identity::Caller;
-use imds_broker::imds::{self, ConnectionInfo};
+use imds_broker::imds;
 use imds_broker::state::AppState;
 use imds_broker::token::TokenKey;
 use tower::ServiceExt;
@@ -50,35 +50,8 @@ fn local(uid: u32) -> Caller {
     Caller::local_uid(uid, "127.0.0.1:40000".parse().unwrap())
 }
 
-async fn call(
-    state: &AppState,
-    caller: &Caller,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-) -> (StatusCode, String) {
-    let mut request = Request::builder().method(method).uri(path);
-    if method == "PUT" {
-        request = request.header("x-aws-ec2-metadata-token-ttl-seconds", "60");
-    }
-    if let Some(t) = token {
-        request = request.header("x-aws-ec2-metadata-token", t);
-    }
-    let mut request = request.body(Body::empty()).unwrap();
-    request.extensions_mut().insert(ConnectionInfo {
-        caller: Arc::new(caller.clone()),
-        local: "169.254.169.254:80".parse().unwrap(),
-    });
-    let response = imds::router(state.clone()).oneshot(request).await.unwrap();
-    let status = response.status();
-    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    (status, String::from_utf8(body.to_vec()).unwrap())
-}
-
 async fn token_for(state: &AppState, caller: &Caller) -> String {
-    let (status, token) = call(state, caller, "PUT", "/latest/api/token", None).await;
+    let (status, token) = common::route(state, caller, "PUT", "/latest/api/token", None).await;
     assert_eq!(status, StatusCode::OK);
     token
 }
@@ -95,10 +68,10 @@ async fn each_uid_sees_only_its_own_role() {
         let caller = local(uid);
         let token = token_for(&state, &caller).await;
         assert_eq!(
-            call(&state, &caller, "GET", LIST, Some(&token)).await,
+            common::route(&state, &caller, "GET", LIST, Some(&token)).await,
             (StatusCode::OK, role.to_string())
         );
-        let (status, body) = call(
+        let (status, body) = common::route(
             &state,
             &caller,
             "GET",
@@ -111,7 +84,7 @@ async fn each_uid_sees_only_its_own_role() {
         assert_eq!(doc["AccountId"], account);
         // The other app's role name is simply not there for this caller.
         let other = if role == "app-a" { "app-b" } else { "app-a" };
-        let (status, _) = call(
+        let (status, _) = common::route(
             &state,
             &caller,
             "GET",
@@ -133,9 +106,9 @@ async fn each_uid_sees_only_its_own_role() {
 async fn a_token_minted_by_one_app_is_refused_for_another() {
     let (state, sts) = state();
     let token_a = token_for(&state, &local(1001)).await;
-    let (status, _) = call(&state, &local(1002), "GET", LIST, Some(&token_a)).await;
+    let (status, _) = common::route(&state, &local(1002), "GET", LIST, Some(&token_a)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, _) = call(
+    let (status, _) = common::route(
         &state,
         &local(1002),
         "GET",
@@ -176,7 +149,7 @@ async fn unmapped_remote_and_unresolved_callers_get_nothing() {
             "/latest/meta-data/iam/security-credentials/app-a",
             "/latest/meta-data/iam/info",
         ] {
-            let (status, _) = call(&state, caller, "GET", path, Some(&token)).await;
+            let (status, _) = common::route(&state, caller, "GET", path, Some(&token)).await;
             assert_eq!(status, StatusCode::NOT_FOUND, "{caller}: {path}");
         }
     }

@@ -345,6 +345,41 @@ impl TestDaemon {
     }
 }
 
+/// One request straight through the IMDS router as `caller` (the identity the server would
+/// have resolved for the connection); the status and body. A PUT asks for a 60 s token.
+pub async fn route(
+    state: &AppState,
+    caller: &imds_broker::identity::Caller,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (axum::http::StatusCode, String) {
+    use tower::ServiceExt;
+    let mut request = axum::http::Request::builder().method(method).uri(path);
+    if method == "PUT" {
+        request = request.header("x-aws-ec2-metadata-token-ttl-seconds", "60");
+    }
+    if let Some(t) = token {
+        request = request.header("x-aws-ec2-metadata-token", t);
+    }
+    let mut request = request.body(axum::body::Body::empty()).unwrap();
+    request
+        .extensions_mut()
+        .insert(imds_broker::imds::ConnectionInfo {
+            caller: Arc::new(caller.clone()),
+            local: "169.254.169.254:80".parse().unwrap(),
+        });
+    let response = imds_broker::imds::router(state.clone())
+        .oneshot(request)
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
 #[derive(Debug, Clone)]
 pub struct RawResponse {
     pub status: u16,
