@@ -313,13 +313,13 @@ fn exec(
         eprintln!("imds-broker exec: {e}");
         return ExitCode::FAILURE;
     }
-    let (set, cleared) = crate::exec::environment(&target);
+    let set = crate::exec::environment(&target);
     let Some((program, args)) = command.split_first() else {
         return ExitCode::from(EXIT_CONFIG);
     };
     let mut child = std::process::Command::new(program);
     child.args(args).envs(set);
-    for name in cleared {
+    for name in crate::exec::CLEARED {
         child.env_remove(name);
     }
     let e = child.exec();

@@ -82,15 +82,12 @@ fn url_for(listen: SocketAddr, app: &str) -> String {
     )
 }
 
-/// The environment changes for the command: what to set, then what to remove.
-pub fn environment(target: &Target) -> (Vec<(&'static str, OsString)>, &'static [&'static str]) {
-    (
-        vec![
-            (FULL_URI, OsString::from(&target.url)),
-            (TOKEN_FILE, target.token_file.clone().into_os_string()),
-        ],
-        &CLEARED,
-    )
+/// What the command's environment gets set (besides removing [`CLEARED`]).
+pub fn environment(target: &Target) -> [(&'static str, OsString); 2] {
+    [
+        (FULL_URI, OsString::from(&target.url)),
+        (TOKEN_FILE, target.token_file.clone().into_os_string()),
+    ]
 }
 
 /// Whether this process can read the token file: an early, clear error instead of an SDK's
@@ -132,9 +129,9 @@ mod tests {
         let t = target(&config("169.254.170.23:80"), "a").unwrap();
         assert_eq!(t.url, "http://169.254.170.23:80/v1/credentials/a");
         assert_eq!(t.token_file, PathBuf::from("/run/t/a.token"));
-        let (set, cleared) = environment(&t);
-        assert_eq!(set[0].0, FULL_URI);
-        assert!(cleared.contains(&"AWS_ACCESS_KEY_ID"));
+        let set = environment(&t);
+        assert_eq!(set[0], (FULL_URI, OsString::from(&t.url)));
+        assert!(CLEARED.contains(&"AWS_ACCESS_KEY_ID"));
     }
 
     #[test]

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use common::{RawResponse, TestDaemon, send_raw};
 use imds_broker::config::Config;
-use imds_broker::container::tokens::TokenStore;
 use serde_json::Value;
 
 fn config_text(state_dir: &Path, extra_container: &str) -> String {
@@ -423,18 +422,6 @@ fn two_apps_cannot_share_a_token_file() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("token file too"), "{e}");
-}
-
-#[test]
-fn a_store_reopened_from_a_state_file_others_may_write_is_refused() {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("container-tokens.json");
-    std::fs::write(&state, "{\"apps\":{}}").unwrap();
-    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o646)).unwrap();
-    assert!(TokenStore::open(dir.path()).is_err());
-    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o600)).unwrap();
-    assert!(TokenStore::open(dir.path()).is_ok());
 }
 
 #[tokio::test]

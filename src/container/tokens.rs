@@ -108,14 +108,10 @@ struct AppTokens {
     retired: VecDeque<Digest>,
 }
 
-#[derive(Default)]
-struct Tokens {
-    apps: HashMap<String, AppTokens>,
-}
-
 pub struct TokenStore {
     state_file: PathBuf,
-    tokens: RwLock<Tokens>,
+    /// Each app's tokens, by app name.
+    tokens: RwLock<HashMap<String, AppTokens>>,
     /// Serialises changes (they write files); checks only take `tokens` briefly.
     writer: Mutex<()>,
     /// Counts token changes, for whoever waits for one (status, tests).
@@ -226,7 +222,7 @@ impl TokenStore {
             .collect();
         Ok(Self {
             state_file,
-            tokens: RwLock::new(Tokens { apps }),
+            tokens: RwLock::new(apps),
             writer: Mutex::new(()),
             changes: tokio::sync::watch::Sender::new(0),
         })
@@ -236,7 +232,7 @@ impl TokenStore {
     pub fn verify(&self, presented: &str, now: SystemTime) -> Verdict {
         let d = digest(presented);
         let tokens = self.tokens.read().expect("token store lock");
-        for (name, app) in &tokens.apps {
+        for (name, app) in tokens.iter() {
             if app.current == d {
                 return Verdict::Valid { app: name.clone() };
             }
@@ -268,7 +264,6 @@ impl TokenStore {
         let gone: Vec<(String, PathBuf)> = {
             let mut tokens = self.tokens.write().expect("token store lock");
             let gone = tokens
-                .apps
                 .iter()
                 .filter(|(name, held)| {
                     wanted
@@ -278,7 +273,7 @@ impl TokenStore {
                 .map(|(name, held)| (name.clone(), held.target.token_file.clone()))
                 .collect::<Vec<_>>();
             for (name, _) in &gone {
-                tokens.apps.remove(name);
+                tokens.remove(name);
             }
             gone
         };
@@ -291,10 +286,7 @@ impl TokenStore {
         for (name, target) in wanted {
             let keep = {
                 let tokens = self.tokens.read().expect("token store lock");
-                tokens
-                    .apps
-                    .get(name)
-                    .is_some_and(|held| &held.target == target)
+                tokens.get(name).is_some_and(|held| &held.target == target)
             } && token_file::intact(target);
             if !keep {
                 rotations.push(self.replace(name, target, now, None, RotationCause::Issued));
@@ -310,7 +302,6 @@ impl TokenStore {
         let due: Vec<(String, AppContainer)> = {
             let tokens = self.tokens.read().expect("token store lock");
             tokens
-                .apps
                 .iter()
                 .filter(|(_, held)| held.issued_at + every <= now)
                 .map(|(name, held)| (name.clone(), held.target.clone()))
@@ -336,7 +327,6 @@ impl TokenStore {
             .tokens
             .read()
             .expect("token store lock")
-            .apps
             .get(app)?
             .target
             .clone();
@@ -353,13 +343,12 @@ impl TokenStore {
     /// When the next scheduled rotation is due.
     pub fn next_due(&self, every: Duration) -> Option<SystemTime> {
         let tokens = self.tokens.read().expect("token store lock");
-        tokens.apps.values().map(|a| a.issued_at + every).min()
+        tokens.values().map(|a| a.issued_at + every).min()
     }
 
     pub fn status(&self) -> Vec<TokenStatus> {
         let tokens = self.tokens.read().expect("token store lock");
         let mut list: Vec<_> = tokens
-            .apps
             .iter()
             .map(|(name, a)| TokenStatus {
                 app: name.clone(),
@@ -387,7 +376,7 @@ impl TokenStore {
         let new = digest(token.expose());
         let before = {
             let mut tokens = self.tokens.write().expect("token store lock");
-            let before = tokens.apps.get(name).cloned();
+            let before = tokens.get(name).cloned();
             let mut next = before.clone().unwrap_or_else(|| AppTokens {
                 target: target.clone(),
                 current: new,
@@ -405,20 +394,20 @@ impl TokenStore {
             next.target = target.clone();
             next.current = new;
             next.issued_at = now;
-            tokens.apps.insert(name.to_owned(), next);
+            tokens.insert(name.to_owned(), next);
             before
         };
         let result = token_file::write(target, &token);
         let mut tokens = self.tokens.write().expect("token store lock");
         match (&result, before) {
             (Err(_), Some(old)) => {
-                tokens.apps.insert(name.to_owned(), old);
+                tokens.insert(name.to_owned(), old);
             }
             (Err(_), None) => {
-                tokens.apps.remove(name);
+                tokens.remove(name);
             }
             (Ok(()), _) if grace.is_none() => {
-                if let Some(held) = tokens.apps.get_mut(name)
+                if let Some(held) = tokens.get_mut(name)
                     && let Some((old, _)) = held.previous.take()
                 {
                     retire(&mut held.retired, old);
@@ -445,7 +434,6 @@ impl TokenStore {
             let tokens = self.tokens.read().expect("token store lock");
             SavedState {
                 apps: tokens
-                    .apps
                     .iter()
                     .map(|(name, a)| {
                         (
@@ -667,5 +655,7 @@ mod tests {
             TokenStore::open(dir.path()),
             Err(StoreError::Refused { .. })
         ));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(TokenStore::open(dir.path()).is_ok());
     }
 }
