@@ -57,7 +57,11 @@ pub async fn reload(state: &AppState, path: &Path) -> Result<ReloadSummary, Conf
             return Err(e);
         }
     };
-    let summary = state.apply_config(config);
+    // Applying writes container token files (and fsyncs them): off the async workers too.
+    let applying = state.clone();
+    let summary = tokio::task::spawn_blocking(move || applying.apply_config(config))
+        .await
+        .expect("applying a config does not panic");
     audit::config_loaded(path, summary.apps, summary.dropped);
     if summary.needs_restart {
         tracing::warn!(
