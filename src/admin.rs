@@ -175,7 +175,7 @@ async fn render_metrics(State(admin): State<Admin>) -> Response {
     metrics::gauge!(crate::metrics::DEGRADED_ENTRIES).set(stats.degraded_entries as f64);
     metrics::counter!(crate::metrics::DEGRADED_SERVES).absolute(stats.degraded_serves);
     for app in &admin.state.config().apps {
-        if let Some(creds) = cache.peek(&app.assume_role_input()).and_then(|e| e.current) {
+        if let Some(creds) = cache.peek(app.assume_role_input()).and_then(|e| e.current) {
             let left = creds.expiration.duration_since(now).unwrap_or_default();
             metrics::gauge!(crate::metrics::CREDENTIAL_EXPIRY, "app" => app.name.clone())
                 .set(left.as_secs_f64());
@@ -201,7 +201,7 @@ async fn readyz(State(admin): State<Admin>) -> Response {
             let current = admin
                 .state
                 .cache()
-                .peek(&app.assume_role_input())
+                .peek(app.assume_role_input())
                 .and_then(|e| e.current);
             current.is_none_or(|c| c.expiration <= now)
         })
@@ -297,7 +297,7 @@ async fn status(State(admin): State<Admin>) -> Response {
         .apps
         .iter()
         .map(|app| {
-            let entry = admin.state.cache().peek(&app.assume_role_input());
+            let entry = admin.state.cache().peek(app.assume_role_input());
             let current = entry.as_ref().and_then(|e| e.current.clone());
             AppStatus {
                 app: app.name.clone(),

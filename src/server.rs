@@ -78,14 +78,14 @@ fn set_hop_limit(listener: &TcpListener, addr: SocketAddr, hops: u32) -> io::Res
 /// Open connections, in total and per caller identity.
 struct ConnectionLimits {
     total: Arc<Semaphore>,
-    per_caller: Mutex<HashMap<String, u32>>,
+    per_caller: Mutex<HashMap<Arc<str>, u32>>,
     max_per_caller: u32,
 }
 
 /// Holds one caller's connection slot; gives it back when the connection ends.
 struct CallerSlot {
     limits: Arc<ConnectionLimits>,
-    key: String,
+    key: Arc<str>,
 }
 
 impl ConnectionLimits {
@@ -97,7 +97,7 @@ impl ConnectionLimits {
         }
     }
 
-    fn claim(self: &Arc<Self>, key: String) -> Option<CallerSlot> {
+    fn claim(self: &Arc<Self>, key: Arc<str>) -> Option<CallerSlot> {
         let mut open = self.per_caller.lock().expect("connection count lock");
         let count = open.entry(key.clone()).or_default();
         if *count >= self.max_per_caller {
@@ -282,18 +282,15 @@ async fn serve_connection(
         return;
     };
     tracing::debug!(%caller, %local, "connection accepted");
-    let Some(_slot) = limits.claim(caller.token_binding()) else {
+    let info = ConnectionInfo::new(caller, local);
+    let Some(_slot) = limits.claim(info.binding.clone()) else {
         audit::token_rejected(
-            &caller,
+            &info,
             DenyReason::ConnectionLimit,
             "too many open connections",
         );
         refuse(stream).await;
         return;
-    };
-    let info = ConnectionInfo {
-        caller: Arc::new(caller),
-        local,
     };
     let service = router.map_request(move |mut request: axum::http::Request<Incoming>| {
         request.extensions_mut().insert(info.clone());

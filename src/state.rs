@@ -111,7 +111,11 @@ impl AppState {
     /// change, the others are dropped; new `prefetch` apps are fetched.
     pub fn apply_config(&self, config: Config) -> ReloadSummary {
         let old = self.config();
-        let keep: HashSet<_> = config.apps.iter().map(|a| a.assume_role_input()).collect();
+        let keep: HashSet<_> = config
+            .apps
+            .iter()
+            .map(|a| a.assume_role_input().clone())
+            .collect();
         let needs_restart = old.server.listen != config.server.listen
             || old.server.state_dir != config.server.state_dir
             || old.server.hop_limit != config.server.hop_limit
@@ -174,5 +178,5 @@ fn prefetched(config: &Config) -> impl Iterator<Item = crate::credentials::Assum
         .apps
         .iter()
         .filter(|a| a.prefetch)
-        .map(|a| a.assume_role_input())
+        .map(|a| a.assume_role_input().clone())
 }

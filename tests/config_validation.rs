@@ -267,6 +267,7 @@ fn session_policies_reach_the_assume_role_input_minified() {
         reporter
             .assume_role_input()
             .policy
+            .as_deref()
             .unwrap()
             .contains("\"Sid\":\"NotDrafts\"")
     );
@@ -281,7 +282,7 @@ fn session_policies_reach_the_assume_role_input_minified() {
     // Same role, different policies: different cache keys, so never the same credentials.
     let mut keys = std::collections::HashSet::new();
     for app in &config.apps {
-        let mut input = app.assume_role_input();
+        let mut input = app.assume_role_input().clone();
         // Only the policy fields differ in what matters here.
         input.session_name = "same".into();
         input.source_identity = None;

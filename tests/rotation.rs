@@ -131,6 +131,7 @@ impl CredentialSource for Sts {
                         session_token: Secret::new(format!("rotation-token-{n}")),
                         expiration: now + lifetime.unwrap_or(input.duration),
                         issued_at: now,
+                        rendered: Default::default(),
                     })
                 }
             }
@@ -510,8 +511,8 @@ async fn reload_with_a_changed_role_drops_only_that_apps_credentials() {
     let clock = ManualClock::new();
     let sts = FakeSts::new(clock.clone());
     let state = app_state(Config::load(&path).unwrap(), sts.clone(), Arc::new(clock));
-    let a = state.config().apps[0].assume_role_input();
-    let b = state.config().apps[1].assume_role_input();
+    let a = state.config().apps[0].assume_role_input().clone();
+    let b = state.config().apps[1].assume_role_input().clone();
     let a_key = state.cache().get(&a).await.unwrap().access_key_id.clone();
     state.cache().get(&b).await.unwrap();
     assert_eq!(sts.calls(), 2);
@@ -524,7 +525,7 @@ async fn reload_with_a_changed_role_drops_only_that_apps_credentials() {
     assert_eq!(state.cache().get(&a).await.unwrap().access_key_id, a_key);
     assert_eq!(sts.calls(), 2);
     // app-b: the new role, fetched anew.
-    let b2 = state.config().apps[1].assume_role_input();
+    let b2 = state.config().apps[1].assume_role_input().clone();
     assert_eq!(b2.role_arn.role_name(), "app-b-v2");
     state.cache().get(&b2).await.unwrap();
     assert_eq!(sts.calls(), 3);
@@ -588,7 +589,7 @@ async fn prefetch_warms_at_start_and_idle_apps_stop_being_refreshed() {
         Config::parse(&two_apps(dir.path(), "app-b", true), Path::new("test.toml")).unwrap();
     assert_eq!(config.credentials.idle_after, DEFAULT_IDLE_AFTER);
     let state = app_state(config, sts.clone(), Arc::new(clock.clone()));
-    let a = state.config().apps[0].assume_role_input();
+    let a = state.config().apps[0].assume_role_input().clone();
     state.start_refresher();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(sts.calls_for("app-a"), 1, "prefetched at start");

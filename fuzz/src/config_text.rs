@@ -38,9 +38,9 @@ fn exercise(config: &Config) {
     }
     let _ = config.needs();
     for app in apps {
-        let name = app.assume_role_input().session_name;
+        let name = &app.assume_role_input().session_name;
         assert!(
-            is_sts_session_name(&name),
+            is_sts_session_name(name),
             "app {:?}: STS would refuse RoleSessionName {name:?}",
             app.name
         );

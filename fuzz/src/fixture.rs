@@ -143,10 +143,7 @@ impl Case {
     }
 
     pub fn connection(&self) -> ConnectionInfo {
-        ConnectionInfo {
-            caller: Arc::new(self.caller.caller()),
-            local: self.local,
-        }
+        ConnectionInfo::new(self.caller.caller(), self.local)
     }
 }
 
@@ -339,6 +336,7 @@ impl CredentialSource for FixedSts {
                     session_token: Secret::new("fuzz-session-token".to_owned()),
                     expiration: now + input.duration,
                     issued_at: now,
+                    rendered: Default::default(),
                 })
             }
         };

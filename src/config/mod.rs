@@ -174,20 +174,15 @@ pub struct App {
     pub policy_arns: Vec<String>,
     /// Also served on the container endpoint, to whoever presents the token in this file.
     pub container: Option<AppContainer>,
+    /// The fields above as one AssumeRole input, built once: every credential request looks
+    /// the cache up with it.
+    input: AssumeRoleInput,
 }
 
 impl App {
     /// Everything that goes into AssumeRole: the credential cache key.
-    pub fn assume_role_input(&self) -> AssumeRoleInput {
-        AssumeRoleInput {
-            role_arn: self.role_arn.clone(),
-            session_name: self.session_name.clone(),
-            duration: self.duration,
-            source_identity: self.source_identity.clone(),
-            tags: self.tags.clone(),
-            policy: self.policy.as_ref().map(|p| p.minified.clone()),
-            policy_arns: self.policy_arns.clone(),
-        }
+    pub fn assume_role_input(&self) -> &AssumeRoleInput {
+        &self.input
     }
 }
 
@@ -819,18 +814,30 @@ impl Validator<'_> {
                 ),
             );
         }
+        let (matcher, role_arn) = (matcher?, role_arn?);
+        let tags: Vec<_> = tags.into_iter().collect();
+        let input = AssumeRoleInput {
+            role_arn: role_arn.clone(),
+            session_name: session_name.clone(),
+            duration,
+            source_identity: source_identity.clone(),
+            tags: tags.clone(),
+            policy: policy.as_ref().map(|p| p.minified.clone()),
+            policy_arns: policy_arns.clone(),
+        };
         Some(App {
             name,
-            matcher: matcher?,
-            role_arn: role_arn?,
+            matcher,
+            role_arn,
             duration,
             session_name,
             prefetch: raw.prefetch,
             source_identity,
-            tags: tags.into_iter().collect(),
+            tags,
             policy,
             policy_arns,
             container,
+            input,
         })
     }
 

@@ -114,7 +114,7 @@ async fn rate_limit(
     next: Next,
 ) -> Result<Response, ContainerError> {
     let conn = connection(&request)?;
-    if let Err(retry_after) = limiter.check(&conn.token_binding()) {
+    if let Err(retry_after) = limiter.check(&conn.binding) {
         audit::refused(conn, DenyReason::RateLimited, "request rate over the limit");
         return Err(ContainerError::RateLimited { retry_after });
     }
@@ -210,7 +210,7 @@ async fn serve(
             ContainerError::BadToken("the token's app is no longer served here"),
         );
     };
-    let creds = match state.cache().get(&app.assume_role_input()).await {
+    let creds = match state.cache().get(app.assume_role_input()).await {
         Ok(creds) => creds,
         Err(e) => {
             audit::credentials_denied(conn, &app.name, &e.to_string());
@@ -218,16 +218,22 @@ async fn serve(
         }
     };
     audit::credentials_issued(conn, app, &creds);
-    Ok(document(
-        &creds,
-        &app.role_arn.to_string(),
-        app.role_arn.account_id(),
-    ))
+    let body = creds.rendered.container.get_or_init(|| {
+        document(&creds, &app.role_arn.to_string(), app.role_arn.account_id()).into()
+    });
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body.clone(),
+    )
+        .into_response())
 }
 
 /// The ECS agent's credential JSON: the four fields every SDK requires, plus the role and
 /// account (botocore, aws-sdk-rust and the JS SDK read `AccountId`).
-fn document(creds: &Credentials, role_arn: &str, account_id: &str) -> Response {
+fn document(creds: &Credentials, role_arn: &str, account_id: &str) -> String {
     #[derive(Serialize)]
     #[serde(rename_all = "PascalCase")]
     struct Document<'a> {
@@ -246,14 +252,7 @@ fn document(creds: &Credentials, role_arn: &str, account_id: &str) -> Response {
         role_arn,
         account_id,
     };
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        serde_json::to_string(&doc).expect("plain struct serializes"),
-    )
-        .into_response()
+    serde_json::to_string(&doc).expect("plain struct serializes")
 }
 
 /// Puts the container endpoint to work on `state`: its tokens follow config reloads, every

@@ -16,7 +16,11 @@ mod schedule;
 mod self_loop;
 mod sts;
 
+use std::fmt;
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
+
+use axum::body::Bytes;
 
 use futures_util::future::BoxFuture;
 
@@ -60,6 +64,32 @@ pub struct Credentials {
     pub expiration: SystemTime,
     /// When the broker obtained them (IMDS `LastUpdated`).
     pub issued_at: SystemTime,
+    /// The responses that serve them, rendered on first use.
+    pub rendered: Rendered,
+}
+
+/// Response bodies rendered from one set of credentials, each built once: a cached set is
+/// served many times over and its documents never change, since every field in them is fixed
+/// by the credentials and by the cache key they were obtained for (the role ARN, hence the
+/// account). A clone starts empty, so a clone that is then altered never serves a stale body.
+#[derive(Default)]
+pub struct Rendered {
+    /// The IMDS `security-credentials/<role>` document.
+    pub imds: OnceLock<Bytes>,
+    /// The container endpoint's document.
+    pub container: OnceLock<Bytes>,
+}
+
+impl Clone for Rendered {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl fmt::Debug for Rendered {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Rendered(<redacted>)")
+    }
 }
 
 impl Credentials {
@@ -104,4 +134,32 @@ pub trait CredentialSource: Send + Sync + 'static {
         &self,
         input: AssumeRoleInput,
     ) -> BoxFuture<'static, Result<Credentials, StsError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clone_renders_afresh() {
+        let creds = Credentials {
+            access_key_id: "ASIAOLD".into(),
+            secret_access_key: Secret::new("wJalrXUtnFEMI"),
+            session_token: Secret::new("FwoGZXIvYXdz"),
+            expiration: SystemTime::UNIX_EPOCH,
+            issued_at: SystemTime::UNIX_EPOCH,
+            rendered: Rendered::default(),
+        };
+        creds.rendered.imds.get_or_init(|| Bytes::from("ASIAOLD"));
+        let mut changed = creds.clone();
+        changed.access_key_id = "ASIANEW".into();
+        assert!(changed.rendered.imds.get().is_none());
+        assert!(changed.rendered.container.get().is_none());
+        assert_eq!(creds.rendered.imds.get().unwrap(), "ASIAOLD");
+        let printed = format!("{creds:?}");
+        assert!(
+            !printed.contains("wJalr") && !printed.contains("FwoG"),
+            "{printed}"
+        );
+    }
 }

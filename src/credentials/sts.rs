@@ -118,6 +118,7 @@ impl CredentialSource for StsSource {
                 session_token: Secret::new(c.session_token()),
                 expiration,
                 issued_at: SystemTime::now(),
+                rendered: Default::default(),
             })
         }
         .boxed()

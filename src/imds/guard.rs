@@ -60,13 +60,12 @@ pub async fn checks(State(guards): State<Guards>, mut request: Request, next: Ne
 fn admit(guards: &Guards, request: &Request) -> Result<(), ImdsError> {
     let conn = caller_of(request.extensions())?;
     refuse_relayed(&guards.state, conn, request)?;
-    let binding = conn.token_binding();
     // One caller (by resolved identity) may not starve the others.
-    if let Err(retry_after) = guards.limiter.check(&binding) {
+    if let Err(retry_after) = guards.limiter.check(&conn.binding) {
         audit::token_rejected(conn, DenyReason::RateLimited, "request rate over the limit");
         return Err(ImdsError::RateLimited { retry_after });
     }
-    require_token(&guards.state, conn, &binding, request)
+    require_token(&guards.state, conn, &conn.binding, request)
 }
 
 /// Refuses requests relayed by a proxy, sent by a browser or addressed to a foreign `Host`

@@ -36,8 +36,21 @@ pub const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     pub caller: Arc<Caller>,
+    /// The caller's [`Caller::token_binding`], computed once per connection: every request
+    /// keys its rate limit and checks its token with it.
+    pub binding: Arc<str>,
     /// The daemon's own address on this connection (what the caller dialled).
     pub local: std::net::SocketAddr,
+}
+
+impl ConnectionInfo {
+    pub fn new(caller: Caller, local: std::net::SocketAddr) -> Self {
+        Self {
+            binding: caller.token_binding().into(),
+            caller: Arc::new(caller),
+            local,
+        }
+    }
 }
 
 /// The config snapshot a request is answered under and the caller's matched app (an index into
@@ -86,15 +99,9 @@ pub fn router(state: AppState) -> Router {
             "/{version}/api/token",
             any(|| async { ImdsError::Forbidden("tokens are only issued at /latest/api/token") }),
         )
-        .route("/", get(|| async { text("latest".into()) }))
-        .route(
-            "/latest",
-            get(|| async { text("dynamic\nmeta-data".into()) }),
-        )
-        .route(
-            "/latest/",
-            get(|| async { text("dynamic\nmeta-data".into()) }),
-        )
+        .route("/", get(|| async { text("latest") }))
+        .route("/latest", get(|| async { text("dynamic\nmeta-data") }))
+        .route("/latest/", get(|| async { text("dynamic\nmeta-data") }))
         .route("/latest/meta-data", metadata.clone())
         .route("/latest/meta-data/", metadata.clone())
         .route("/latest/meta-data/{*rest}", metadata.clone())
@@ -115,10 +122,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn text(body: String) -> Response {
+fn text(body: impl Into<axum::body::Body>) -> Response {
     (
         [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"))],
-        body,
+        body.into(),
     )
         .into_response()
 }
@@ -128,11 +135,9 @@ async fn put_token(State(state): State<AppState>, request: Request) -> Result<Re
     let conn = caller_of(request.extensions())?;
     let requested = requested_ttl(request.headers())?;
     let granted = requested.min(state.config().server.token_max_ttl.as_secs());
-    let token = state.token_key().mint(
-        &conn.token_binding(),
-        Duration::from_secs(granted),
-        state.now(),
-    );
+    let token = state
+        .token_key()
+        .mint(&conn.binding, Duration::from_secs(granted), state.now());
     audit::token_issued(conn, granted, state.now());
     let mut response = text(token);
     response
@@ -209,7 +214,7 @@ async fn tree(State(state): State<AppState>, request: Request) -> Result<Respons
         Node::Text(body) => Ok(text(body)),
         Node::Credentials => {
             let app = app.ok_or(ImdsError::NotFound)?;
-            let creds = match state.cache().get(&app.assume_role_input()).await {
+            let creds = match state.cache().get(app.assume_role_input()).await {
                 Ok(creds) => creds,
                 Err(e) => {
                     audit::credentials_denied(conn, DenyReason::Upstream, &e.to_string());
@@ -217,7 +222,11 @@ async fn tree(State(state): State<AppState>, request: Request) -> Result<Respons
                 }
             };
             audit::credentials_issued(conn, app, &creds);
-            Ok(text(credential_document(&creds, app.role_arn.account_id())))
+            let body = creds
+                .rendered
+                .imds
+                .get_or_init(|| credential_document(&creds, app.role_arn.account_id()).into());
+            Ok(text(body.clone()))
         }
     }
 }

@@ -130,10 +130,10 @@ endpoint_url = "{sts}"
 
 
 @contextmanager
-def broker(workdir: Path, text: str) -> Iterator[Server]:
+def broker(workdir: Path, text: str, launcher: list[str] | None = None) -> Iterator[Server]:
     workdir.mkdir(parents=True, exist_ok=True)
     config = write_config(workdir / "imds-broker.toml", text)
-    with serve_broker(workdir, config, binary=BROKER, rust_log="info") as server:
+    with serve_broker(workdir, config, binary=BROKER, rust_log="info", launcher=launcher or []) as server:
         yield server
 
 
@@ -220,7 +220,7 @@ UNITS_US = {"us": 1.0, "ms": 1_000.0, "s": 1_000_000.0}
 def wrk(addr: tuple[str, int], token: str | None, args: argparse.Namespace, pid: int | None = None) -> WrkResult:
     """wrk's numbers, and the CPU time `pid` (the server) spent per request, if given."""
     cpu_before = None if pid is None else cpu_seconds(pid)
-    argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency"]
+    argv = [*args.client_launcher, "wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency"]
     if token is not None:
         argv += ["-H", f"{TOKEN_HEADER}: {token}"]
     argv.append(f"http://{addr[0]}:{addr[1]}{CREDENTIALS_PATH}")
@@ -270,6 +270,12 @@ class Sampler:
 # --------------------------------------------------------------------------- scenarios
 
 
+def pinning(args: argparse.Namespace) -> str:
+    if not args.pin:
+        return "servers and wrk sharing every CPU"
+    return f"servers on CPU {args.server_launcher[-1]}, wrk on CPU {args.client_launcher[-1]}"
+
+
 def hot_path(broker_server: Server, bare: Server, args: argparse.Namespace) -> None:
     addr = address(broker_server)
     tok = warm(addr)
@@ -282,7 +288,7 @@ def hot_path(broker_server: Server, bare: Server, args: argparse.Namespace) -> N
         peak_rss = max(peak_rss, sampler.peak_rss)
     print(
         f"\n## Hot path: cached credential GET, wrk -t{args.threads} -c{args.connections} "
-        f"-d{args.duration}s, {args.rounds} round(s), bare and broker alternating\n"
+        f"-d{args.duration}s, {args.rounds} round(s), bare and broker alternating, {pinning(args)}\n"
     )
     print(TABLE_HEAD)
     for name, results in rounds.items():
@@ -443,7 +449,7 @@ def many_apps(workdir: Path, sts: str, args: argparse.Namespace) -> None:
     # Every other app first: the benchmark's caller matches the last rule, the policy's worst case.
     apps = "".join(app_toml(f"app-{i:04d}", 100_000 + i, True) for i in range(args.apps - 1))
     apps += app_toml(ROLE, me, True)
-    with broker(workdir, config_text(workdir, sts, apps)) as server:
+    with broker(workdir, config_text(workdir, sts, apps), args.server_launcher) as server:
         pid = server.proc.pid
         prefetch_s, ready = wait_ready(workdir / "state")
         addr = address(server)
@@ -467,7 +473,13 @@ def many_apps(workdir: Path, sts: str, args: argparse.Namespace) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="wrk threads (default: 2, or 1 with --pin)")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run the servers under wrk load (hot path, apps) on the last CPU and wrk on the others "
+        "(taskset), so the load generator does not preempt the server it measures",
+    )
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="alternating bare/broker wrk rounds")
     parser.add_argument("--idle", type=int, default=10_000, help="idle connections")
@@ -483,6 +495,13 @@ def main() -> int:
         "to compare allocators: the daemon uses the system allocator)",
     )
     args = parser.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs")
+    args.server_launcher = ["taskset", "-c", str(cpus[-1])] if args.pin else []
+    args.client_launcher = ["taskset", "-c", ",".join(map(str, cpus[:-1]))] if args.pin else []
+    if args.threads is None:
+        args.threads = 1 if args.pin else 2
     if os.geteuid() != 0:
         raise SystemExit("run as root: the flood scenario runs its normal client as another uid")
     if shutil.which("wrk") is None:
@@ -512,11 +531,14 @@ def main() -> int:
         sections = args.only or SECTIONS
         if "hot" in sections:
             with ExitStack() as servers:
-                bare = servers.enter_context(serving("hello_bare", [str(BARE)], hermetic_env(), workdir / "bare"))
+                bare = servers.enter_context(
+                    serving("hello_bare", [*args.server_launcher, str(BARE)], hermetic_env(), workdir / "bare")
+                )
                 hot = servers.enter_context(
                     broker(
                         workdir / "hot",
                         config_text(workdir / "hot", moto.endpoint, app_toml(ROLE, os.geteuid(), False)),
+                        args.server_launcher,
                     )
                 )
                 hot_path(hot, bare, args)

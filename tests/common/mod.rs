@@ -179,6 +179,7 @@ impl CredentialSource for FakeSts {
                         session_token: Secret::new(format!("fake-session-token-{n}")),
                         expiration: now + lifetime.unwrap_or(input.duration),
                         issued_at: now,
+                        rendered: Default::default(),
                     })
                 }
             }
@@ -365,10 +366,10 @@ pub async fn route(
     let mut request = request.body(axum::body::Body::empty()).unwrap();
     request
         .extensions_mut()
-        .insert(imds_broker::imds::ConnectionInfo {
-            caller: Arc::new(caller.clone()),
-            local: "169.254.169.254:80".parse().unwrap(),
-        });
+        .insert(imds_broker::imds::ConnectionInfo::new(
+            caller.clone(),
+            "169.254.169.254:80".parse().unwrap(),
+        ));
     let response = imds_broker::imds::router(state.clone())
         .oneshot(request)
         .await
