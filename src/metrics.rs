@@ -2,12 +2,12 @@
 //! the decision is made (decisions are counted in [`crate::audit`], so metrics and the audit
 //! trail cannot disagree), and rendered by the admin listener.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
-use metrics::SharedString;
+use metrics::{Counter, SharedString};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Requests by `path` kind, `status` and `app` ("" when the caller maps to none).
@@ -106,6 +106,61 @@ pub fn status_label(status: StatusCode) -> SharedString {
     SharedString::const_str(code)
 }
 
+/// Apps whose counter handles [`Counters`] keeps at most; past this it starts over.
+const MAX_KEPT_APPS: usize = 4096;
+
+/// Labelled counters counted on every request, their handles kept. The `metrics` macros build
+/// a counter's key and look it up in the recorder's registry on each increment, which cost more
+/// than the token check on a cached-credential request. A handle belongs to the recorder in
+/// effect when it was first used (the daemon installs its recorder before serving).
+#[derive(Default)]
+pub struct Counters {
+    requests: Mutex<HashMap<String, ByPathAndStatus>>,
+    served: Mutex<HashMap<String, Counter>>,
+}
+
+impl Counters {
+    /// Counts one IMDS request in [`REQUESTS`]; `app` is "" when the caller maps to none.
+    pub fn request(&self, path: &'static str, status: StatusCode, app: &str) {
+        let mut by_app = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
+        kept(&mut by_app, app, HashMap::new)
+            .entry((path, status))
+            .or_insert_with(|| {
+                metrics::counter!(REQUESTS,
+                    "path" => path,
+                    "status" => status_label(status),
+                    "app" => app.to_owned()
+                )
+            })
+            .increment(1);
+    }
+
+    /// Counts one credential document served to `app`, in [`CREDENTIALS_SERVED`].
+    pub fn served(&self, app: &str) {
+        let mut by_app = self.served.lock().unwrap_or_else(PoisonError::into_inner);
+        kept(
+            &mut by_app,
+            app,
+            || metrics::counter!(CREDENTIALS_SERVED, "app" => app.to_owned()),
+        )
+        .increment(1);
+    }
+}
+
+/// One app's [`REQUESTS`] counters.
+type ByPathAndStatus = HashMap<(&'static str, StatusCode), Counter>;
+
+/// `app`'s entry, made by `make` if missing (and the map emptied first if it is full).
+fn kept<'m, V>(map: &'m mut HashMap<String, V>, app: &str, make: impl FnOnce() -> V) -> &'m mut V {
+    if !map.contains_key(app) {
+        if map.len() >= MAX_KEPT_APPS {
+            map.clear();
+        }
+        map.insert(app.to_owned(), make());
+    }
+    map.get_mut(app).expect("inserted above")
+}
+
 /// Tokens are stateless, so the daemon keeps only counts of their expiry, per minute.
 static TOKEN_EXPIRIES: Mutex<BTreeMap<u64, u64>> = Mutex::new(BTreeMap::new());
 
@@ -137,6 +192,35 @@ fn unix_secs(t: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_counters_count_like_the_macros_even_after_starting_over() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let counters = Counters::default();
+        for _ in 0..3 {
+            counters.request("credentials", StatusCode::OK, "app-a");
+        }
+        counters.request("credentials", StatusCode::UNAUTHORIZED, "app-a");
+        counters.request("other", StatusCode::NOT_FOUND, "");
+        counters.served("app-a");
+        // Enough other apps to make it forget app-a's handles: counting goes on from 3.
+        for i in 0..MAX_KEPT_APPS {
+            counters.served(&format!("filler-{i}"));
+        }
+        counters.request("credentials", StatusCode::OK, "app-a");
+        counters.served("app-a");
+        let text = handle.render();
+        for line in [
+            r#"imds_broker_requests_total{path="credentials",status="200",app="app-a"} 4"#,
+            r#"imds_broker_requests_total{path="credentials",status="401",app="app-a"} 1"#,
+            r#"imds_broker_requests_total{path="other",status="404",app=""} 1"#,
+            r#"imds_broker_credentials_served_total{app="app-a"} 2"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+    }
 
     #[test]
     fn path_kinds_are_a_small_fixed_set() {

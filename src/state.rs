@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::container::tokens::TokenStore;
 use crate::credentials::{Clock, CredentialCache, CredentialSource, StsBudget, TokioTime};
+use crate::metrics::Counters;
 use crate::token::TokenKey;
 
 #[derive(Clone)]
@@ -24,6 +25,7 @@ struct Shared {
     config: ArcSwap<Config>,
     token_key: TokenKey,
     cache: CredentialCache,
+    counters: Counters,
     clock: Arc<dyn Clock>,
     started_at: SystemTime,
     /// The container endpoint's tokens, when it is on.
@@ -59,6 +61,7 @@ impl AppState {
                 config: ArcSwap::from_pointee(config),
                 token_key,
                 cache,
+                counters: Counters::default(),
                 clock,
                 container_tokens: OnceLock::new(),
                 stop: CancellationToken::new(),
@@ -79,6 +82,10 @@ impl AppState {
 
     pub fn cache(&self) -> &CredentialCache {
         &self.inner.cache
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
     }
 
     /// Hands the container endpoint's token store to the state, so that reloads keep the

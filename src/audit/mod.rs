@@ -16,6 +16,7 @@ use crate::config::App;
 use crate::credentials::{AssumeRoleInput, CacheError, Credentials, StsError};
 use crate::identity::Caller;
 use crate::imds::imds_time;
+use crate::metrics::Counters;
 
 /// Why a caller got no credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,8 +95,8 @@ pub(crate) use audit_event;
 static ISSUED: LazyLock<repeats::Issued> = LazyLock::new(repeats::Issued::default);
 
 /// Counts every serve; audits the first of each (caller, app, access key id), see [`repeats`].
-pub fn credentials_issued(caller: &Caller, app: &App, creds: &Credentials) {
-    metrics::counter!(crate::metrics::CREDENTIALS_SERVED, "app" => app.name.clone()).increment(1);
+pub fn credentials_issued(caller: &Caller, app: &App, creds: &Credentials, counters: &Counters) {
+    counters.served(&app.name);
     ISSUED.once(caller, &app.name, &creds.access_key_id, || {
         audit_event!(info, "credentials.issued", caller,
             app = %app.name,

@@ -7,11 +7,12 @@ use crate::config::App;
 use crate::credentials::Credentials;
 use crate::identity::Caller;
 use crate::imds::imds_time;
+use crate::metrics::Counters;
 
 use super::tokens::Rotation;
 
-pub fn credentials_issued(caller: &Caller, app: &App, creds: &Credentials) {
-    metrics::counter!(crate::metrics::CREDENTIALS_SERVED, "app" => app.name.clone()).increment(1);
+pub fn credentials_issued(caller: &Caller, app: &App, creds: &Credentials, counters: &Counters) {
+    counters.served(&app.name);
     audit_event!(info, "credentials.issued", caller,
         endpoint = "container",
         app = %app.name,

@@ -217,7 +217,7 @@ async fn serve(
             return Err(e.into());
         }
     };
-    audit::credentials_issued(conn, app, &creds);
+    audit::credentials_issued(conn, app, &creds, state.counters());
     let body = creds.rendered.container.get_or_init(|| {
         document(&creds, &app.role_arn.to_string(), app.role_arn.account_id()).into()
     });

@@ -104,7 +104,9 @@ pub(super) struct Inner {
     pub(super) clock: Arc<dyn Clock>,
     policy: Mutex<CredentialPolicy>,
     budget: StsBudget,
-    entries: Mutex<HashMap<AssumeRoleInput, Arc<Entry>>>,
+    /// Keys come from the config, not from callers, so a fast hash is safe here; every
+    /// credential request hashes one (role ARN, session name, tags, policy text).
+    entries: Mutex<HashMap<AssumeRoleInput, Arc<Entry>, foldhash::fast::RandomState>>,
     /// Wakes the refresher when a schedule changed.
     pub(super) wake: Notify,
     pub(super) stop: CancellationToken,
@@ -196,7 +198,7 @@ impl CredentialCache {
                 clock,
                 policy: Mutex::new(policy),
                 budget,
-                entries: Mutex::new(HashMap::new()),
+                entries: Mutex::new(HashMap::default()),
                 wake: Notify::new(),
                 stop: CancellationToken::new(),
                 tasks: TaskTracker::new(),

@@ -37,19 +37,19 @@ pub async fn checks(State(guards): State<Guards>, mut request: Request, next: Ne
     let app = caller_of(request.extensions())
         .ok()
         .and_then(|conn| crate::policy::find_app_index(&config.apps, conn));
-    let app_label = app.map(|i| config.apps[i].name.clone()).unwrap_or_default();
-    request.extensions_mut().insert(Matched { config, app });
+    request.extensions_mut().insert(Matched {
+        config: config.clone(),
+        app,
+    });
     let mut response = match admit(&guards, &request) {
         Ok(()) => next.run(request).await,
         Err(e) => e.into_response(),
     };
-    metrics::counter!(
-        crate::metrics::REQUESTS,
-        "path" => path,
-        "status" => crate::metrics::status_label(response.status()),
-        "app" => app_label
-    )
-    .increment(1);
+    let app_name = app.map_or("", |i| config.apps[i].name.as_str());
+    guards
+        .state
+        .counters()
+        .request(path, response.status(), app_name);
     // Some tools detect EC2 by it.
     response
         .headers_mut()

@@ -221,7 +221,7 @@ async fn tree(State(state): State<AppState>, request: Request) -> Result<Respons
                     return Err(e.into());
                 }
             };
-            audit::credentials_issued(conn, app, &creds);
+            audit::credentials_issued(conn, app, &creds, state.counters());
             let body = creds
                 .rendered
                 .imds
