@@ -2,13 +2,17 @@
 //! relayed requests (proxies, browsers, foreign `Host`) are refused, the caller's rate is
 //! checked, then the session token for metadata reads.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderValue, Method, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use tower::{Layer, Service};
 
 use super::error::ImdsError;
 use super::{ConnectionInfo, Matched, TOKEN_HEADER, caller_of};
@@ -29,32 +33,124 @@ pub struct Guards {
 /// The one guard layer, its checks in order: takes the request's config snapshot and matches
 /// the caller's rule once (see [`Matched`]), refuses relayed requests, checks the caller's
 /// rate, then the session token; counts every request by path kind, status and app, and marks
-/// every response as EC2's. One layer rather than one per check: each axum layer clones and
-/// boxes per request, and four of them cost about a third of the cached-credential path.
-pub async fn checks(State(guards): State<Guards>, mut request: Request, next: Next) -> Response {
-    let path = crate::metrics::path_kind(request.uri().path());
-    let config = guards.state.config();
-    let app = caller_of(request.extensions())
-        .ok()
-        .and_then(|conn| crate::policy::find_app_index(&config.apps, conn));
-    request.extensions_mut().insert(Matched {
-        config: config.clone(),
-        app,
-    });
-    let mut response = match admit(&guards, &request) {
-        Ok(()) => next.run(request).await,
-        Err(e) => e.into_response(),
-    };
-    let app_name = app.map_or("", |i| config.apps[i].name.as_str());
-    guards
-        .state
-        .counters()
-        .request(path, response.status(), app_name);
-    // Some tools detect EC2 by it.
-    response
-        .headers_mut()
-        .insert(header::SERVER, HeaderValue::from_static("EC2ws"));
-    response
+/// every response as EC2's. One hand-written layer rather than one `from_fn` per check: those
+/// clone and box the inner service on every request, and four of them cost about a third of
+/// the cached-credential path. The checks are synchronous, so nothing is boxed here.
+#[derive(Clone)]
+pub struct GuardLayer(pub Guards);
+
+impl<S> Layer<S> for GuardLayer {
+    type Service = Guarded<S>;
+
+    fn layer(&self, route: S) -> Guarded<S> {
+        Guarded {
+            guards: self.0.clone(),
+            route,
+        }
+    }
+}
+
+/// A route behind the [`GuardLayer`].
+#[derive(Clone)]
+pub struct Guarded<S> {
+    guards: Guards,
+    route: S,
+}
+
+impl<S> Service<Request> for Guarded<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Guarding<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.route.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let path = crate::metrics::path_kind(request.uri().path());
+        let config = self.guards.state.config();
+        let app = caller_of(request.extensions())
+            .ok()
+            .and_then(|conn| crate::policy::find_app_index(&config.apps, conn));
+        let outcome = match admit(&self.guards, &request) {
+            Ok(()) => {
+                request.extensions_mut().insert(Matched {
+                    config: config.clone(),
+                    app,
+                });
+                Outcome::Admitted {
+                    route: self.route.call(request),
+                }
+            }
+            Err(e) => Outcome::Refused {
+                response: Some(e.into_response()),
+            },
+        };
+        Guarding {
+            outcome,
+            count: Count {
+                state: self.guards.state.clone(),
+                path,
+                config,
+                app,
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The route's response or the refusal, counted and marked on the way out.
+    pub struct Guarding<F> {
+        #[pin]
+        outcome: Outcome<F>,
+        count: Count,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = OutcomeProj]
+    enum Outcome<F> {
+        Admitted { #[pin] route: F },
+        Refused { response: Option<Response> },
+    }
+}
+
+/// What the request is counted under once its status is known.
+struct Count {
+    state: AppState,
+    path: &'static str,
+    config: Arc<crate::config::Config>,
+    app: Option<usize>,
+}
+
+impl<F: Future<Output = Result<Response, Infallible>>> Future for Guarding<F> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = match this.outcome.project() {
+            OutcomeProj::Admitted { route } => match ready!(route.poll(cx)) {
+                Ok(response) => response,
+            },
+            OutcomeProj::Refused { response } => response
+                .take()
+                .expect("a guarded request is polled to completion once"),
+        };
+        let count = &*this.count;
+        let app_name = count.app.map_or("", |i| count.config.apps[i].name.as_str());
+        count
+            .state
+            .counters()
+            .request(count.path, response.status(), app_name);
+        // Some tools detect EC2 by it.
+        response
+            .headers_mut()
+            .insert(header::SERVER, HeaderValue::from_static("EC2ws"));
+        Poll::Ready(Ok(response))
+    }
 }
 
 fn admit(guards: &Guards, request: &Request) -> Result<(), ImdsError> {

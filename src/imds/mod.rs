@@ -13,7 +13,6 @@ use axum::extract::{Request, State};
 use axum::http::{Extensions, HeaderMap, HeaderValue, header};
 use std::num::NonZeroU32;
 
-use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, put};
 use serde::Serialize;
@@ -82,7 +81,7 @@ impl std::ops::Deref for ConnectionInfo {
 
 /// The whole IMDS router: one guard layer (request metrics and `Server` header around the
 /// relayed-request refusal, per-caller rate limit and token check, in that order; see
-/// [`guard::checks`]), then routing.
+/// [`guard::GuardLayer`]), then routing.
 pub fn router(state: AppState) -> Router {
     let limits = state.config().limits;
     let limiter = Arc::new(CallerLimiter::new(
@@ -112,13 +111,10 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async {
             ImdsError::MethodNotAllowed { allow: "GET, HEAD" }
         })
-        .layer(from_fn_with_state(
-            guard::Guards {
-                state: state.clone(),
-                limiter,
-            },
-            guard::checks,
-        ))
+        .layer(guard::GuardLayer(guard::Guards {
+            state: state.clone(),
+            limiter,
+        }))
         .with_state(state)
 }
 
