@@ -2,7 +2,7 @@
 
 Usage, as root, from anywhere (wrk from Debian: `apt-get install wrk`):
     .venv/bin/python tests/bench/load.py [--duration 10] [--threads 2] [--connections 64]
-        [--rounds 3] [--idle 10000] [--apps 1000] [--only hot|idle|apps] [--ld-preload LIB]
+        [--rounds 3] [--idle 10000] [--apps 1000] [--only hot|idle|apps] [--pin] [--ld-preload LIB]
 
 Builds the release daemon and examples/hello_bare (the same HTTP stack with no logic),
 starts moto as STS on loopback, and measures:
@@ -10,7 +10,9 @@ starts moto as STS on loopback, and measures:
 1. Hot path: wrk on a cached-credential GET (`.../security-credentials/<role>` with a
    token: identity, relay refusal, rate limit, token check, policy, cache, audit event)
    and on the bare server, same parameters, alternating for `--rounds` rounds:
-   requests/s, p50, p99 and the broker/bare ratio. Goal: >= 0.5x, p99 < 1 ms.
+   requests/s, p50, p99 and the broker/bare ratio. Goal: >= 0.5x, p99 < 1 ms. With
+   `--pin` the servers get the last CPU and wrk the others: on a small machine wrk otherwise
+   preempts the server it measures, and the p99 of both servers is the scheduler's.
 2. Idle connections: `--idle` TCP connections opened and left silent, then a normal
    client's token PUT + credential GET on a new connection, timed; once with the limits
    raised (every idle connection is accepted and held), once with the default limits and
