@@ -176,7 +176,7 @@ async fn render_metrics(State(admin): State<Admin>) -> Response {
     metrics::counter!(crate::metrics::DEGRADED_SERVES).absolute(stats.degraded_serves);
     for app in &admin.state.config().apps {
         if let Some(creds) = cache.peek(app.assume_role_input()).and_then(|e| e.current) {
-            let left = creds.expiration.duration_since(now).unwrap_or_default();
+            let left = creds.remaining(now);
             metrics::gauge!(crate::metrics::CREDENTIAL_EXPIRY, "app" => app.name.clone())
                 .set(left.as_secs_f64());
         }
@@ -301,19 +301,14 @@ async fn status(State(admin): State<Admin>) -> Response {
             let current = entry.as_ref().and_then(|e| e.current.clone());
             AppStatus {
                 app: app.name.clone(),
-                role_arn: app.role_arn.to_string(),
+                role_arn: app.role_arn().to_string(),
                 rule: app
                     .matcher
                     .as_ref()
                     .map_or_else(|| "container endpoint only".into(), |m| m.to_string()),
                 prefetch: app.prefetch,
                 access_key_id: current.as_ref().map(|c| c.access_key_id.clone()),
-                expires_in_secs: current.as_ref().map(|c| {
-                    c.expiration
-                        .duration_since(now)
-                        .unwrap_or_default()
-                        .as_secs()
-                }),
+                expires_in_secs: current.as_ref().map(|c| c.remaining(now).as_secs()),
                 last_refresh: current.as_ref().map(|c| imds_time(c.issued_at)),
                 next_refresh: entry.as_ref().and_then(|e| e.refresh_at).map(imds_time),
                 last_error: entry.and_then(|e| e.last_error),

@@ -497,9 +497,9 @@ fn check(path: PathBuf) -> ExitCode {
                     app.matcher
                         .as_ref()
                         .map_or_else(|| "container endpoint only".into(), |m| m.to_string()),
-                    app.role_arn,
-                    app.duration.as_secs(),
-                    app.session_name
+                    app.role_arn(),
+                    app.assume_role_input().duration.as_secs(),
+                    app.assume_role_input().session_name
                 );
                 if let Some(c) = &app.container {
                     outln!(

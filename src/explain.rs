@@ -115,7 +115,7 @@ pub fn report(config: &Config, caller: &Caller) -> (String, bool) {
     }
     match winner {
         Some(app) => {
-            let _ = writeln!(out, "result: app {:?} -> {}", app.name, app.role_arn);
+            let _ = writeln!(out, "result: app {:?} -> {}", app.name, app.role_arn());
         }
         None => {
             let _ = writeln!(out, "result: no rule matched");
@@ -163,17 +163,17 @@ pub enum PolicyOutcome {
 /// the outcome of the app's session policy alone (the role's own policies must allow it too).
 pub fn policy_report(app: &App, action: &str, resource: &str) -> (String, PolicyOutcome) {
     let mut out = String::new();
-    let _ = writeln!(out, "app {:?}: role {}", app.name, app.role_arn);
+    let _ = writeln!(out, "app {:?}: role {}", app.name, app.role_arn());
     let _ = writeln!(out, "request: {action} on {resource}");
-    if !app.policy_arns.is_empty() {
+    if !app.assume_role_input().policy_arns.is_empty() {
         let _ = writeln!(
             out,
             "note: managed session policies ({}) cannot be read here: a request is allowed when any session policy allows it and none denies it, so only an explicit Deny below decides",
-            app.policy_arns.join(", ")
+            app.assume_role_input().policy_arns.join(", ")
         );
     }
     let Some(policy) = &app.policy else {
-        return if app.policy_arns.is_empty() {
+        return if app.assume_role_input().policy_arns.is_empty() {
             let _ = writeln!(
                 out,
                 "result: no session policy: only the role's own policies decide"
@@ -212,7 +212,7 @@ pub fn policy_report(app: &App, action: &str, resource: &str) -> (String, Policy
             policy.line_of(s.offset)
         );
     }
-    let managed = !app.policy_arns.is_empty();
+    let managed = !app.assume_role_input().policy_arns.is_empty();
     let outcome = match evaluation.decision {
         Decision::Allowed(i) | Decision::Undecided(i) if managed => {
             let _ = writeln!(

@@ -105,9 +105,12 @@ impl Resolver {
         local: SocketAddr,
         needs: Needs,
     ) -> Option<Caller> {
-        let quick = self.resolve_within(peer, local, needs, Budget::Reads(INLINE_BUDGET));
-        if quick.is_some() {
-            return quick;
+        // Hashing reads the whole executable: no point in trying the socket lookup inline first.
+        if !needs.exe_hash {
+            let quick = self.resolve_within(peer, local, needs, Budget::Reads(INLINE_BUDGET));
+            if quick.is_some() {
+                return quick;
+            }
         }
         let resolver = Arc::clone(self);
         tokio::task::spawn_blocking(move || resolver.resolve(peer, local, needs))
@@ -116,6 +119,7 @@ impl Resolver {
     }
 
     /// [`Resolver::resolve`] if it can be done within `budget`; `None` if it would need more.
+    /// Hashing an executable is not counted: a bounded caller does not ask for it.
     fn resolve_within(
         &self,
         peer: SocketAddr,
@@ -150,9 +154,6 @@ impl Resolver {
             process: None,
             exe_sha256: None,
         };
-        if needs.exe_hash && bounded {
-            return None; // reads the whole executable
-        }
         if needs.process || needs.exe_hash {
             let dir = match (self.cgroups.root(), &caller.cgroup) {
                 (Some(root), Some(path)) => Some(root.join(path.trim_start_matches('/'))),

@@ -10,6 +10,8 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::HashMapStateStore;
 use governor::{Quota, RateLimiter};
 
+use crate::config::Limits;
+
 /// Beyond this many tracked callers, the state of those back at full burst is dropped.
 const MAX_TRACKED_CALLERS: usize = 10_000;
 
@@ -28,8 +30,13 @@ pub struct CallerLimiter<C: Clock = DefaultClock> {
 }
 
 impl CallerLimiter<DefaultClock> {
-    pub fn new(per_second: NonZeroU32, burst: NonZeroU32) -> Self {
-        Self::with_clock(per_second, burst, DefaultClock::default())
+    /// The limiter for `[limits]` (a zero rate or burst counts as 1).
+    pub fn from_limits(limits: &Limits) -> Self {
+        Self::with_clock(
+            NonZeroU32::new(limits.requests_per_second).unwrap_or(NonZeroU32::MIN),
+            NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN),
+            DefaultClock::default(),
+        )
     }
 }
 

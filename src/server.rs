@@ -24,7 +24,7 @@ use tower::ServiceExt;
 use crate::audit::{self, DenyReason};
 use crate::config::Limits;
 use crate::identity::Resolver;
-use crate::imds::{self, ConnectionInfo};
+use crate::imds::ConnectionInfo;
 use crate::state::AppState;
 
 /// A client must send a complete request head within this time, and an idle keep-alive
@@ -131,16 +131,8 @@ impl Drop for CallerSlot {
 const REFUSED_CONNECTION: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nServer: EC2ws\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
-/// Serves IMDS on `listeners` until `shutdown` completes, then stops accepting and gives
-/// in-flight requests [`SHUTDOWN_GRACE`] to finish.
-pub async fn run(state: AppState, listeners: Vec<TcpListener>, shutdown: impl Future<Output = ()>) {
-    let router = imds::router(state.clone());
-    let endpoints = listeners.into_iter().map(|l| (l, router.clone())).collect();
-    serve(state, endpoints, shutdown).await;
-}
-
 /// Serves each listener's router (IMDS, the container endpoint) until `shutdown` completes,
-/// as [`run`] does. Every connection is identified the same way, and the connection limits
+/// then stops accepting and gives in-flight requests [`SHUTDOWN_GRACE`] to finish. Every connection is identified the same way, and the connection limits
 /// are shared: a caller cannot double its share by using both endpoints.
 pub async fn serve(
     state: AppState,

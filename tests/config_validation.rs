@@ -326,11 +326,11 @@ fn valid_fixture_loads_with_defaults_applied() {
         Some(0),
         "user names resolve at load"
     );
-    assert_eq!(billing.duration.as_secs(), 7200);
+    assert_eq!(billing.assume_role_input().duration.as_secs(), 7200);
     let etl = &config.apps[1];
-    assert_eq!(etl.role_arn.role_name(), "etl");
-    assert_eq!(etl.session_name, "etl-job");
-    assert_eq!(etl.duration.as_secs(), 3600);
+    assert_eq!(etl.role_arn().role_name(), "etl");
+    assert_eq!(etl.assume_role_input().session_name, "etl-job");
+    assert_eq!(etl.assume_role_input().duration.as_secs(), 3600);
     assert_eq!(
         config.server.imdsv1,
         imds_broker::config::ImdsV1::Disabled,
@@ -339,12 +339,15 @@ fn valid_fixture_loads_with_defaults_applied() {
     assert_eq!(config.instance.availability_zone, "us-east-1a");
     // CloudTrail ties each session to its app: SourceIdentity and imds-broker:* tags by default,
     // with the uid the rule pins.
-    assert_eq!(billing.source_identity.as_deref(), Some("billing"));
-    let tags: std::collections::HashMap<_, _> = billing.tags.iter().cloned().collect();
+    assert_eq!(
+        billing.assume_role_input().source_identity.as_deref(),
+        Some("billing")
+    );
+    let tags: std::collections::HashMap<_, _> =
+        billing.assume_role_input().tags.iter().cloned().collect();
     assert_eq!(tags["imds-broker:app"], "billing");
     assert_eq!(tags["imds-broker:uid"], "0");
     assert_eq!(tags["imds-broker:host"], config.instance.hostname);
-    assert_eq!(billing.assume_role_input().tags, billing.tags);
 }
 
 #[test]

@@ -94,13 +94,21 @@ pub(crate) use audit_event;
 /// Issuances already in the audit trail. Process-wide: a process runs one daemon.
 static ISSUED: LazyLock<repeats::Issued> = LazyLock::new(repeats::Issued::default);
 
-/// Counts every serve; audits the first of each (caller, app, access key id), see [`repeats`].
-pub fn credentials_issued(caller: &Caller, app: &App, creds: &Credentials, counters: &Counters) {
+/// Counts every serve; audits the first of each (caller, endpoint, app, access key id), see
+/// [`repeats`]. `endpoint` is `imds` or `container`.
+pub fn credentials_issued(
+    caller: &Caller,
+    endpoint: &'static str,
+    app: &App,
+    creds: &Credentials,
+    counters: &Counters,
+) {
     counters.served(&app.name);
-    ISSUED.once(caller, &app.name, &creds.access_key_id, || {
+    ISSUED.once(caller, endpoint, &app.name, &creds.access_key_id, || {
         audit_event!(info, "credentials.issued", caller,
+            endpoint,
             app = %app.name,
-            role_arn = %app.role_arn,
+            role_arn = %app.role_arn(),
             access_key_id = %creds.access_key_id,
             expiration = %imds_time(creds.expiration),
             "credentials issued"

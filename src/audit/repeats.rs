@@ -1,6 +1,6 @@
 //! Which credential issuances the audit trail already holds. An SDK polls for credentials it
 //! already has, and a client in a loop can ask thousands of times a second; one line per
-//! (caller, app, access key id) says everything the repeats would, and writing (and fsync-ing)
+//! (caller, endpoint, app, access key id) says everything the repeats would, and writing (and fsync-ing)
 //! every repeat made the audit writer the daemon's bottleneck. The metrics still count each
 //! serve.
 
@@ -16,7 +16,8 @@ use crate::identity::Caller;
 /// and callers long gone do not accumulate. Forgetting only means auditing a repeat again.
 pub const MAX_REMEMBERED: usize = 4096;
 
-/// Issuances already audited, keyed by a hash of (caller identity, app, access key id). The
+/// Issuances already audited, keyed by a hash of (caller identity, endpoint, app, access key
+/// id). The
 /// full key is stored and compared, so a hash collision can only cause a repeat to be audited
 /// again, never a new issuance to be skipped.
 pub struct Issued {
@@ -26,6 +27,7 @@ pub struct Issued {
 
 struct Seen {
     caller: Caller,
+    endpoint: &'static str,
     app: String,
     access_key_id: String,
 }
@@ -40,16 +42,29 @@ impl Default for Issued {
 }
 
 impl Issued {
-    /// Runs `audit` if this is the first issuance of `access_key_id` for `app` to `caller`.
+    /// Runs `audit` if this is the first issuance of `access_key_id` for `app` to `caller` on
+    /// `endpoint`.
     /// `audit` runs under the lock, so no concurrent repeat is answered before the first one's
     /// event is queued: credentials never leave ahead of their audit line.
-    pub fn once(&self, caller: &Caller, app: &str, access_key_id: &str, audit: impl FnOnce()) {
-        let hash = self.hasher.hash_one((identity(caller), app, access_key_id));
+    pub fn once(
+        &self,
+        caller: &Caller,
+        endpoint: &'static str,
+        app: &str,
+        access_key_id: &str,
+        audit: impl FnOnce(),
+    ) {
+        let hash = self
+            .hasher
+            .hash_one((identity(caller), endpoint, app, access_key_id));
         // A panic elsewhere while holding the lock leaves the map consistent (it is only ever
         // inserted into or cleared), and the audit trail must keep working.
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         if seen.get(&hash).is_some_and(|s| {
-            s.app == app && s.access_key_id == access_key_id && same(&s.caller, caller)
+            s.endpoint == endpoint
+                && s.app == app
+                && s.access_key_id == access_key_id
+                && same(&s.caller, caller)
         }) {
             return;
         }
@@ -60,6 +75,7 @@ impl Issued {
             hash,
             Seen {
                 caller: caller.clone(),
+                endpoint,
                 app: app.to_owned(),
                 access_key_id: access_key_id.to_owned(),
             },
@@ -123,7 +139,7 @@ mod tests {
 
     fn audited(issued: &Issued, caller: &Caller, app: &str, key: &str) -> bool {
         let mut ran = false;
-        issued.once(caller, app, key, || ran = true);
+        issued.once(caller, "imds", app, key, || ran = true);
         ran
     }
 
@@ -137,6 +153,9 @@ mod tests {
         assert!(!audited(&issued, &caller(1000, 10, 4001), "a", "ASIA1"));
         assert!(audited(&issued, &first, "a", "ASIA2"), "new key");
         assert!(audited(&issued, &first, "b", "ASIA1"), "other app");
+        let mut ran = false;
+        issued.once(&first, "container", "a", "ASIA1", || ran = true);
+        assert!(ran, "other endpoint");
         assert!(
             audited(&issued, &caller(1000, 11, 4000), "a", "ASIA1"),
             "pid"
@@ -181,11 +200,14 @@ mod tests {
         assert!(audited(&issued, &me, "a", "ASIA1"));
         // Plant a different issuance under the hash a new one will have.
         let other = caller(2000, 20, 4000);
-        let hash = issued.hasher.hash_one((identity(&other), "a", "ASIA9"));
+        let hash = issued
+            .hasher
+            .hash_one((identity(&other), "imds", "a", "ASIA9"));
         issued.seen.lock().unwrap().insert(
             hash,
             Seen {
                 caller: me.clone(),
+                endpoint: "imds",
                 app: "a".into(),
                 access_key_id: "ASIA1".into(),
             },

@@ -158,24 +158,15 @@ pub struct App {
     pub name: String,
     /// Who gets this app over IMDS; `None` for an app served on the container endpoint only.
     pub matcher: Option<Matcher>,
-    pub role_arn: RoleArn,
-    pub duration: Duration,
-    pub session_name: String,
     /// Obtain credentials at start-up and keep them warm, so the first request is a cache hit.
     pub prefetch: bool,
-    /// STS SourceIdentity: persists through role chaining and shows in CloudTrail.
-    pub source_identity: Option<String>,
-    /// Session tags, sorted by key.
-    pub tags: Vec<(String, String)>,
-    /// Session policy (`policy` or `policy_file`): the session gets the intersection of the
-    /// role's permissions and this.
+    /// Session policy (`policy` or `policy_file`) as written and where it is; its minified
+    /// text is in the AssumeRole input.
     pub policy: Option<SessionPolicy>,
-    /// Managed policies used as session policies.
-    pub policy_arns: Vec<String>,
     /// Also served on the container endpoint, to whoever presents the token in this file.
     pub container: Option<AppContainer>,
-    /// The fields above as one AssumeRole input, built once: every credential request looks
-    /// the cache up with it.
+    /// Role, session name, duration, SourceIdentity, tags and session policies: the one copy,
+    /// built at load, that every credential request looks the cache up with.
     input: AssumeRoleInput,
 }
 
@@ -183,6 +174,10 @@ impl App {
     /// Everything that goes into AssumeRole: the credential cache key.
     pub fn assume_role_input(&self) -> &AssumeRoleInput {
         &self.input
+    }
+
+    pub fn role_arn(&self) -> &RoleArn {
+        &self.input.role_arn
     }
 }
 
@@ -814,28 +809,20 @@ impl Validator<'_> {
                 ),
             );
         }
-        let (matcher, role_arn) = (matcher?, role_arn?);
-        let tags: Vec<_> = tags.into_iter().collect();
         let input = AssumeRoleInput {
-            role_arn: role_arn.clone(),
-            session_name: session_name.clone(),
+            role_arn: role_arn?,
+            session_name,
             duration,
-            source_identity: source_identity.clone(),
-            tags: tags.clone(),
+            source_identity,
+            tags: tags.into_iter().collect(),
             policy: policy.as_ref().map(|p| p.minified.clone()),
-            policy_arns: policy_arns.clone(),
+            policy_arns,
         };
         Some(App {
             name,
-            matcher,
-            role_arn,
-            duration,
-            session_name,
+            matcher: matcher?,
             prefetch: raw.prefetch,
-            source_identity,
-            tags,
             policy,
-            policy_arns,
             container,
             input,
         })

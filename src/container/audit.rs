@@ -1,27 +1,12 @@
 //! What the container endpoint records in the audit trail (target `audit`, like every other
-//! decision): credentials issued and refused, tokens rejected, tokens rotated. Never a token or
+//! decision): credentials refused, tokens rejected, tokens rotated (issuances go through
+//! [`crate::audit::credentials_issued`], like the IMDS ones). Never a token or
 //! a secret; a rejected token is named by nothing but the reason.
 
 use crate::audit::{DenyReason, audit_event};
-use crate::config::App;
-use crate::credentials::Credentials;
 use crate::identity::Caller;
-use crate::imds::imds_time;
-use crate::metrics::Counters;
 
 use super::tokens::Rotation;
-
-pub fn credentials_issued(caller: &Caller, app: &App, creds: &Credentials, counters: &Counters) {
-    counters.served(&app.name);
-    audit_event!(info, "credentials.issued", caller,
-        endpoint = "container",
-        app = %app.name,
-        role_arn = %app.role_arn,
-        access_key_id = %creds.access_key_id,
-        expiration = %imds_time(creds.expiration),
-        "credentials issued"
-    );
-}
 
 pub fn credentials_denied(caller: &Caller, app: &str, detail: &str) {
     metrics::counter!(crate::metrics::DENIALS, "reason" => DenyReason::Upstream.as_str())

@@ -6,7 +6,7 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::credentials::{CacheError, StsError};
+use crate::credentials::CacheError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
@@ -36,9 +36,7 @@ impl ContainerError {
             ContainerError::NotFound => StatusCode::NOT_FOUND,
             ContainerError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ContainerError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ContainerError::Credentials(CacheError::Sts(
-                StsError::Throttled { .. } | StsError::Unavailable(_),
-            )) => StatusCode::SERVICE_UNAVAILABLE,
+            ContainerError::Credentials(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
             ContainerError::Credentials(_) | ContainerError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -11,7 +11,7 @@ mod error;
 pub mod token_file;
 pub mod tokens;
 
-use std::num::NonZeroU32;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +38,11 @@ use audit::TokenRefusal;
 /// The path SDKs are pointed at (EKS Pod Identity uses the same).
 pub const CREDENTIALS_PATH: &str = "/v1/credentials";
 /// The container-credential addresses in every SDK's plain-HTTP allow-list (ECS, EKS).
-const CONTAINER_HOSTS: [&str; 3] = ["169.254.170.2", "169.254.170.23", "fd00:ec2::23"];
+const CONTAINER_HOSTS: [IpAddr; 3] = [
+    IpAddr::V4(Ipv4Addr::new(169, 254, 170, 2)),
+    IpAddr::V4(Ipv4Addr::new(169, 254, 170, 23)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)),
+];
 /// How often the rotation task looks at the clock at most: a wall-clock jump (suspend, NTP)
 /// is noticed within this.
 const ROTATION_CHECK: Duration = Duration::from_secs(60);
@@ -47,17 +51,18 @@ const ROTATION_CHECK: Duration = Duration::from_secs(60);
 struct Endpoint {
     state: AppState,
     tokens: Arc<TokenStore>,
+    limiter: Arc<CallerLimiter>,
 }
 
-/// The container endpoint's router. Layers run outermost first: relayed-request refusal, the
-/// caller's rate limit, then the routes (which check the token).
+/// The container endpoint's router: one layer refuses relayed requests, then checks the
+/// caller's rate; the routes check the token.
 pub fn router(state: AppState, tokens: Arc<TokenStore>) -> Router {
-    let limits = state.config().limits;
-    let limiter = Arc::new(CallerLimiter::new(
-        NonZeroU32::new(limits.requests_per_second).unwrap_or(NonZeroU32::MIN),
-        NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN),
-    ));
-    let endpoint = Endpoint { state, tokens };
+    let limiter = Arc::new(CallerLimiter::from_limits(&state.config().limits));
+    let endpoint = Endpoint {
+        state,
+        tokens,
+        limiter,
+    };
     Router::new()
         .route(
             CREDENTIALS_PATH,
@@ -68,8 +73,7 @@ pub fn router(state: AppState, tokens: Arc<TokenStore>) -> Router {
             get(credentials_of_app).fallback(|| async { ContainerError::MethodNotAllowed }),
         )
         .fallback(|| async { ContainerError::NotFound })
-        .layer(from_fn_with_state(limiter, rate_limit))
-        .layer(from_fn_with_state(endpoint.clone(), refuse_relayed))
+        .layer(from_fn_with_state(endpoint.clone(), admit))
         .with_state(endpoint)
 }
 
@@ -81,8 +85,9 @@ fn connection(request: &Request) -> Result<&ConnectionInfo, ContainerError> {
 }
 
 /// As on the IMDS endpoint: nothing relayed by a proxy, nothing from a browser, and a `Host`
-/// that names this daemon (DNS rebinding).
-async fn refuse_relayed(
+/// that names this daemon (DNS rebinding); then one caller (by resolved identity) may not
+/// starve the others.
+async fn admit(
     State(endpoint): State<Endpoint>,
     request: Request,
     next: Next,
@@ -95,26 +100,14 @@ async fn refuse_relayed(
         .flat_map(|c| c.listen.iter().map(|l| l.ip()));
     let own = OwnHosts {
         dialled: conn.local.ip(),
-        addresses: CONTAINER_HOSTS
-            .iter()
-            .filter_map(|h| h.parse().ok())
-            .chain(configured),
+        addresses: CONTAINER_HOSTS.iter().copied().chain(configured),
         names: &config.server.allowed_hosts,
     };
     if let Some((reason, message)) = relay::refusal(request.headers(), own) {
         audit::refused(conn, reason, message);
         return Err(ContainerError::Forbidden(message));
     }
-    Ok(next.run(request).await)
-}
-
-async fn rate_limit(
-    State(limiter): State<Arc<CallerLimiter>>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ContainerError> {
-    let conn = connection(&request)?;
-    if let Err(retry_after) = limiter.check(&conn.binding) {
+    if let Err(retry_after) = endpoint.limiter.check(&conn.binding) {
         audit::refused(conn, DenyReason::RateLimited, "request rate over the limit");
         return Err(ContainerError::RateLimited { retry_after });
     }
@@ -217,9 +210,14 @@ async fn serve(
             return Err(e.into());
         }
     };
-    audit::credentials_issued(conn, app, &creds, state.counters());
+    crate::audit::credentials_issued(conn, "container", app, &creds, state.counters());
     let body = creds.rendered.container.get_or_init(|| {
-        document(&creds, &app.role_arn.to_string(), app.role_arn.account_id()).into()
+        document(
+            &creds,
+            &app.role_arn().to_string(),
+            app.role_arn().account_id(),
+        )
+        .into()
     });
     Ok((
         [(

@@ -1,6 +1,6 @@
 //! Writing an app's token file so that only that app's user can read it, and so that a reader
 //! never sees a half-written token: a new file is written beside it, handed to the owner, made
-//! read-only and renamed over the old one.
+//! read-only and renamed over the old one. The token state file is written the same way.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -33,7 +33,22 @@ pub fn ensure_token_dir(dir: &Path) -> io::Result<()> {
 /// Replaces `target.token_file` with `token` (no trailing newline: SDKs send the file's bytes
 /// as a header value), owned by `target.uid:gid`, mode 0400.
 pub fn write(target: &AppContainer, token: &Secret) -> io::Result<()> {
-    let path = &target.token_file;
+    write_atomic(
+        &target.token_file,
+        token.expose().as_bytes(),
+        TOKEN_FILE_MODE,
+        Some((target.uid, target.gid)),
+    )
+}
+
+/// Replaces `path` with `bytes`, with `mode` and (if given) owner `uid:gid`, so that a reader
+/// sees the old file or the new one, never part of one, and the change survives a crash.
+pub fn write_atomic(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let name = path
         .file_name()
@@ -54,9 +69,11 @@ pub fn write(target: &AppContainer, token: &Secret) -> io::Result<()> {
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
         .open(&tmp)?;
     let result = (|| {
-        file.write_all(token.expose().as_bytes())?;
-        std::os::unix::fs::fchown(&file, Some(target.uid), Some(target.gid))?;
-        file.set_permissions(fs::Permissions::from_mode(TOKEN_FILE_MODE))?;
+        file.write_all(bytes)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+        }
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.sync_all()?;
         fs::rename(&tmp, path)
     })();

@@ -8,8 +8,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -451,18 +451,9 @@ impl TokenStore {
                     .collect(),
             }
         };
-        let tmp = self.state_file.with_extension("json.tmp");
-        let result = (|| {
-            let _ = fs::remove_file(&tmp);
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(&serde_json::to_vec(&saved).map_err(io::Error::other)?)?;
-            file.sync_all()?;
-            fs::rename(&tmp, &self.state_file)
-        })();
+        let result = serde_json::to_vec(&saved)
+            .map_err(io::Error::other)
+            .and_then(|bytes| token_file::write_atomic(&self.state_file, &bytes, 0o600, None));
         if let Err(e) = result {
             tracing::error!(path = %self.state_file.display(), error = %e, "cannot save the container token state");
         }

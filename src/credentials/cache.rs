@@ -63,7 +63,8 @@ pub enum CacheError {
 }
 
 impl CacheError {
-    fn is_transient(&self) -> bool {
+    /// Whether STS may answer later (throttling, timeouts, 5xx): callers get 503, not 500.
+    pub fn is_transient(&self) -> bool {
         matches!(self, CacheError::Sts(e) if e.is_transient())
     }
 }
@@ -74,8 +75,6 @@ pub struct CacheStats {
     pub entries: usize,
     /// Entries whose STS calls are failing transiently while they hold last good credentials.
     pub degraded_entries: usize,
-    pub assume_role_calls: u64,
-    pub assume_role_failures: u64,
     /// Requests answered with last good credentials below `min_remaining`.
     pub degraded_serves: u64,
 }
@@ -111,8 +110,6 @@ pub(super) struct Inner {
     pub(super) wake: Notify,
     pub(super) stop: CancellationToken,
     tasks: TaskTracker,
-    calls: AtomicU64,
-    failures: AtomicU64,
     degraded_serves: AtomicU64,
 }
 
@@ -202,8 +199,6 @@ impl CredentialCache {
                 wake: Notify::new(),
                 stop: CancellationToken::new(),
                 tasks: TaskTracker::new(),
-                calls: AtomicU64::new(0),
-                failures: AtomicU64::new(0),
                 degraded_serves: AtomicU64::new(0),
             }),
         }
@@ -344,8 +339,6 @@ impl CredentialCache {
         CacheStats {
             entries: entries.len(),
             degraded_entries,
-            assume_role_calls: inner.calls.load(Ordering::Relaxed),
-            assume_role_failures: inner.failures.load(Ordering::Relaxed),
             degraded_serves: inner.degraded_serves.load(Ordering::Relaxed),
         }
     }
@@ -485,7 +478,6 @@ async fn worker(
             _ = entry.cancel.cancelled() => break,
             _ = inner.budget.acquire() => {}
         }
-        inner.calls.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let result = tokio::select! {
             biased;
@@ -526,7 +518,6 @@ async fn worker(
                 }
                 Err(error) => {
                     failures += 1;
-                    inner.failures.fetch_add(1, Ordering::Relaxed);
                     let transient = error.is_transient();
                     let retry = transient
                         && st.is_active(now, policy.idle_after)

@@ -37,10 +37,7 @@ impl ImdsError {
             ImdsError::NotFound => StatusCode::NOT_FOUND,
             ImdsError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ImdsError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ImdsError::Credentials(CacheError::Sts(
-                crate::credentials::StsError::Throttled { .. }
-                | crate::credentials::StsError::Unavailable(_),
-            )) => StatusCode::SERVICE_UNAVAILABLE,
+            ImdsError::Credentials(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
             ImdsError::Credentials(_) | ImdsError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -17,7 +17,7 @@ use tower::{Layer, Service};
 use super::error::ImdsError;
 use super::{ConnectionInfo, Matched, TOKEN_HEADER, caller_of};
 use crate::audit::{self, DenyReason};
-use crate::config::ImdsV1;
+use crate::config::{Config, ImdsV1};
 use crate::rate_limit::CallerLimiter;
 use crate::relay::{self, OwnHosts};
 use crate::state::AppState;
@@ -75,7 +75,7 @@ where
         let app = caller_of(request.extensions())
             .ok()
             .and_then(|conn| crate::policy::find_app_index(&config.apps, conn));
-        let outcome = match admit(&self.guards, &request) {
+        let outcome = match admit(&self.guards, &config, &request) {
             Ok(()) => {
                 request.extensions_mut().insert(Matched {
                     config: config.clone(),
@@ -122,7 +122,7 @@ pin_project_lite::pin_project! {
 struct Count {
     state: AppState,
     path: &'static str,
-    config: Arc<crate::config::Config>,
+    config: Arc<Config>,
     app: Option<usize>,
 }
 
@@ -153,25 +153,25 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Guarding<F> {
     }
 }
 
-fn admit(guards: &Guards, request: &Request) -> Result<(), ImdsError> {
+/// The checks, in order, under the request's config snapshot.
+fn admit(guards: &Guards, config: &Config, request: &Request) -> Result<(), ImdsError> {
     let conn = caller_of(request.extensions())?;
-    refuse_relayed(&guards.state, conn, request)?;
+    refuse_relayed(config, conn, request)?;
     // One caller (by resolved identity) may not starve the others.
     if let Err(retry_after) = guards.limiter.check(&conn.binding) {
         audit::token_rejected(conn, DenyReason::RateLimited, "request rate over the limit");
         return Err(ImdsError::RateLimited { retry_after });
     }
-    require_token(&guards.state, conn, &conn.binding, request)
+    require_token(&guards.state, config, conn, request)
 }
 
 /// Refuses requests relayed by a proxy, sent by a browser or addressed to a foreign `Host`
 /// (see [`crate::relay`]); the IMDS addresses are the daemon's own wherever it listens.
 fn refuse_relayed(
-    state: &AppState,
+    config: &Config,
     conn: &ConnectionInfo,
     request: &Request,
 ) -> Result<(), ImdsError> {
-    let config = state.config();
     let own = OwnHosts {
         dialled: conn.local.ip(),
         addresses: IMDS_HOSTS
@@ -193,12 +193,12 @@ const IMDS_HOSTS: [IpAddr; 2] = [
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
 ];
 
-/// Metadata reads need a valid token minted for this caller (`binding`), unless IMDSv1 is
-/// allowed and no token is presented. A presented token is always checked, in both modes.
+/// Metadata reads need a valid token minted for this caller, unless IMDSv1 is allowed and no
+/// token is presented. A presented token is always checked, in both modes.
 fn require_token(
     state: &AppState,
+    config: &Config,
     conn: &ConnectionInfo,
-    binding: &str,
     request: &Request,
 ) -> Result<(), ImdsError> {
     let is_read = matches!(*request.method(), Method::GET | Method::HEAD);
@@ -210,13 +210,11 @@ fn require_token(
         (Some(token), None) => token
             .to_str()
             .map_err(|_| TokenError::Malformed)
-            .and_then(|t| state.token_key().verify(t, binding, state.now()))
+            .and_then(|t| state.token_key().verify(t, &conn.binding, state.now()))
             .map(|_| ())
             .map_err(ImdsError::from),
         (Some(_), Some(_)) => Err(TokenError::Malformed.into()),
-        (None, _) if state.config().server.imdsv1 == ImdsV1::Disabled => {
-            Err(ImdsError::TokenRequired)
-        }
+        (None, _) if config.server.imdsv1 == ImdsV1::Disabled => Err(ImdsError::TokenRequired),
         (None, _) => Ok(()),
     };
     if let Err(e) = verdict {

@@ -11,7 +11,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{Extensions, HeaderMap, HeaderValue, header};
-use std::num::NonZeroU32;
 
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, put};
@@ -72,6 +71,11 @@ pub(crate) fn caller_of(ext: &Extensions) -> Result<&ConnectionInfo, ImdsError> 
         .ok_or(ImdsError::Internal("connection identity missing"))
 }
 
+fn matched_of(ext: &Extensions) -> Result<&Matched, ImdsError> {
+    ext.get::<Matched>()
+        .ok_or(ImdsError::Internal("request was not matched"))
+}
+
 impl std::ops::Deref for ConnectionInfo {
     type Target = Caller;
     fn deref(&self) -> &Caller {
@@ -83,11 +87,7 @@ impl std::ops::Deref for ConnectionInfo {
 /// relayed-request refusal, per-caller rate limit and token check, in that order; see
 /// [`guard::GuardLayer`]), then routing.
 pub fn router(state: AppState) -> Router {
-    let limits = state.config().limits;
-    let limiter = Arc::new(CallerLimiter::new(
-        NonZeroU32::new(limits.requests_per_second).unwrap_or(NonZeroU32::MIN),
-        NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN),
-    ));
+    let limiter = Arc::new(CallerLimiter::from_limits(&state.config().limits));
     let metadata = get(tree);
     Router::new()
         .route(
@@ -129,12 +129,14 @@ fn text(body: impl Into<axum::body::Body>) -> Response {
 /// `PUT /latest/api/token`: a token bound to this caller, for the TTL asked (capped by config).
 async fn put_token(State(state): State<AppState>, request: Request) -> Result<Response, ImdsError> {
     let conn = caller_of(request.extensions())?;
+    let config = &matched_of(request.extensions())?.config;
     let requested = requested_ttl(request.headers())?;
-    let granted = requested.min(state.config().server.token_max_ttl.as_secs());
+    let granted = requested.min(config.server.token_max_ttl.as_secs());
+    let now = state.now();
     let token = state
         .token_key()
-        .mint(&conn.binding, Duration::from_secs(granted), state.now());
-    audit::token_issued(conn, granted, state.now());
+        .mint(&conn.binding, Duration::from_secs(granted), now);
+    audit::token_issued(conn, granted, now);
     let mut response = text(token);
     response
         .headers_mut()
@@ -163,10 +165,7 @@ fn requested_ttl(headers: &HeaderMap) -> Result<u64, ImdsError> {
 /// `GET /latest/meta-data/...` and `/latest/dynamic/...`.
 async fn tree(State(state): State<AppState>, request: Request) -> Result<Response, ImdsError> {
     let conn = caller_of(request.extensions())?;
-    let matched = request
-        .extensions()
-        .get::<Matched>()
-        .ok_or(ImdsError::Internal("request was not matched"))?;
+    let matched = matched_of(request.extensions())?;
     let config = &matched.config;
     let app = matched.app();
     let view = View {
@@ -199,7 +198,10 @@ async fn tree(State(state): State<AppState>, request: Request) -> Result<Respons
                 Some(app) => audit::credentials_denied(
                     conn,
                     DenyReason::RoleMismatch,
-                    &format!("asked for {path}, its role is {}", app.role_arn.role_name()),
+                    &format!(
+                        "asked for {path}, its role is {}",
+                        app.role_arn().role_name()
+                    ),
                 ),
             }
         }
@@ -217,11 +219,11 @@ async fn tree(State(state): State<AppState>, request: Request) -> Result<Respons
                     return Err(e.into());
                 }
             };
-            audit::credentials_issued(conn, app, &creds, state.counters());
+            audit::credentials_issued(conn, "imds", app, &creds, state.counters());
             let body = creds
                 .rendered
                 .imds
-                .get_or_init(|| credential_document(&creds, app.role_arn.account_id()).into());
+                .get_or_init(|| credential_document(&creds, app.role_arn().account_id()).into());
             Ok(text(body.clone()))
         }
     }
