@@ -4,8 +4,11 @@
 //! and passes the seeds in `deploy/policies/`; `lint` and `explain --app` report through the
 //! real binary with the documented exit statuses.
 
+#[path = "common/binary.rs"]
+#[allow(dead_code)] // only `broker()` is used here
+mod binary;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use imds_broker::iam::document;
 use imds_broker::iam::evaluate::{Applies, Decision, evaluate};
@@ -291,10 +294,7 @@ fn seeds_lint_clean_and_narrow_what_they_name() {
 }
 
 fn broker(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_imds-broker"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = binary::broker().args(args).output().unwrap();
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.code(), text)

@@ -238,10 +238,13 @@ def hermetic_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_moto(log_dir: Path, netns: str | None = None) -> AbstractContextManager[Server]:
-    """Serve moto as STS (a context manager yielding its Server)."""
+def start_moto(
+    log_dir: Path, netns: str | None = None, *, extra_env: dict[str, str] | None = None
+) -> AbstractContextManager[Server]:
+    """Serve moto as STS (a context manager yielding its Server); `extra_env` is added to
+    its environment (e.g. libfaketime's variables)."""
     argv = [*netns_exec(netns), str(PYTHON), str(CLIENTS_DIR / "moto_sts.py")]
-    return serving("moto", argv, hermetic_env(), log_dir)
+    return serving("moto", argv, hermetic_env(**(extra_env or {})), log_dir)
 
 
 def issued_credentials(moto_endpoint: str) -> list[dict]:
@@ -306,9 +309,11 @@ def serve_broker(
     rust_log: str = "info",
     log_format: str | None = None,
     binary: Path = BROKER_BIN,
+    extra_env: dict[str, str] | None = None,
 ) -> AbstractContextManager[Server]:
     """Serve the broker from an existing config file (a context manager yielding its
-    Server); `launcher` prefixes the command (e.g. to enter a network namespace)."""
+    Server); `launcher` prefixes the command (e.g. to enter a network namespace), and
+    `extra_env` is added to its environment (e.g. libfaketime's variables)."""
     env = hermetic_env(
         # Source credentials for AssumeRole; moto accepts any.
         AWS_ACCESS_KEY_ID="testing",
@@ -318,6 +323,7 @@ def serve_broker(
         AWS_CONFIG_FILE="/dev/null",
         AWS_SHARED_CREDENTIALS_FILE="/dev/null",
         RUST_LOG=rust_log,
+        **(extra_env or {}),
     )
     argv = [*launcher, str(binary), "serve", "--config", str(config)]
     if log_format is not None:
@@ -603,7 +609,9 @@ class _Drain:
 class HeldProcess:
     """A client started through clients/held.py: it waits before running its script, so
     the test can place it (in a cgroup, at a pid) before it opens any socket. `release()`
-    lets it run; its stdin stays open until `finish()`."""
+    lets it run; its stdin stays open until `finish()`.
+
+    Also fits any client driven line by line: `send()` a line, `read_line()` its answer."""
 
     def __init__(self, argv: Sequence[str], env: dict[str, str], cwd: Path, pass_fds: Sequence[int] = ()):
         self.argv = list(argv)
@@ -636,8 +644,12 @@ class HeldProcess:
             raise AssertionError(f"held.py did not start\n{describe(self._completed())}")
 
     def release(self) -> None:
+        self.send("go")
+
+    def send(self, line: str) -> None:
+        """Write one line to the client's stdin."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
+        self.proc.stdin.write(f"{line}\n")
         self.proc.stdin.flush()
 
     def read_line(self, timeout: float = CLIENT_TIMEOUT_S) -> str:
@@ -725,6 +737,16 @@ class AuditLog:
     def wait_for_all(self, after: int, count: int, timeout: float = AUDIT_WAIT_S, **expected) -> list[dict]:
         """Exactly `count` events after `after` matching `expected`, waiting up to
         `timeout` for the broker to write them."""
+        found = self._wait_for_at_least(after, count, timeout, expected)
+        assert len(found) == count, f"{len(found)} audit events with {expected}, expected {count}:\n{self.dump(after)}"
+        return found
+
+    def wait_for_some(self, after: int = 0, timeout: float = AUDIT_WAIT_S, **expected) -> list[dict]:
+        """Every event after `after` matching `expected`, once there is at least one,
+        waiting up to `timeout` for the broker to write it."""
+        return self._wait_for_at_least(after, 1, timeout, expected)
+
+    def _wait_for_at_least(self, after: int, count: int, timeout: float, expected: dict) -> list[dict]:
         deadline = time.monotonic() + timeout
         while len(found := self.find(after, **expected)) < count:
             if time.monotonic() > deadline:
@@ -733,11 +755,35 @@ class AuditLog:
                     f"audit events since the mark:\n{self.dump(after)}"
                 )
             time.sleep(POLL_INTERVAL_S)
-        assert len(found) == count, f"{len(found)} audit events with {expected}, expected {count}:\n{self.dump(after)}"
         return found
 
     def dump(self, after: int = 0) -> str:
         return "\n".join(json.dumps(event) for event in self.events()[after:]) or "(none)"
+
+
+class AuditFile(AuditLog):
+    """The broker's audit file: one JSON event per line, its fields at the top level,
+    written by the daemon's writer thread after it answers (so wait for events)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def events(self) -> list[dict]:
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:  # nothing written yet
+            return []
+        events = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines):  # the last line may be half-written
+                    break
+                raise AssertionError(f"{self.path}:{number} is not JSON: {line!r}") from None
+        return events
 
 
 @dataclass

@@ -31,6 +31,7 @@ from harness import (
     CLIENTS_DIR,
     PYTHON,
     REGION,
+    AuditFile,
     Server,
     add_link_local_address,
     as_user,
@@ -67,9 +68,6 @@ class ContainerBroker:
         env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = f"{self.url}/{app}"
         env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"] = str(token_file or self.token_file(app))
         return env
-
-    def audit_events(self) -> list[dict]:
-        return [json.loads(line) for line in self.audit.read_text().splitlines() if line.strip()]
 
 
 @contextmanager
@@ -289,7 +287,13 @@ def test_wrong_and_stale_tokens_are_refused_and_audited(container_broker, client
     )
     assert unknown.returncode == 1 and "no such app" in unknown.stderr, describe(unknown)
 
-    events = container_broker.audit_events()
+    # The daemon writes its audit file from a thread, after answering: wait for the events.
+    audit = AuditFile(container_broker.audit)
+    for reason, app in (("missing", None), ("unknown", None), ("other_app", APP_A.name), ("stale", APP_A.name)):
+        audit.wait_for_some(event="container_token.rejected", reason=reason, app=app)
+    audit.wait_for_some(event="container_token.rotated", cause="requested")
+    audit.wait_for_some(event="credentials.issued", endpoint="container")
+    events = audit.events()
     rejected = [e for e in events if e.get("event") == "container_token.rejected"]
     reasons = {(e.get("reason"), e.get("app")) for e in rejected}
     assert ("missing", None) in reasons, rejected

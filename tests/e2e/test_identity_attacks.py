@@ -166,8 +166,12 @@ def test_forwarding_header_on_credential_request_is_refused(lab, name, value):
     mark = lab.audit.mark()
 
     # A mapped caller, with a valid token, asking for its own role: still refused.
-    report = reports(lab, "--get-header", f"{name}: {value}", ROLE_LISTING_PATH, ROLE_LISTING_PATH + "reports")
+    paths = [ROLE_LISTING_PATH, ROLE_LISTING_PATH + "reports"]
+    report = reports(lab, "--get-header", f"{name}: {value}", *paths)
 
+    # The probe skips its GETs when the PUT is refused: an empty loop would prove nothing.
+    assert report["token"]["status"] == 200, report["token"]
+    assert [response["path"] for response in report["responses"]] == paths, report["responses"]
     for response in report["responses"]:
         assert response["status"] == 403, response
         lab.audit.wait_for(mark, event=DENIALS, reason="forwarded", peer=response["local"], uid=UID_B)

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,15 +26,15 @@ import pytest
 
 from harness import (
     APP_A,
-    BROKER_BIN,
-    CLIENTS_DIR,
     PYTHON,
     REGION,
+    HeldProcess,
     Server,
+    as_user,
     client_env,
-    hermetic_env,
     issued_credentials,
-    serving,
+    serve_broker,
+    start_moto,
     write_config,
 )
 
@@ -141,80 +140,30 @@ uid = {APP_A.uid}
 """
 
 
-class HeldClient:
-    """HELD_CLIENT running as `uid`; `call()` makes one SDK call through the same session."""
-
-    def __init__(self, uid: int, env: dict[str, str], preload: dict[str, str]):
-        setpriv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-        # The preload goes to the client only, through env(1) after the uid switch: libfaketime
-        # keeps a semaphore per process tree, and one created by root (setpriv) is not the
-        # client's to open.
-        preload_args = ["/usr/bin/env", *(f"{k}={v}" for k, v in preload.items())]
-        self.proc = subprocess.Popen(
-            [*setpriv, *preload_args, str(PYTHON), "-c", HELD_CLIENT],
-            env=env,
-            cwd=env["HOME"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def call(self) -> dict:
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write("call\n")
-        self.proc.stdin.flush()
-        # Bounded by the pytest timeout; the SDK's own IMDS and HTTP timeouts are seconds.
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"held client exited: {self.stderr()}")
-        return json.loads(line)
-
-    def stderr(self) -> str:
-        self.close()
-        assert self.proc.stderr
-        return self.proc.stderr.read()[-3000:]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(CALL_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(CALL_TIMEOUT_S)
+# The broker logs each STS success at debug level (see OBTAINED_RE).
+BROKER_RUST_LOG = "info,imds_broker::credentials=debug"
 
 
 @contextmanager
-def held_client(uid: int, env: dict[str, str], preload: dict[str, str]) -> Iterator[HeldClient]:
-    client = HeldClient(uid, env, preload)
+def held_client(uid: int, env: dict[str, str], preload: dict[str, str]) -> Iterator[HeldProcess]:
+    """HELD_CLIENT running as `uid`; `call(client)` makes one SDK call through its session."""
+    # The preload goes to the client only, through env(1) after the uid switch: libfaketime
+    # keeps a semaphore per process tree, and one created by root (setpriv) is not the
+    # client's to open.
+    preload_args = ["/usr/bin/env", *(f"{k}={v}" for k, v in preload.items())]
+    argv = [*as_user(uid), *preload_args, str(PYTHON), "-c", HELD_CLIENT]
+    client = HeldProcess(argv, env, Path(env["HOME"]))
     try:
         yield client
     finally:
-        client.close()
+        client.stop()
 
 
-@contextmanager
-def faked_moto(fake_clock: FakeClock, log_dir: Path) -> Iterator[Server]:
-    argv = [str(PYTHON), str(CLIENTS_DIR / "moto_sts.py")]
-    with serving("moto", argv, hermetic_env(**fake_clock.env), log_dir) as moto:
-        yield moto
-
-
-@contextmanager
-def faked_broker(fake_clock: FakeClock, workdir: Path, config: Path) -> Iterator[Server]:
-    env = hermetic_env(
-        AWS_ACCESS_KEY_ID="testing",  # source credentials for AssumeRole; moto accepts any
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_EC2_METADATA_DISABLED="true",
-        AWS_CONFIG_FILE="/dev/null",
-        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
-        RUST_LOG="info,imds_broker::credentials=debug",
-        **fake_clock.env,
-    )
-    with serving("imds-broker", [str(BROKER_BIN), "serve", "--config", str(config)], env, workdir) as broker:
-        yield broker
+def call(client: HeldProcess) -> dict:
+    """One SDK call through the held session; fails if no answer within CALL_TIMEOUT_S
+    (the SDK's own IMDS and HTTP timeouts are seconds)."""
+    client.send("call")
+    return json.loads(client.read_line(CALL_TIMEOUT_S))
 
 
 def wait_for_obtained(broker: Server, count: int) -> list[re.Match[str]]:
@@ -231,20 +180,20 @@ def wait_for_obtained(broker: Server, count: int) -> list[re.Match[str]]:
 
 @pytest.mark.timeout(600)
 def test_held_sdk_session_keeps_working_across_rotations(built, client_homes, fake_clock, tmp_path):
-    with faked_moto(fake_clock, tmp_path / "moto") as moto:
+    with start_moto(tmp_path / "moto", extra_env=fake_clock.env) as moto:
         workdir = tmp_path / "broker"
         workdir.mkdir()
         config = write_config(
             workdir / "imds-broker.toml",
             broker_config_text(sts_endpoint=moto.endpoint, state_dir=workdir / "state"),
         )
-        with faked_broker(fake_clock, workdir, config) as broker:
+        with serve_broker(workdir, config, rust_log=BROKER_RUST_LOG, extra_env=fake_clock.env) as broker:
             env = client_env(client_homes[APP_A.uid], sts_endpoint=moto.endpoint, imds_endpoint=broker.endpoint)
             results = []
             with held_client(APP_A.uid, env, fake_clock.env) as client:
                 for offset in range(0, SPAN_S + 1, STEP_S):
                     fake_clock.set(offset)
-                    result = client.call()
+                    result = call(client)
                     result["offset"] = offset
                     results.append(result)
                     if not result["ok"]:
@@ -270,14 +219,14 @@ def test_held_sdk_session_keeps_working_across_rotations(built, client_homes, fa
 
 @pytest.mark.timeout(300)
 def test_broker_prefetches_refreshes_unasked_and_reloads_on_sighup(built, fake_clock, tmp_path):
-    with faked_moto(fake_clock, tmp_path / "moto") as moto:
+    with start_moto(tmp_path / "moto", extra_env=fake_clock.env) as moto:
         workdir = tmp_path / "broker"
         workdir.mkdir()
         config = write_config(
             workdir / "imds-broker.toml",
             broker_config_text(sts_endpoint=moto.endpoint, state_dir=workdir / "state"),
         )
-        with faked_broker(fake_clock, workdir, config) as broker:
+        with serve_broker(workdir, config, rust_log=BROKER_RUST_LOG, extra_env=fake_clock.env) as broker:
             # prefetch = true: credentials before anyone asked.
             (first,) = wait_for_obtained(broker, 1)
             assert first["role"] == APP_A.role_arn

@@ -63,7 +63,9 @@ def test_units_pass_systemd_analyze_verify(built, tmp_path):
     with_dropin = tmp_path / "imds-broker-with-container.service"
     dropin = (REPO_ROOT / "deploy" / "container-endpoint.conf").read_text()
     body = "".join(line + "\n" for line in dropin.splitlines() if not line.startswith(("#", "[Service]")))
-    with_dropin.write_text(broker.read_text().replace("[Install]", body + "\n[Install]"))
+    unit = broker.read_text()
+    assert unit.count("[Install]") == 1, f"{broker.name}: expected one [Install] section to insert the drop-in before"
+    with_dropin.write_text(unit.replace("[Install]", body + "\n[Install]"))
     units = sorted(str(p) for p in tmp_path.glob("*.service"))
     result = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, describe(result)
