@@ -5,19 +5,51 @@ use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Resolves cgroup ids to paths by walking the cgroup2 hierarchy. The id of a cgroup is the
 /// inode number of its directory, so one walk indexes every cgroup; a miss (a cgroup created
 /// since) triggers one more walk.
 pub struct CgroupIndex {
     root: Option<PathBuf>,
-    by_id: Mutex<HashMap<u64, String>>,
+    by_id: Mutex<HashMap<u64, Arc<CgroupInfo>>>,
+    /// One walk at a time: callers in cgroups created since the last walk (which anyone with a
+    /// delegated subtree can make) share one walk instead of each starting their own.
+    walking: Mutex<()>,
+}
+
+/// What the daemon knows about one cgroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupInfo {
+    /// Relative to the cgroup2 mount, e.g. `/system.slice/billing.service`.
+    pub path: String,
+    pub units: Units,
+}
+
+/// The systemd units a cgroup belongs to, as far as the managers that named them are trusted.
+///
+/// A unit name is an identity only where the manager that owns the name is: the system
+/// manager's units are the shallowest `.service`/`.scope` component whose ancestors only root
+/// controls (owned by root, not writable by group or others, not delegated). Everything below a
+/// delegated unit (`user@1001.service`, a container runtime's scope) is named by whoever the
+/// subtree was delegated to, so a `billing.service` in there proves nothing about the system's
+/// `billing.service`; it is a *user* unit of the user manager that owns it, and only ever
+/// matched together with that manager's uid.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Units {
+    /// The unit of the system manager.
+    pub system: Option<String>,
+    /// `(uid, unit)`: the unit of uid's user manager, when `system` is `user@uid.service`.
+    pub user: Option<(u32, String)>,
 }
 
 /// A walk never descends further than this (cgroup.max.depth is unlimited by default; real
 /// hierarchies are a handful deep).
 const MAX_DEPTH: usize = 32;
+
+/// The extended attributes systemd puts on a cgroup it delegated (`Delegate=yes`): `trusted.`
+/// (readable with CAP_SYS_ADMIN) and, since v252, `user.` (readable by anyone).
+const DELEGATE_XATTRS: [&str; 2] = ["trusted.delegate", "user.delegate"];
 
 impl CgroupIndex {
     pub fn new() -> Self {
@@ -28,6 +60,7 @@ impl CgroupIndex {
         Self {
             root,
             by_id: Mutex::new(HashMap::new()),
+            walking: Mutex::new(()),
         }
     }
 
@@ -35,8 +68,8 @@ impl CgroupIndex {
         self.root.as_deref()
     }
 
-    /// The path of cgroup `id` if it is already indexed: never walks the tree.
-    pub fn cached_path_of(&self, id: u64) -> Option<String> {
+    /// Cgroup `id` if it is already indexed: never walks the tree.
+    pub fn cached(&self, id: u64) -> Option<Arc<CgroupInfo>> {
         self.by_id
             .lock()
             .expect("cgroup index lock")
@@ -44,17 +77,96 @@ impl CgroupIndex {
             .cloned()
     }
 
-    /// The path of cgroup `id`, if it exists.
-    pub fn path_of(&self, id: u64) -> Option<String> {
-        if let Some(p) = self.cached_path_of(id) {
-            return Some(p);
+    /// Cgroup `id`, if it exists.
+    pub fn lookup(&self, id: u64) -> Option<Arc<CgroupInfo>> {
+        if let Some(info) = self.cached(id) {
+            return Some(info);
         }
         let root = self.root.as_ref()?;
+        let _one_walk = self.walking.lock().expect("cgroup walk lock");
+        // Another caller's walk may have indexed it while this one waited.
+        if let Some(info) = self.cached(id) {
+            return Some(info);
+        }
         let mut fresh = HashMap::new();
-        walk(root, root, 0, &mut fresh);
+        if let Ok(meta) = fs::symlink_metadata(root) {
+            walk(root, Node::root(root, &meta), 0, &mut fresh);
+        }
         let found = fresh.get(&id).cloned();
         *self.by_id.lock().expect("cgroup index lock") = fresh;
         found
+    }
+
+    /// The path of cgroup `id` if it is already indexed.
+    pub fn cached_path_of(&self, id: u64) -> Option<String> {
+        self.cached(id).map(|info| info.path.clone())
+    }
+
+    /// The path of cgroup `id`, if it exists.
+    pub fn path_of(&self, id: u64) -> Option<String> {
+        self.lookup(id).map(|info| info.path.clone())
+    }
+
+    /// The top directories of the subtrees that someone other than root controls (delegated,
+    /// owned by another user, or writable by others): whoever controls one names everything
+    /// in it. For `check`; walks the whole tree.
+    pub fn foreign_subtrees(&self) -> Vec<String> {
+        fn visit(root: &Path, node: &Node, depth: usize, out: &mut Vec<String>) {
+            let dir = root.join(node.path.trim_start_matches('/'));
+            let Ok(entries) = fs::read_dir(&dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let (Ok(meta), Some(name)) = (
+                    entry.metadata(),
+                    entry.file_name().to_str().map(str::to_owned),
+                ) else {
+                    continue;
+                };
+                if !meta.is_dir() {
+                    continue;
+                }
+                let child = node.child(&name, &entry.path(), &meta);
+                if !child.root_only {
+                    out.push(child.path);
+                } else if depth < MAX_DEPTH {
+                    visit(root, &child, depth + 1, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if let Some(root) = &self.root
+            && let Ok(meta) = fs::symlink_metadata(root)
+        {
+            let top = Node::root(root, &meta);
+            if top.root_only {
+                visit(root, &top, 0, &mut out);
+            } else {
+                out.push(top.path);
+            }
+        }
+        out
+    }
+
+    /// The units of the cgroup at `path` (relative to the mount), checked on disk from the
+    /// root down; for a path read from `/proc/<pid>/cgroup` rather than found by id.
+    pub fn units_on_disk(&self, path: &str) -> Units {
+        let Some(root) = &self.root else {
+            return Units::default();
+        };
+        let Ok(meta) = fs::symlink_metadata(root) else {
+            return Units::default();
+        };
+        let mut node = Node::root(root, &meta);
+        let mut dir = root.clone();
+        for name in path.split('/').filter(|c| !c.is_empty()) {
+            dir.push(name);
+            let Ok(meta) = fs::symlink_metadata(&dir) else {
+                return Units::default();
+            };
+            node = node.child(name, &dir, &meta);
+        }
+        node.units
     }
 }
 
@@ -64,21 +176,127 @@ impl Default for CgroupIndex {
     }
 }
 
-fn walk(root: &Path, dir: &Path, depth: usize, out: &mut HashMap<u64, String>) {
-    let Ok(meta) = fs::metadata(dir) else { return };
-    let rel = dir.strip_prefix(root).unwrap_or(Path::new(""));
-    out.insert(meta.ino(), format!("/{}", rel.display()));
-    if depth >= MAX_DEPTH {
-        return;
-    }
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            walk(root, &entry.path(), depth + 1, out);
+/// One directory of the walk: its path, whether only root controls it and every ancestor,
+/// and the units found so far.
+struct Node {
+    path: String,
+    root_only: bool,
+    units: Units,
+}
+
+impl Node {
+    fn root(dir: &Path, meta: &fs::Metadata) -> Self {
+        Node {
+            path: "/".into(),
+            root_only: root_only(dir, meta),
+            units: Units::default(),
         }
     }
+
+    fn child(&self, name: &str, dir: &Path, meta: &fs::Metadata) -> Node {
+        let path = if self.path == "/" {
+            format!("/{name}")
+        } else {
+            format!("{}/{name}", self.path)
+        };
+        Node {
+            path,
+            root_only: self.root_only && root_only(dir, meta),
+            units: self.units.below(self.root_only, name),
+        }
+    }
+}
+
+/// Whether only root can change what is in `dir`: owned by root, writable by nobody else, and
+/// not a subtree systemd delegated.
+fn root_only(dir: &Path, meta: &fs::Metadata) -> bool {
+    meta.uid() == 0 && meta.mode() & 0o022 == 0 && !delegated(dir)
+}
+
+fn delegated(dir: &Path) -> bool {
+    let mut value = [0u8; 8];
+    DELEGATE_XATTRS.iter().any(|name| {
+        rustix::fs::getxattr(dir, *name, &mut value[..])
+            .is_ok_and(|n| n == 0 || value[..n] != *b"0")
+    })
+}
+
+fn is_unit(name: &str) -> bool {
+    name.ends_with(".service") || name.ends_with(".scope")
+}
+
+impl Units {
+    /// The units of a child cgroup named `name` of a cgroup with these units, whose parent is
+    /// controlled by root only if `parent_root_only`.
+    fn below(&self, parent_root_only: bool, name: &str) -> Units {
+        match &self.system {
+            None if parent_root_only && is_unit(name) => Units {
+                system: Some(name.to_owned()),
+                user: None,
+            },
+            None => Units::default(),
+            Some(system) if self.user.is_none() && is_unit(name) => Units {
+                system: Some(system.clone()),
+                user: user_manager_uid(system).map(|uid| (uid, name.to_owned())),
+            },
+            Some(_) => self.clone(),
+        }
+    }
+
+    /// The units of a cgroup path, assuming what systemd's own layout implies: only root
+    /// controls the slices above the first unit. For paths the daemon cannot inspect
+    /// (`explain --cgroup` with a path that does not exist here).
+    pub fn by_name(path: &str) -> Units {
+        path.split('/')
+            .filter(|c| !c.is_empty())
+            .fold(
+                (Units::default(), true),
+                |(units, parent_root_only), name| {
+                    let child = units.below(parent_root_only, name);
+                    (child, parent_root_only && !is_unit(name))
+                },
+            )
+            .0
+    }
+}
+
+/// `1001` for `user@1001.service`, the unit systemd runs uid 1001's user manager in.
+fn user_manager_uid(unit: &str) -> Option<u32> {
+    unit.strip_prefix("user@")?
+        .strip_suffix(".service")?
+        .parse()
+        .ok()
+}
+
+fn walk(root: &Path, node: Node, depth: usize, out: &mut HashMap<u64, Arc<CgroupInfo>>) {
+    let dir = root.join(node.path.trim_start_matches('/'));
+    let Ok(meta) = fs::symlink_metadata(&dir) else {
+        return;
+    };
+    let ino = meta.ino();
+    let children = if depth < MAX_DEPTH {
+        fs::read_dir(&dir).ok()
+    } else {
+        None
+    };
+    for entry in children.into_iter().flatten().flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.is_dir() {
+            continue;
+        }
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let child = node.child(&name, &entry.path(), &meta);
+        walk(root, child, depth + 1, out);
+    }
+    out.insert(
+        ino,
+        Arc::new(CgroupInfo {
+            path: node.path,
+            units: node.units,
+        }),
+    );
 }
 
 /// The first cgroup2 mount point in this mount namespace (`/sys/fs/cgroup` on unified hosts,
@@ -102,35 +320,115 @@ pub fn path_of_pid(pid: u32) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The systemd unit a cgroup belongs to: the deepest path component that names a service or
-/// scope (`/system.slice/billing.service/worker` → `billing.service`).
+/// The system unit of a cgroup path by its names alone (see [`Units::by_name`]).
 pub fn unit_of(path: &str) -> Option<String> {
-    path.split('/')
-        .rfind(|c| c.ends_with(".service") || c.ends_with(".scope"))
-        .map(str::to_owned)
+    Units::by_name(path).system
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn unit_is_the_deepest_service_or_scope() {
+    fn the_system_unit_is_the_shallowest_service_or_scope() {
         assert_eq!(
             unit_of("/system.slice/billing.service").as_deref(),
             Some("billing.service")
         );
         assert_eq!(
-            unit_of("/system.slice/billing.service/worker").as_deref(),
+            unit_of("/system.slice/billing.service/worker/x.scope").as_deref(),
             Some("billing.service")
-        );
-        assert_eq!(
-            unit_of("/user.slice/user-1000.slice/user@1000.service/app.slice/run-1.scope")
-                .as_deref(),
-            Some("run-1.scope")
         );
         assert_eq!(unit_of("/system.slice"), None);
         assert_eq!(unit_of("/"), None);
+    }
+
+    /// The security review's finding: `systemd-run --user --unit=billing` makes this path
+    /// without any root help; it is uid 1000's unit, never the system's billing.service.
+    #[test]
+    fn a_unit_inside_a_user_manager_is_that_users_unit() {
+        let units = Units::by_name(
+            "/user.slice/user-1000.slice/user@1000.service/app.slice/billing.service/sub.scope",
+        );
+        assert_eq!(units.system.as_deref(), Some("user@1000.service"));
+        assert_eq!(units.user, Some((1000, "billing.service".into())));
+        assert_eq!(
+            Units::by_name("/user.slice/user-1000.slice/user@1000.service/init.scope").user,
+            Some((1000, "init.scope".into()))
+        );
+        assert_eq!(
+            Units::by_name("/user.slice/user-1000.slice/session-3.scope"),
+            Units {
+                system: Some("session-3.scope".into()),
+                user: None
+            }
+        );
+        // Only the manager of a `user@UID.service` names user units.
+        assert_eq!(
+            Units::by_name("/system.slice/docker-1.scope/system.slice/billing.service").user,
+            None
+        );
+    }
+
+    fn mkdirs(root: &Path, path: &str) -> PathBuf {
+        let dir = root.join(path);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Units under a directory that someone other than root controls are nobody's: its owner
+    /// could have named them anything.
+    #[test]
+    fn no_system_unit_below_a_directory_root_does_not_control() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        fs::set_permissions(root, fs::Permissions::from_mode(0o755)).unwrap();
+        let index = CgroupIndex::with_root(Some(root.to_owned()));
+        mkdirs(root, "system.slice/billing.service");
+        assert_eq!(
+            index
+                .units_on_disk("/system.slice/billing.service")
+                .system
+                .as_deref(),
+            Some("billing.service")
+        );
+
+        let owned = mkdirs(root, "lxc.payload.c1/system.slice/billing.service");
+        std::os::unix::fs::chown(root.join("lxc.payload.c1"), Some(100_000), None).unwrap();
+        let writable = mkdirs(root, "open.slice/billing.service");
+        fs::set_permissions(root.join("open.slice"), fs::Permissions::from_mode(0o777)).unwrap();
+        let delegated = mkdirs(root, "deleg/billing.service");
+        rustix::fs::setxattr(
+            root.join("deleg"),
+            "user.delegate",
+            b"1",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .expect("user xattrs on the test's file system");
+        for path in [
+            "/lxc.payload.c1/system.slice/billing.service",
+            "/open.slice/billing.service",
+            "/deleg/billing.service",
+        ] {
+            assert_eq!(index.units_on_disk(path), Units::default(), "{path}");
+        }
+        // The index built by the walk agrees with the path-by-path check.
+        for (dir, path) in [
+            (&owned, "/lxc.payload.c1/system.slice/billing.service"),
+            (&writable, "/open.slice/billing.service"),
+            (&delegated, "/deleg/billing.service"),
+        ] {
+            let info = index.lookup(fs::metadata(dir).unwrap().ino()).unwrap();
+            assert_eq!((info.path.as_str(), &info.units), (path, &Units::default()));
+        }
+        let ok = root.join("system.slice/billing.service");
+        let info = index.lookup(fs::metadata(ok).unwrap().ino()).unwrap();
+        assert_eq!(info.units.system.as_deref(), Some("billing.service"));
+
+        let mut foreign = index.foreign_subtrees();
+        foreign.sort();
+        assert_eq!(foreign, ["/deleg", "/lxc.payload.c1", "/open.slice"]);
     }
 
     #[test]

@@ -479,6 +479,27 @@ fn lint(config: PathBuf, policy: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// This host as `check` judges the rules against it: its addresses in this network namespace
+/// and its cgroup subtrees that someone other than root controls.
+fn host_view() -> policy::HostView {
+    let addresses = nix::ifaddrs::getifaddrs()
+        .map(|interfaces| {
+            interfaces
+                .filter_map(|i| i.address)
+                .filter_map(|a| {
+                    a.as_sockaddr_in()
+                        .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                        .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    policy::HostView {
+        addresses,
+        foreign_subtrees: crate::cgroup::CgroupIndex::new().foreign_subtrees(),
+    }
+}
+
 fn check(path: PathBuf) -> ExitCode {
     match Config::load(&path) {
         Ok(config) => {
@@ -489,6 +510,9 @@ fn check(path: PathBuf) -> ExitCode {
                     config.apps[j].name,
                     config.apps[i].name
                 );
+            }
+            for warning in policy::rule_warnings(&config.apps, &host_view()) {
+                outln!("{warning}");
             }
             for app in &config.apps {
                 outln!(
@@ -631,12 +655,13 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
         admin::router(state.clone(), metrics),
         background.clone(),
     ));
-    if let Some(interval) = systemd::watchdog_interval() {
-        tokio::spawn(systemd::watchdog(interval, background.clone()));
-    }
     // Only now is everything listening (IMDS and admin): say so, to scripts and to systemd.
     announce(endpoints.iter().map(|(l, _)| l));
     systemd::ready(&status);
+    // After READY=1: a ping from a worker thread could otherwise overtake it.
+    if let Some(interval) = systemd::watchdog_interval() {
+        tokio::spawn(systemd::watchdog(interval, background.clone()));
+    }
     let shutdown = async move {
         shutdown.await;
         systemd::stopping();

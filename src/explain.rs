@@ -7,7 +7,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use crate::cgroup;
+use crate::cgroup::{self, Units};
 use crate::config::{App, Config};
 use crate::iam::document::Effect;
 use crate::iam::evaluate::{self, Applies, Decision};
@@ -44,10 +44,15 @@ pub fn caller_for(subject: &Subject, config: &Config) -> io::Result<Caller> {
             } else {
                 None
             };
+            let units = cgroup
+                .as_deref()
+                .map(|path| cgroup::CgroupIndex::new().units_on_disk(path))
+                .unwrap_or_default();
             Caller::Local(LocalCaller {
                 peer: peer(loopback),
                 uid: info.uid,
-                unit: cgroup.as_deref().and_then(cgroup::unit_of),
+                unit: units.system,
+                user_unit: units.user,
                 cgroup,
                 process: Some(info),
                 exe_sha256,
@@ -66,10 +71,12 @@ pub fn caller_for(subject: &Subject, config: &Config) -> io::Result<Caller> {
                 exe: exe.clone().unwrap_or_default(),
                 start_time: 0,
             });
+            let units = cgroup.as_deref().map(Units::by_name).unwrap_or_default();
             Caller::Local(LocalCaller {
                 peer: peer(loopback),
                 uid: *uid,
-                unit: cgroup.as_deref().and_then(cgroup::unit_of),
+                unit: units.system,
+                user_unit: units.user,
                 cgroup: cgroup.clone(),
                 process,
                 exe_sha256: None,
@@ -139,6 +146,9 @@ fn describe(caller: &Caller) -> String {
             }
             if let Some(u) = &l.unit {
                 let _ = write!(s, " unit={u}");
+            }
+            if let Some((uid, u)) = &l.user_unit {
+                let _ = write!(s, " user_unit={u} (uid {uid}'s manager)");
             }
             s
         }

@@ -25,6 +25,56 @@ impl Glob {
     pub fn matches(&self, text: &str) -> bool {
         matches_from(self.pattern.as_bytes(), text.as_bytes())
     }
+
+    /// Whether the pattern matches `dir` or some path below it: the question `check` asks
+    /// about subtrees someone other than root controls. Not on any request path.
+    pub fn reaches_into(&self, dir: &str) -> bool {
+        self.matches(dir)
+            || !viable_states(self.pattern.as_bytes(), format!("{dir}/").as_bytes()).is_empty()
+    }
+}
+
+/// The pattern positions a match can be at after reading all of `text`; empty when no string
+/// starting with `text` can match (any remaining pattern can be met by text yet to come).
+fn viable_states(p: &[u8], text: &[u8]) -> Vec<usize> {
+    // After a star, the matcher may also be just past it.
+    fn closure(p: &[u8], states: &mut Vec<usize>) {
+        let mut i = 0;
+        while i < states.len() {
+            let at = states[i];
+            if p.get(at) == Some(&b'*') {
+                let past = if p.get(at + 1) == Some(&b'*') {
+                    at + 2
+                } else {
+                    at + 1
+                };
+                if !states.contains(&past) {
+                    states.push(past);
+                }
+            }
+            i += 1;
+        }
+    }
+    let mut states = vec![0];
+    closure(p, &mut states);
+    for &c in text {
+        let mut next = Vec::new();
+        for &at in &states {
+            let to = match p.get(at) {
+                Some(b'*') if p.get(at + 1) == Some(&b'*') => Some(at),
+                Some(b'*') if c != b'/' => Some(at),
+                Some(b'?') if c != b'/' => Some(at + 1),
+                Some(&l) if l != b'*' && l != b'?' && l == c => Some(at + 1),
+                _ => None,
+            };
+            if let Some(to) = to.filter(|to| !next.contains(to)) {
+                next.push(to);
+            }
+        }
+        closure(p, &mut next);
+        states = next;
+    }
+    states
 }
 
 fn matches_from(p: &[u8], t: &[u8]) -> bool {
@@ -89,6 +139,19 @@ mod tests {
         assert!(g.matches("/system.slice/a.service/sub"));
         assert!(Glob::new("/**/billing.service").matches("/x/system.slice/billing.service"));
         assert!(!Glob::new("/**/billing.service").matches("/x/billing.scope"));
+    }
+
+    #[test]
+    fn reaches_into_subtrees() {
+        let user = "/user.slice/user-1000.slice/user@1000.service";
+        assert!(Glob::new("/**/billing.service").reaches_into(user));
+        assert!(Glob::new("/user.slice/*/*/app.slice/x.service").reaches_into(user));
+        assert!(Glob::new("/user.slice/**").reaches_into(user));
+        assert!(Glob::new(user).reaches_into(user));
+        assert!(!Glob::new("/system.slice/*").reaches_into(user));
+        assert!(!Glob::new("/system.slice/**").reaches_into(user));
+        assert!(!Glob::new("/user.slice/*").reaches_into(user));
+        assert!(!Glob::new("/user.slice/user-1001.slice/**").reaches_into(user));
     }
 
     #[test]

@@ -12,23 +12,25 @@
 
 use std::fmt;
 use std::fs;
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-
-use crate::cgroup::{self, CgroupIndex};
+use crate::cgroup::{CgroupIndex, Units};
+use crate::exe_digest::{DigestError, ExeDigests};
 use crate::process::{self, Budget, ProcessError, ProcessInfo};
-use crate::sock_diag;
+use crate::sock_diag::{self, Lookup};
+
+const CLOSED: &str = "the caller's socket is closed: no process holds it";
+const GONE: &str = "no socket of this host has the connection's addresses any more";
 
 /// What the current rules need to know about callers beyond uid and cgroup.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Needs {
     /// Some rule matches on the executable or gid: find the owning process.
     pub process: bool,
-    /// Some rule matches on the executable's sha256.
+    /// Some rule matches on the executable's sha256 (hashed only for the callers that need
+    /// it, see [`with_exe_digest`]).
     pub exe_hash: bool,
 }
 
@@ -39,7 +41,10 @@ pub struct LocalCaller {
     pub uid: u32,
     /// cgroup v2 path of the socket (where the process was when it created it).
     pub cgroup: Option<String>,
+    /// The system manager's unit (see [`crate::cgroup::Units`]).
     pub unit: Option<String>,
+    /// `(uid, unit)`: a unit of uid's user manager, only ever matched with that uid.
+    pub user_unit: Option<(u32, String)>,
     /// Only resolved when some rule needs it.
     pub process: Option<ProcessInfo>,
     pub exe_sha256: Option<String>,
@@ -105,12 +110,9 @@ impl Resolver {
         local: SocketAddr,
         needs: Needs,
     ) -> Option<Caller> {
-        // Hashing reads the whole executable: no point in trying the socket lookup inline first.
-        if !needs.exe_hash {
-            let quick = self.resolve_within(peer, local, needs, Budget::Reads(INLINE_BUDGET));
-            if quick.is_some() {
-                return quick;
-            }
+        let quick = self.resolve_within(peer, local, needs, Budget::Reads(INLINE_BUDGET));
+        if quick.is_some() {
+            return quick;
         }
         let resolver = Arc::clone(self);
         tokio::task::spawn_blocking(move || resolver.resolve(peer, local, needs))
@@ -119,7 +121,7 @@ impl Resolver {
     }
 
     /// [`Resolver::resolve`] if it can be done within `budget`; `None` if it would need more.
-    /// Hashing an executable is not counted: a bounded caller does not ask for it.
+    /// The executable's digest is not part of it: see [`with_exe_digest`].
     fn resolve_within(
         &self,
         peer: SocketAddr,
@@ -129,8 +131,15 @@ impl Resolver {
     ) -> Option<Caller> {
         let bounded = budget != Budget::Unlimited;
         let owner = match sock_diag::lookup_peer(peer, local) {
-            Ok(Some(owner)) => owner,
-            Ok(None) => return Some(Caller::Remote { peer }),
+            Ok(Lookup::Connected(owner)) => owner,
+            // A socket of this host that no process holds any more: whoever it was is gone.
+            Ok(Lookup::Closed) => return Some(Caller::unresolved(peer, CLOSED)),
+            // From loopback the client can only be here; not finding its socket means it is
+            // gone, not that it is elsewhere.
+            Ok(Lookup::NotFound) if peer.ip().to_canonical().is_loopback() => {
+                return Some(Caller::unresolved(peer, GONE));
+            }
+            Ok(Lookup::NotFound) => return Some(Caller::Remote { peer }),
             Err(e) => {
                 return Some(Caller::Unresolved {
                     peer,
@@ -143,14 +152,19 @@ impl Resolver {
         let cgroup = match owner.cgroup_id {
             None => None,
             // A miss walks the whole cgroup tree.
-            Some(id) if bounded => Some(self.cgroups.cached_path_of(id)?),
-            Some(id) => self.cgroups.path_of(id),
+            Some(id) if bounded => Some(self.cgroups.cached(id)?),
+            Some(id) => self.cgroups.lookup(id),
+        };
+        let (cgroup, units) = match cgroup {
+            Some(info) => (Some(info.path.clone()), info.units.clone()),
+            None => (None, Units::default()),
         };
         let mut caller = LocalCaller {
             peer,
             uid: owner.uid,
-            unit: cgroup.as_deref().and_then(cgroup::unit_of),
             cgroup,
+            unit: units.system,
+            user_unit: units.user,
             process: None,
             exe_sha256: None,
         };
@@ -181,17 +195,6 @@ impl Resolver {
                 }
             }
         }
-        if needs.exe_hash
-            && let Some(p) = &caller.process
-        {
-            match hash_exe(p.pid) {
-                Ok(h) => caller.exe_sha256 = Some(h),
-                Err(e) => {
-                    let reason = format!("cannot hash /proc/{}/exe: {e}", p.pid);
-                    return Some(caller.unresolved(reason));
-                }
-            }
-        }
         Some(Caller::Local(caller))
     }
 }
@@ -202,23 +205,33 @@ impl Resolver {
 pub const INLINE_BUDGET: usize = 64;
 
 /// sha256 of the running executable, read through `/proc/<pid>/exe` so it is the file the
-/// process runs even if its path was replaced since.
+/// process runs even if its path was replaced since. Unbounded: for `explain`, which an
+/// operator runs; the daemon goes through [`ExeDigests`].
 pub fn hash_exe(pid: u32) -> std::io::Result<String> {
-    let mut file = fs::File::open(format!("/proc/{pid}/exe"))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
+    crate::exe_digest::hash_reader(fs::File::open(format!("/proc/{pid}/exe"))?)
+}
+
+/// `caller` with its executable's digest, when it is a local caller whose process is known.
+/// An executable over the size limit simply has none (it matches no `exe_sha256` rule); any
+/// other failure refuses the caller.
+pub async fn with_exe_digest(caller: Caller, digests: &Arc<ExeDigests>) -> Caller {
+    let Caller::Local(mut local) = caller else {
+        return caller;
+    };
+    let Some(process) = &local.process else {
+        return Caller::Local(local);
+    };
+    match digests
+        .digest(process.pid, process.start_time, local.uid)
+        .await
+    {
+        Ok(digest) => local.exe_sha256 = Some(digest.to_string()),
+        Err(e @ DigestError::TooLarge { .. }) => {
+            tracing::debug!(caller = %Caller::Local(local.clone()), "{e}");
         }
-        hasher.update(&buf[..n]);
+        Err(e) => return local.unresolved(e.to_string()),
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Caller::Local(local)
 }
 
 impl LocalCaller {
@@ -246,9 +259,20 @@ impl Caller {
             uid,
             cgroup: None,
             unit: None,
+            user_unit: None,
             process: None,
             exe_sha256: None,
         })
+    }
+
+    /// A caller refused for `reason` before anything about it was established.
+    fn unresolved(peer: SocketAddr, reason: &str) -> Self {
+        Caller::Unresolved {
+            peer,
+            reason: reason.to_owned(),
+            uid: None,
+            cgroup: None,
+        }
     }
 
     pub fn local(&self) -> Option<&LocalCaller> {
@@ -294,6 +318,12 @@ impl Caller {
 
     pub fn unit(&self) -> Option<&str> {
         self.local().and_then(|l| l.unit.as_deref())
+    }
+
+    pub fn user_unit(&self) -> Option<(u32, &str)> {
+        self.local()
+            .and_then(|l| l.user_unit.as_ref())
+            .map(|(uid, unit)| (*uid, unit.as_str()))
     }
 
     pub fn peer(&self) -> SocketAddr {

@@ -21,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod container;
 pub mod credentials;
+pub mod exe_digest;
 pub mod exec;
 pub mod explain;
 pub mod glob;

@@ -19,8 +19,12 @@ pub struct Matcher {
     pub exe: Option<Glob>,
     /// Lower-case hex.
     pub exe_sha256: Option<String>,
+    /// A unit of the system manager (see [`crate::cgroup::Units`]).
     pub systemd_unit: Option<Glob>,
+    /// A unit of one user's manager: `(uid, unit)`.
+    pub systemd_user_unit: Option<(u32, Glob)>,
     pub cgroup: Option<Glob>,
+    /// Peers that are not sockets of this host, unless the rule also pins a local identity.
     pub source: Vec<IpNet>,
 }
 
@@ -34,15 +38,134 @@ pub struct Check {
     pub ok: bool,
 }
 
+/// One criterion of a rule: the one table that both [`Matcher::matches`] (every request) and
+/// [`Matcher::evaluate`] (`explain`) go through, so they cannot disagree.
+#[derive(Debug, Clone, Copy)]
+enum Criterion<'a> {
+    Uid(u32),
+    Gid(u32),
+    Exe(&'a Glob),
+    ExeSha256(&'a str),
+    SystemdUnit(&'a Glob),
+    SystemdUserUnit(u32, &'a Glob),
+    Cgroup(&'a Glob),
+    /// `local_too`: the rule pins a local identity as well, so the address narrows it.
+    Source(&'a [IpNet], bool),
+}
+
+impl Criterion<'_> {
+    fn name(self) -> &'static str {
+        match self {
+            Criterion::Uid(_) => "uid",
+            Criterion::Gid(_) => "gid",
+            Criterion::Exe(_) => "exe",
+            Criterion::ExeSha256(_) => "exe_sha256",
+            Criterion::SystemdUnit(_) => "systemd_unit",
+            Criterion::SystemdUserUnit(..) => "systemd_user_unit",
+            Criterion::Cgroup(_) => "cgroup",
+            Criterion::Source(..) => "source",
+        }
+    }
+
+    /// Whether it holds for `caller`; allocation-free, it runs on every request.
+    fn holds(self, caller: &Caller) -> bool {
+        match self {
+            Criterion::Uid(uid) => caller.uid() == Some(uid),
+            Criterion::Gid(gid) => caller.gid() == Some(gid),
+            // Lossy like `got`'s `display()`, which borrows for UTF-8 paths.
+            Criterion::Exe(glob) => caller
+                .exe()
+                .is_some_and(|e| glob.matches(&e.as_os_str().to_string_lossy())),
+            Criterion::ExeSha256(hash) => caller
+                .local()
+                .and_then(|l| l.exe_sha256.as_deref())
+                .is_some_and(|got| got == hash),
+            Criterion::SystemdUnit(glob) => caller.unit().is_some_and(|u| glob.matches(u)),
+            Criterion::SystemdUserUnit(uid, glob) => caller
+                .user_unit()
+                .is_some_and(|(owner, unit)| owner == uid && glob.matches(unit)),
+            Criterion::Cgroup(glob) => caller.cgroup().is_some_and(|c| glob.matches(c)),
+            // A local caller's address is the host's own (e.g. docker0's 172.17.0.1 when the
+            // daemon listens there): it says nothing about who is calling.
+            Criterion::Source(nets, local_too) => {
+                (local_too || matches!(caller, Caller::Remote { .. }))
+                    && nets
+                        .iter()
+                        .any(|n| n.contains(&canonical_ip(caller.peer().ip())))
+            }
+        }
+    }
+
+    fn wanted(self) -> String {
+        match self {
+            Criterion::Uid(v) | Criterion::Gid(v) => v.to_string(),
+            Criterion::Exe(g) | Criterion::SystemdUnit(g) | Criterion::Cgroup(g) => {
+                g.as_str().into()
+            }
+            Criterion::ExeSha256(h) => h.into(),
+            Criterion::SystemdUserUnit(uid, g) => format!("{} of uid {uid}", g.as_str()),
+            Criterion::Source(nets, _) => {
+                let nets: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
+                nets.join(", ")
+            }
+        }
+    }
+
+    /// What `caller` has for this criterion, `None` when that is not known.
+    fn got(self, caller: &Caller) -> Option<String> {
+        match self {
+            Criterion::Uid(_) => caller.uid().map(|u| u.to_string()),
+            Criterion::Gid(_) => caller.gid().map(|g| g.to_string()),
+            Criterion::Exe(_) => caller.exe().map(|e| e.display().to_string()),
+            Criterion::ExeSha256(_) => caller.local().and_then(|l| l.exe_sha256.clone()),
+            Criterion::SystemdUnit(_) => caller.unit().map(str::to_owned),
+            Criterion::SystemdUserUnit(..) => caller
+                .user_unit()
+                .map(|(uid, unit)| format!("{unit} of uid {uid}")),
+            Criterion::Cgroup(_) => caller.cgroup().map(str::to_owned),
+            Criterion::Source(..) => {
+                let ip = canonical_ip(caller.peer().ip());
+                Some(match caller {
+                    Caller::Remote { .. } => ip.to_string(),
+                    _ => format!("{ip} (a socket of this host)"),
+                })
+            }
+        }
+    }
+}
+
 impl Matcher {
     pub fn is_empty(&self) -> bool {
-        self.uid.is_none()
-            && self.gid.is_none()
-            && self.exe.is_none()
-            && self.exe_sha256.is_none()
-            && self.systemd_unit.is_none()
-            && self.cgroup.is_none()
-            && self.source.is_empty()
+        self.criteria().next().is_none()
+    }
+
+    /// Whether the rule names who is calling on this host, beyond an address.
+    fn pins_local(&self) -> bool {
+        self.uid.is_some()
+            || self.gid.is_some()
+            || self.exe.is_some()
+            || self.exe_sha256.is_some()
+            || self.systemd_unit.is_some()
+            || self.systemd_user_unit.is_some()
+            || self.cgroup.is_some()
+    }
+
+    /// Every criterion that is set, in one fixed order.
+    fn criteria(&self) -> impl Iterator<Item = Criterion<'_>> {
+        [
+            self.uid.map(Criterion::Uid),
+            self.gid.map(Criterion::Gid),
+            self.exe.as_ref().map(Criterion::Exe),
+            self.exe_sha256.as_deref().map(Criterion::ExeSha256),
+            self.systemd_unit.as_ref().map(Criterion::SystemdUnit),
+            self.systemd_user_unit
+                .as_ref()
+                .map(|(uid, glob)| Criterion::SystemdUserUnit(*uid, glob)),
+            self.cgroup.as_ref().map(Criterion::Cgroup),
+            (!self.source.is_empty()).then(|| Criterion::Source(&self.source, self.pins_local())),
+        ]
+        .into_iter()
+        .flatten()
     }
 
     pub fn needs(&self) -> Needs {
@@ -54,110 +177,35 @@ impl Matcher {
 
     /// Every criterion, checked against `caller`.
     pub fn evaluate(&self, caller: &Caller) -> Vec<Check> {
-        fn check(
-            criterion: &'static str,
-            wanted: String,
-            got: Option<String>,
-            ok: impl FnOnce(&str) -> bool,
-        ) -> Check {
-            let ok = got.as_deref().is_some_and(ok);
-            Check {
-                criterion,
-                wanted,
-                got,
-                ok,
-            }
-        }
-        let mut checks = Vec::new();
-        if let Some(uid) = self.uid {
-            let want = uid.to_string();
-            checks.push(check(
-                "uid",
-                want.clone(),
-                caller.uid().map(|u| u.to_string()),
-                |g| g == want,
-            ));
-        }
-        if let Some(gid) = self.gid {
-            let want = gid.to_string();
-            checks.push(check(
-                "gid",
-                want.clone(),
-                caller.gid().map(|g| g.to_string()),
-                |g| g == want,
-            ));
-        }
-        if let Some(exe) = &self.exe {
-            let got = caller.exe().map(|e| e.display().to_string());
-            checks.push(check("exe", exe.as_str().into(), got, |g| exe.matches(g)));
-        }
-        if let Some(hash) = &self.exe_sha256 {
-            let got = caller.local().and_then(|l| l.exe_sha256.clone());
-            checks.push(check("exe_sha256", hash.clone(), got, |g| g == hash));
-        }
-        if let Some(unit) = &self.systemd_unit {
-            let got = caller.unit().map(str::to_owned);
-            checks.push(check("systemd_unit", unit.as_str().into(), got, |g| {
-                unit.matches(g)
-            }));
-        }
-        if let Some(cgroup) = &self.cgroup {
-            let got = caller.cgroup().map(str::to_owned);
-            checks.push(check("cgroup", cgroup.as_str().into(), got, |g| {
-                cgroup.matches(g)
-            }));
-        }
-        if !self.source.is_empty() {
-            let ip = canonical_ip(caller.peer().ip());
-            let wanted = self
-                .source
-                .iter()
-                .map(|n| n.to_string())
-                .collect::<Vec<_>>()
-                .join(", ");
-            let ok = self.source.iter().any(|n| n.contains(&ip));
-            checks.push(Check {
-                criterion: "source",
-                wanted,
-                got: Some(ip.to_string()),
-                ok,
-            });
-        }
-        checks
+        self.criteria()
+            .map(|c| Check {
+                criterion: c.name(),
+                wanted: c.wanted(),
+                got: c.got(caller),
+                ok: c.holds(caller),
+            })
+            .collect()
     }
 
-    /// Whether every criterion holds: the same verdict as [`Self::evaluate`], without building
-    /// its report (this runs on every request, for every rule before the caller's).
+    /// Whether every criterion holds: the verdict of [`Self::evaluate`], without its report.
     pub fn matches(&self, caller: &Caller) -> bool {
         // Deny by default: an empty matcher matches nobody, and an unresolved caller matches
         // no rule at all.
-        if self.is_empty() || matches!(caller, Caller::Unresolved { .. }) {
-            return false;
-        }
-        let glob_holds = |glob: &Option<Glob>, got: Option<&str>| {
-            glob.as_ref()
-                .is_none_or(|g| got.is_some_and(|got| g.matches(got)))
-        };
-        self.uid.is_none_or(|uid| caller.uid() == Some(uid))
-            && self.gid.is_none_or(|gid| caller.gid() == Some(gid))
-            // Lossy like `evaluate`'s `display()`, which borrows for UTF-8 paths.
-            && self.exe.as_ref().is_none_or(|exe| {
-                caller
-                    .exe()
-                    .is_some_and(|e| exe.matches(&e.as_os_str().to_string_lossy()))
-            })
-            && self.exe_sha256.as_ref().is_none_or(|hash| {
-                caller
-                    .local()
-                    .and_then(|l| l.exe_sha256.as_ref())
-                    .is_some_and(|got| got == hash)
-            })
-            && glob_holds(&self.systemd_unit, caller.unit())
-            && glob_holds(&self.cgroup, caller.cgroup())
-            && (self.source.is_empty() || {
-                let ip = canonical_ip(caller.peer().ip());
-                self.source.iter().any(|n| n.contains(&ip))
-            })
+        !self.is_empty()
+            && !matches!(caller, Caller::Unresolved { .. })
+            && self.criteria().all(|c| c.holds(caller))
+    }
+
+    /// Whether the executable's digest is worth computing for `caller`: this rule asks for one
+    /// and every other criterion already holds. Hashing reads the whole file, so it is never
+    /// done for a caller the rule refuses anyway.
+    pub fn wants_exe_hash(&self, caller: &Caller) -> bool {
+        self.exe_sha256.is_some()
+            && !matches!(caller, Caller::Unresolved { .. })
+            && self
+                .criteria()
+                .filter(|c| !matches!(c, Criterion::ExeSha256(_)))
+                .all(|c| c.holds(caller))
     }
 
     /// Whether every caller `later` matches is also matched by `self`, so that a rule with
@@ -173,15 +221,26 @@ impl Matcher {
         fn eq_covers<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
             a.is_none() || (b.is_some() && a == b)
         }
+        let user_unit_covers = match (&self.systemd_user_unit, &later.systemd_user_unit) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some((a_uid, a)), Some((b_uid, b))) => {
+                a_uid == b_uid && glob_covers(&Some(a.clone()), &Some(b.clone()))
+            }
+        };
         !self.is_empty()
             && eq_covers(&self.uid, &later.uid)
             && eq_covers(&self.gid, &later.gid)
             && eq_covers(&self.exe_sha256, &later.exe_sha256)
             && glob_covers(&self.exe, &later.exe)
             && glob_covers(&self.systemd_unit, &later.systemd_unit)
+            && user_unit_covers
             && glob_covers(&self.cgroup, &later.cgroup)
             && (self.source.is_empty()
                 || (!later.source.is_empty()
+                    // A source-only rule matches remote callers only; a later rule that also
+                    // pins a local identity matches local ones.
+                    && (self.pins_local() || !later.pins_local())
                     && later
                         .source
                         .iter()
@@ -191,42 +250,33 @@ impl Matcher {
 
 impl fmt::Display for Matcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts = Vec::new();
-        if let Some(v) = self.uid {
-            parts.push(format!("uid={v}"));
+        let mut first = true;
+        for c in self.criteria() {
+            if !first {
+                f.write_str(" ")?;
+            }
+            first = false;
+            match c {
+                Criterion::ExeSha256(v) => write!(f, "exe_sha256={}…", &v[..12.min(v.len())])?,
+                Criterion::SystemdUserUnit(uid, g) => {
+                    write!(f, "systemd_user_unit={}@uid{uid}", g.as_str())?
+                }
+                Criterion::Source(nets, _) => {
+                    let nets: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
+                    write!(f, "source={}", nets.join(","))?
+                }
+                other => write!(f, "{}={}", other.name(), other.wanted())?,
+            }
         }
-        if let Some(v) = self.gid {
-            parts.push(format!("gid={v}"));
+        if first {
+            f.write_str("(nothing)")?;
         }
-        if let Some(v) = &self.exe {
-            parts.push(format!("exe={}", v.as_str()));
-        }
-        if let Some(v) = &self.exe_sha256 {
-            parts.push(format!("exe_sha256={}…", &v[..12.min(v.len())]));
-        }
-        if let Some(v) = &self.systemd_unit {
-            parts.push(format!("systemd_unit={}", v.as_str()));
-        }
-        if let Some(v) = &self.cgroup {
-            parts.push(format!("cgroup={}", v.as_str()));
-        }
-        if !self.source.is_empty() {
-            let nets: Vec<String> = self.source.iter().map(|n| n.to_string()).collect();
-            parts.push(format!("source={}", nets.join(",")));
-        }
-        if parts.is_empty() {
-            f.write_str("(nothing)")
-        } else {
-            f.write_str(&parts.join(" "))
-        }
+        Ok(())
     }
 }
 
 fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
+    ip.to_canonical()
 }
 
 /// The first app whose rule matches `caller`, if any.
@@ -240,6 +290,16 @@ pub fn find_app_index(apps: &[App], caller: &Caller) -> Option<usize> {
         .position(|app| app.matcher.as_ref().is_some_and(|m| m.matches(caller)))
 }
 
+/// Whether some rule would match `caller` if its executable's digest were known (see
+/// [`Matcher::wants_exe_hash`]).
+pub fn wants_exe_hash(apps: &[App], caller: &Caller) -> bool {
+    apps.iter().any(|app| {
+        app.matcher
+            .as_ref()
+            .is_some_and(|m| m.wants_exe_hash(caller))
+    })
+}
+
 /// What resolving callers must find out to evaluate `apps`.
 pub fn needs(apps: &[App]) -> Needs {
     apps.iter().fold(Needs::default(), |acc, app| {
@@ -249,6 +309,70 @@ pub fn needs(apps: &[App]) -> Needs {
             exe_hash: acc.exe_hash || n.exe_hash,
         }
     })
+}
+
+/// What `check` needs to know about this host to judge the rules.
+#[derive(Debug, Clone, Default)]
+pub struct HostView {
+    /// Every address of the host's interfaces in this network namespace.
+    pub addresses: Vec<IpAddr>,
+    /// Cgroup subtrees someone other than root controls (see
+    /// [`crate::cgroup::CgroupIndex::foreign_subtrees`]).
+    pub foreign_subtrees: Vec<String>,
+}
+
+/// Where systemd puts a user's manager, whose subtree that user controls: a cgroup rule that
+/// reaches in there is met by a cgroup the user makes, whether or not anyone is logged in now.
+const USER_MANAGER_EXAMPLE: &str = "/user.slice/user-1000.slice/user@1000.service";
+
+/// Rules that do not mean what they seem to on this host, one line each for `check`.
+pub fn rule_warnings(apps: &[App], host: &HostView) -> Vec<String> {
+    let rules: Vec<_> = apps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, app)| Some((i, app.name.as_str(), app.matcher.as_ref()?)))
+        .collect();
+    warnings_for(&rules, host)
+}
+
+/// [`rule_warnings`] for `(index, app name, rule)`.
+fn warnings_for(rules: &[(usize, &str, &Matcher)], host: &HostView) -> Vec<String> {
+    let mut out = Vec::new();
+    for &(i, name, m) in rules {
+        for net in &m.source {
+            if let Some(addr) = host
+                .addresses
+                .iter()
+                .map(|a| canonical_ip(*a))
+                .find(|a| net.contains(a))
+            {
+                let effect = if m.pins_local() {
+                    "a local process connecting from it is matched by the rule's other criteria, not by the address"
+                } else {
+                    "local processes connecting from it never match this rule (source rules match only callers in other network namespaces or hosts); pin a uid or unit to serve a local process"
+                };
+                out.push(format!(
+                    "warning: app[{i}] {name:?}: source {net} contains {addr}, an address of this host: {effect}"
+                ));
+            }
+        }
+        // With the uid pinned, only that user's own cgroups can match.
+        if let Some(glob) = m.cgroup.as_ref().filter(|_| m.uid.is_none()) {
+            let reached = host
+                .foreign_subtrees
+                .iter()
+                .map(String::as_str)
+                .chain([USER_MANAGER_EXAMPLE])
+                .find(|dir| glob.reaches_into(dir));
+            if let Some(dir) = reached {
+                out.push(format!(
+                    "warning: app[{i}] {name:?}: cgroup {} reaches into {dir}, a subtree that a user other than root controls: whoever controls it can create a matching cgroup; pin the uid too, or narrow the glob to root's slices",
+                    glob.as_str()
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Pairs `(earlier, later)` of app indexes where the later rule can never match.
@@ -286,6 +410,7 @@ mod tests {
             uid,
             cgroup: Some(cgroup.into()),
             unit: crate::cgroup::unit_of(cgroup),
+            user_unit: None,
             process: Some(ProcessInfo {
                 pid: 42,
                 uid,
@@ -385,6 +510,182 @@ mod tests {
         }));
     }
 
+    /// The security review's finding: with the daemon listening on one of the host's own
+    /// addresses (docker0's 172.17.0.1), a local process connects from that address too.
+    #[test]
+    fn source_only_rules_never_match_local_sockets() {
+        let m = Matcher {
+            source: vec!["172.17.0.0/16".parse().unwrap()],
+            ..Default::default()
+        };
+        let host_process = Caller::local_uid(61003, "172.17.0.1:40000".parse().unwrap());
+        assert!(!m.matches(&host_process));
+        let check = &m.evaluate(&host_process)[0];
+        assert_eq!(
+            (check.ok, check.got.as_deref()),
+            (false, Some("172.17.0.1 (a socket of this host)"))
+        );
+        assert!(m.matches(&Caller::Remote {
+            peer: "172.17.0.2:40000".parse().unwrap()
+        }));
+        // A rule that also pins who is calling narrows that local caller by address.
+        let pinned = Matcher {
+            uid: Some(61003),
+            ..m.clone()
+        };
+        assert!(pinned.matches(&host_process));
+        assert!(!pinned.matches(&Caller::local_uid(
+            61003,
+            "127.0.0.1:40000".parse().unwrap()
+        )));
+        // So a source-only rule never shadows a later local rule with the same range.
+        assert!(!m.covers(&pinned));
+    }
+
+    #[test]
+    fn executables_are_hashed_only_for_callers_a_rule_could_serve() {
+        let m = Matcher {
+            uid: Some(1000),
+            exe_sha256: Some("ab".repeat(32)),
+            ..Default::default()
+        };
+        let mut entitled = full(1000, "/opt/billing/run", "/system.slice/billing.service");
+        if let Caller::Local(l) = &mut entitled {
+            l.exe_sha256 = None;
+        }
+        assert!(m.wants_exe_hash(&entitled));
+        assert!(!m.wants_exe_hash(&full(1001, "/opt/x", "/system.slice/x.service")));
+        assert!(!m.wants_exe_hash(&Caller::Remote {
+            peer: "10.0.0.1:1".parse().unwrap()
+        }));
+        let no_hash_rule = Matcher {
+            uid: Some(1000),
+            ..Default::default()
+        };
+        assert!(!no_hash_rule.wants_exe_hash(&entitled));
+    }
+
+    fn app(name: &'static str, matcher: Matcher) -> (&'static str, Matcher) {
+        (name, matcher)
+    }
+
+    #[test]
+    fn check_warns_about_host_addresses_and_foreign_subtrees() {
+        let host = HostView {
+            addresses: vec!["172.17.0.1".parse().unwrap(), "::1".parse().unwrap()],
+            foreign_subtrees: vec!["/machine.slice/lxc.payload.c1".into()],
+        };
+        let apps = [
+            app(
+                "bridge",
+                Matcher {
+                    source: vec!["172.17.0.0/16".parse().unwrap()],
+                    ..Default::default()
+                },
+            ),
+            app(
+                "elsewhere",
+                Matcher {
+                    source: vec!["10.9.0.0/16".parse().unwrap()],
+                    ..Default::default()
+                },
+            ),
+            app(
+                "anywhere",
+                Matcher {
+                    cgroup: Some(Glob::new("/**/billing.service")),
+                    ..Default::default()
+                },
+            ),
+            app(
+                "containers",
+                Matcher {
+                    cgroup: Some(Glob::new("/machine.slice/*/system.slice/x.service")),
+                    ..Default::default()
+                },
+            ),
+            app(
+                "system",
+                Matcher {
+                    cgroup: Some(Glob::new("/system.slice/*")),
+                    ..Default::default()
+                },
+            ),
+            app(
+                "pinned",
+                Matcher {
+                    uid: Some(1000),
+                    cgroup: Some(Glob::new("/**/billing.service")),
+                    ..Default::default()
+                },
+            ),
+        ];
+        let rules: Vec<_> = apps
+            .iter()
+            .enumerate()
+            .map(|(i, (name, m))| (i, *name, m))
+            .collect();
+        let warnings = warnings_for(&rules, &host);
+        let named = |name: &str| {
+            warnings
+                .iter()
+                .filter(|w| w.contains(&format!("{name:?}")))
+                .collect::<Vec<_>>()
+        };
+        assert!(named("bridge")[0].contains("172.17.0.1"), "{warnings:?}");
+        assert!(
+            named("anywhere")[0].contains("reaches into"),
+            "{warnings:?}"
+        );
+        // With no such subtree on the host now, a user's manager is one all the same.
+        let bare = warnings_for(&rules[2..3], &HostView::default());
+        assert!(bare[0].contains("user@1000.service"), "{bare:?}");
+        assert!(
+            named("containers")[0].contains("lxc.payload.c1"),
+            "{warnings:?}"
+        );
+        for quiet in ["elsewhere", "system", "pinned"] {
+            assert!(named(quiet).is_empty(), "{quiet}: {warnings:?}");
+        }
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+    }
+
+    #[test]
+    fn user_units_match_only_with_their_users_manager() {
+        let caller = |path: &str| {
+            let units = crate::cgroup::Units::by_name(path);
+            Caller::Local(LocalCaller {
+                peer: "127.0.0.1:5000".parse().unwrap(),
+                uid: 1001,
+                cgroup: Some(path.into()),
+                unit: units.system,
+                user_unit: units.user,
+                process: None,
+                exe_sha256: None,
+            })
+        };
+        let in_user_manager =
+            caller("/user.slice/user-1001.slice/user@1001.service/app.slice/billing.service");
+        let system = caller("/system.slice/billing.service");
+        let unit = Matcher {
+            systemd_unit: Some(Glob::new("billing.service")),
+            ..Default::default()
+        };
+        let user_unit = |uid| Matcher {
+            systemd_user_unit: Some((uid, Glob::new("billing.service"))),
+            ..Default::default()
+        };
+        assert!(unit.matches(&system));
+        assert!(
+            !unit.matches(&in_user_manager),
+            "a user's unit is not the system's"
+        );
+        assert!(user_unit(1001).matches(&in_user_manager));
+        assert!(!user_unit(1002).matches(&in_user_manager));
+        assert!(!user_unit(1001).matches(&system));
+        assert!(!unit.covers(&user_unit(1001)) && !user_unit(1001).covers(&unit));
+    }
+
     /// Every combination of a pool of criteria against a pool of callers (local with and
     /// without process, hash, cgroup; v4, v4-mapped and v6 peers; a non-UTF-8 executable;
     /// remote; unresolved): `matches` says what `evaluate` says.
@@ -415,6 +716,7 @@ mod tests {
                                 uid,
                                 cgroup: cgroup.map(str::to_owned),
                                 unit: cgroup.and_then(crate::cgroup::unit_of),
+                                user_unit: None,
                                 process: process.clone().map(|(gid, exe)| ProcessInfo {
                                     pid: 42,
                                     uid,
@@ -477,6 +779,7 @@ mod tests {
                                         exe: exe.clone(),
                                         exe_sha256: exe_sha256.clone(),
                                         systemd_unit: systemd_unit.clone(),
+                                        systemd_user_unit: None,
                                         cgroup: cgroup.clone(),
                                         source,
                                     };

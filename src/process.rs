@@ -323,6 +323,7 @@ mod tests {
         let peer = stream.peer_addr().unwrap();
         crate::sock_diag::lookup_peer(local, peer)
             .unwrap()
+            .connected()
             .unwrap()
             .inode
     }

@@ -4,10 +4,12 @@
 //!   this host would make its own identity stand for its clients'.
 //! - `Origin`, `Referer`, `Sec-Fetch-*`: browser markers; no SDK sends them.
 //! - a `Host` that is not one of the daemon's own addresses: a page on a rebound DNS name.
+//!   Exactly one `Host`, and an origin-form target (a path): a second `Host` or an
+//!   absolute-form target (`GET http://evil.example/...`) would give the request two names.
 
 use std::net::IpAddr;
 
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, Uri, header};
 
 use crate::audit::DenyReason;
 
@@ -21,17 +23,30 @@ pub struct OwnHosts<'a, I> {
 
 /// Why the request must be refused, if it must.
 pub fn refusal<I: Iterator<Item = IpAddr>>(
+    target: &Uri,
     headers: &HeaderMap,
     own: OwnHosts<'_, I>,
 ) -> Option<(DenyReason, &'static str)> {
-    if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        Some((
+            DenyReason::ForeignHost,
+            "exactly one Host header is accepted",
+        ))
+    } else if target.scheme().is_some() || target.authority().is_some() {
+        Some((
+            DenyReason::ForeignHost,
+            "the request target must be a path (origin-form), not an absolute URI",
+        ))
+    } else if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
         Some((DenyReason::Forwarded, "forwarded requests are refused"))
     } else if headers.contains_key(header::ORIGIN)
         || headers.contains_key(header::REFERER)
         || headers.keys().any(|k| k.as_str().starts_with("sec-fetch-"))
     {
         Some((DenyReason::Browser, "browser requests are refused"))
-    } else if !host_allowed(headers.get(header::HOST), own) {
+    } else if !host_allowed(host, own) {
         Some((
             DenyReason::ForeignHost,
             "the Host header does not name this daemon",
@@ -88,6 +103,10 @@ mod tests {
     }
 
     fn refused(headers: &[(&str, &str)], dialled: &str) -> Option<DenyReason> {
+        refused_target("/latest/api/token", headers, dialled)
+    }
+
+    fn refused_target(target: &str, headers: &[(&str, &str)], dialled: &str) -> Option<DenyReason> {
         let mut map = HeaderMap::new();
         for (k, v) in headers {
             map.append(
@@ -101,7 +120,7 @@ mod tests {
             addresses: ["169.254.169.254".parse().unwrap()].into_iter(),
             names: &names,
         };
-        refusal(&map, own).map(|(reason, _)| reason)
+        refusal(&target.parse().unwrap(), &map, own).map(|(reason, _)| reason)
     }
 
     #[test]
@@ -127,6 +146,37 @@ mod tests {
         assert_eq!(
             refused(&[("sec-fetch-site", "cross-site")], "127.0.0.1"),
             Some(DenyReason::Browser)
+        );
+    }
+
+    /// The security review's "also seen": each of these was served.
+    #[test]
+    fn one_host_and_a_path_only() {
+        let own = ("host", "169.254.169.254");
+        for hosts in [
+            [own, ("host", "evil.example")],
+            [("host", "evil.example"), own],
+            [own, own],
+        ] {
+            assert_eq!(
+                refused(&hosts, "127.0.0.1"),
+                Some(DenyReason::ForeignHost),
+                "{hosts:?}"
+            );
+        }
+        for target in [
+            "http://evil.example/latest/api/token",
+            "http://169.254.169.254/latest/api/token",
+        ] {
+            assert_eq!(
+                refused_target(target, &[own], "127.0.0.1"),
+                Some(DenyReason::ForeignHost),
+                "{target}"
+            );
+        }
+        assert_eq!(
+            refused_target("/latest/meta-data/", &[own], "127.0.0.1"),
+            None
         );
     }
 }

@@ -23,8 +23,10 @@ use tower::ServiceExt;
 
 use crate::audit::{self, DenyReason};
 use crate::config::Limits;
-use crate::identity::Resolver;
+use crate::exe_digest::ExeDigests;
+use crate::identity::{self, Caller, Resolver};
 use crate::imds::ConnectionInfo;
+use crate::policy;
 use crate::state::AppState;
 
 /// A client must send a complete request head within this time, and an idle keep-alive
@@ -127,6 +129,34 @@ impl Drop for CallerSlot {
     }
 }
 
+/// Everything that identifies callers, shared by every connection.
+struct Identify {
+    resolver: Arc<Resolver>,
+    digests: Arc<ExeDigests>,
+}
+
+impl Identify {
+    /// Who is on the other end of `peer -> local`, as far as the current rules need to know;
+    /// `None` if the lookup itself failed.
+    async fn identify(
+        &self,
+        state: &AppState,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<Caller> {
+        let config = state.config();
+        let caller = self
+            .resolver
+            .resolve_async(peer, local, config.needs())
+            .await?;
+        Some(if policy::wants_exe_hash(&config.apps, &caller) {
+            identity::with_exe_digest(caller, &self.digests).await
+        } else {
+            caller
+        })
+    }
+}
+
 /// What a refused connection gets before it is closed: it never reached HTTP routing.
 const REFUSED_CONNECTION: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nServer: EC2ws\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
@@ -139,7 +169,10 @@ pub async fn serve(
     endpoints: Vec<(TcpListener, axum::Router)>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let resolver = Arc::new(Resolver::new());
+    let resolver = Arc::new(Identify {
+        resolver: Arc::new(Resolver::new()),
+        digests: Arc::new(ExeDigests::from_limits(&state.config().limits)),
+    });
     let limits = Arc::new(ConnectionLimits::new(state.config().limits));
     let stop = CancellationToken::new();
     let graceful = Arc::new(GracefulShutdown::new());
@@ -179,7 +212,7 @@ pub async fn serve(
 async fn accept_loop(
     listener: TcpListener,
     state: AppState,
-    resolver: Arc<Resolver>,
+    resolver: Arc<Identify>,
     limits: Arc<ConnectionLimits>,
     router: axum::Router,
     graceful: Arc<GracefulShutdown>,
@@ -255,7 +288,7 @@ async fn serve_connection(
     peer: SocketAddr,
     (_permit, limits): (OwnedSemaphorePermit, Arc<ConnectionLimits>),
     state: AppState,
-    resolver: Arc<Resolver>,
+    resolver: Arc<Identify>,
     router: axum::Router,
     watcher: Watcher,
 ) {
@@ -268,8 +301,7 @@ async fn serve_connection(
     };
     // Once per connection: every request on a keep-alive connection comes from the same socket,
     // so from the same owner.
-    let needs = state.config().needs();
-    let Some(caller) = resolver.resolve_async(peer, local, needs).await else {
+    let Some(caller) = resolver.identify(&state, peer, local).await else {
         tracing::error!(%peer, "identifying the caller failed");
         return;
     };

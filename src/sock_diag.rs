@@ -1,23 +1,30 @@
 //! Exact-match TCP socket lookup over netlink `sock_diag` (`inet_diag`): given a connection's
 //! 4-tuple, the kernel tells us which uid owns the peer's socket. One request, one answer, no scan
 //! of `/proc/net/tcp`.
+//!
+//! The kernel's exact lookup is the same one it uses to deliver a packet, so when no connected
+//! socket has the 4-tuple it falls back to a *listening* socket on the source port, and it also
+//! answers with TIME_WAIT and orphaned sockets (uid 0, inode 0). Only the reply is proof, and
+//! only once checked: [`classify`] accepts a socket as the caller's only when its four address
+//! fields are the ones asked for, it is in a connected state, and a file still holds it.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
+use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla as _};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
+};
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
 
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLMSG_HDRLEN: usize = 16;
-const INET_DIAG_REQ_V2_LEN: usize = 56;
-const INET_DIAG_MSG_LEN: usize = 72;
+/// `INET_DIAG_CGROUP_ID` (kernels ≥ 5.7), which the crate leaves as an unparsed attribute.
 const INET_DIAG_CGROUP_ID: u16 = 21;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
-const IPPROTO_TCP: u8 = 6;
+/// `INET_DIAG_NOCOOKIE`: match by addresses alone.
+const NO_COOKIE: [u8; 8] = [0xff; 8];
+/// One `inet_diag_msg` with every attribute fits with room to spare.
+const REPLY_BUFFER: usize = 8192;
 
 /// What the kernel reports about the socket at the other end of a local connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,18 +35,68 @@ pub struct SocketOwner {
     pub cgroup_id: Option<u64>,
 }
 
+/// What this network namespace holds for a connection's client end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// A live, connected socket with exactly this 4-tuple, held by a file: the caller runs here.
+    Connected(SocketOwner),
+    /// A socket with exactly this 4-tuple exists but nobody holds it any more (closed, in
+    /// TIME_WAIT, orphaned). The kernel reports uid 0 for some of these: never an identity.
+    Closed,
+    /// No socket with this 4-tuple: the peer is not a socket of this namespace.
+    NotFound,
+}
+
+impl Lookup {
+    pub fn connected(self) -> Option<SocketOwner> {
+        match self {
+            Lookup::Connected(owner) => Some(owner),
+            Lookup::Closed | Lookup::NotFound => None,
+        }
+    }
+}
+
+/// The TCP states of a client socket whose process can still be the caller: connected, or
+/// half-closed after sending its request (`shutdown(SHUT_WR)`).
+const LIVE_STATES: [u8; 3] = [TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2];
+
 /// Finds the socket whose local address is `peer` and whose remote address is `local`, i.e. the
-/// client end of a connection we accepted. `Ok(None)` means no such socket exists in this network
-/// namespace: the caller is not a process on this host (or is already gone).
-pub fn lookup_peer(peer: SocketAddr, local: SocketAddr) -> io::Result<Option<SocketOwner>> {
+/// client end of a connection we accepted, in this network namespace.
+pub fn lookup_peer(peer: SocketAddr, local: SocketAddr) -> io::Result<Lookup> {
+    let (peer, local) = (canonical(peer), canonical(local));
     let request = build_request(peer, local)?;
     let socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.send_to(&request, &NlAddr::new(0, 0), 0)?;
     // Replies to sock_diag requests are produced synchronously inside sendmsg, so a blocking
-    // receive returns at once; 8 KiB holds one inet_diag_msg with all attributes.
-    let mut buf = vec![0u8; 8192];
+    // receive returns at once.
+    let mut buf = vec![0u8; REPLY_BUFFER];
     let n = socket.recv(&mut &mut buf[..], 0)?;
-    parse_reply(&buf[..n])
+    match parse_reply(&buf[..n])? {
+        Some(response) => Ok(classify(&response, peer, local)),
+        None => Ok(Lookup::NotFound),
+    }
+}
+
+/// Whether `response` proves a live socket `peer -> local`; see the module comment.
+pub fn classify(response: &InetResponse, peer: SocketAddr, local: SocketAddr) -> Lookup {
+    let header = &response.header;
+    let id = &header.socket_id;
+    let same_tuple = SocketAddr::new(id.source_address, id.source_port) == peer
+        && SocketAddr::new(id.destination_address, id.destination_port) == local
+        && header.family == family_of(peer.ip());
+    if !same_tuple {
+        // A listener on the peer's port (0.0.0.0:port -> 0.0.0.0:0), or anything else the
+        // kernel found instead: not this connection.
+        return Lookup::NotFound;
+    }
+    if !LIVE_STATES.contains(&header.state) || header.inode == 0 {
+        return Lookup::Closed;
+    }
+    Lookup::Connected(SocketOwner {
+        uid: header.uid,
+        inode: header.inode,
+        cgroup_id: cgroup_id(response),
+    })
 }
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
@@ -52,110 +109,80 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-fn ip_words(ip: IpAddr) -> [u8; 16] {
-    let mut out = [0u8; 16];
+fn family_of(ip: IpAddr) -> u8 {
     match ip {
-        IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
-        IpAddr::V6(v6) => out.copy_from_slice(&v6.octets()),
+        IpAddr::V4(_) => AF_INET,
+        IpAddr::V6(_) => AF_INET6,
     }
-    out
 }
 
 fn build_request(peer: SocketAddr, local: SocketAddr) -> io::Result<Vec<u8>> {
-    let (src, dst) = (canonical(peer), canonical(local));
-    let family = match (src.ip(), dst.ip()) {
-        (IpAddr::V4(_), IpAddr::V4(_)) => AF_INET,
-        (IpAddr::V6(_), IpAddr::V6(_)) => AF_INET6,
-        _ => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "peer and local address families differ",
-            ));
-        }
-    };
-    let total = NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN;
-    let mut msg = Vec::with_capacity(total);
-    // struct nlmsghdr (host byte order)
-    msg.extend_from_slice(&(total as u32).to_ne_bytes());
-    msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    msg.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
-    // struct inet_diag_req_v2
-    msg.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
-    msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // every TCP state
-    // struct inet_diag_sockid: ports and addresses in network byte order
-    msg.extend_from_slice(&src.port().to_be_bytes());
-    msg.extend_from_slice(&dst.port().to_be_bytes());
-    msg.extend_from_slice(&ip_words(src.ip()));
-    msg.extend_from_slice(&ip_words(dst.ip()));
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // any interface
-    msg.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
-    debug_assert_eq!(msg.len(), total);
-    Ok(msg)
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn parse_reply(buf: &[u8]) -> io::Result<Option<SocketOwner>> {
-    let short = || io::Error::new(io::ErrorKind::InvalidData, "truncated sock_diag reply");
-    if buf.len() < NLMSG_HDRLEN {
-        return Err(short());
+    if peer.is_ipv4() != local.is_ipv4() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "peer and local address families differ",
+        ));
     }
-    let len = (u32_at(buf, 0) as usize).min(buf.len());
-    match u16_at(buf, 4) {
-        NLMSG_ERROR => {
-            if len < NLMSG_HDRLEN + 4 {
-                return Err(short());
-            }
-            let errno = -(u32_at(buf, NLMSG_HDRLEN) as i32);
-            match errno {
-                0 => Ok(None),
-                2 => Ok(None), // ENOENT: no local socket with that 4-tuple
-                e => Err(io::Error::from_raw_os_error(e)),
-            }
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST;
+    header.sequence_number = 1;
+    let mut message = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family: family_of(peer.ip()),
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            // The exact lookup ignores this filter (see the module comment); `classify` does not.
+            states: StateFlags::ESTABLISHED | StateFlags::FIN_WAIT1 | StateFlags::FIN_WAIT2,
+            socket_id: SocketId {
+                source_port: peer.port(),
+                destination_port: local.port(),
+                source_address: peer.ip(),
+                destination_address: local.ip(),
+                interface_id: 0,
+                cookie: NO_COOKIE,
+            },
+        })
+        .into(),
+    );
+    message.finalize();
+    let mut buf = vec![0u8; message.buffer_len()];
+    message.serialize(&mut buf);
+    Ok(buf)
+}
+
+/// The one `inet_diag_msg` of an exact-lookup reply; `None` when the kernel found no socket.
+fn parse_reply(buf: &[u8]) -> io::Result<Option<InetResponse>> {
+    let message = NetlinkMessage::<SockDiagMessage>::deserialize(buf)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag reply: {e}")))?;
+    match message.payload {
+        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+            Ok(Some(*response))
         }
-        NLMSG_DONE => Ok(None),
-        SOCK_DIAG_BY_FAMILY => {
-            if len < NLMSG_HDRLEN + INET_DIAG_MSG_LEN {
-                return Err(short());
-            }
-            let body = &buf[NLMSG_HDRLEN..len];
-            let uid = u32_at(body, 64);
-            let inode = u32_at(body, 68);
-            Ok(Some(SocketOwner {
-                uid,
-                inode,
-                cgroup_id: find_cgroup_id(&body[INET_DIAG_MSG_LEN..]),
-            }))
-        }
+        NetlinkPayload::Error(error) => match error.code.map(|c| -c.get()) {
+            // ENOENT: no socket with that 4-tuple.
+            None | Some(nix::libc::ENOENT) => Ok(None),
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+        },
+        NetlinkPayload::Done(_) => Ok(None),
         other => Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("unexpected netlink message type {other}"),
+            format!("unexpected sock_diag reply: {other:?}"),
         )),
     }
 }
 
-/// Walks the rtattr list that follows `inet_diag_msg`.
-fn find_cgroup_id(mut attrs: &[u8]) -> Option<u64> {
-    while attrs.len() >= 4 {
-        let len = u16_at(attrs, 0) as usize;
-        let kind = u16_at(attrs, 2);
-        if len < 4 || len > attrs.len() {
-            return None;
+fn cgroup_id(response: &InetResponse) -> Option<u64> {
+    response.nlas.iter().find_map(|nla| match nla {
+        Nla::Other(attr) if attr.kind() == INET_DIAG_CGROUP_ID => {
+            let mut value = [0u8; 8];
+            (attr.value_len() == value.len()).then(|| {
+                attr.emit_value(&mut value);
+                u64::from_ne_bytes(value)
+            })
         }
-        if kind == INET_DIAG_CGROUP_ID && len >= 12 {
-            return Some(u64::from_ne_bytes(attrs[4..12].try_into().ok()?));
-        }
-        attrs = &attrs[(len + 3) & !3..];
-    }
-    None
+        _ => None,
+    })
 }
 
 #[cfg(test)]
@@ -170,10 +197,20 @@ mod tests {
         let (_server_side, peer) = listener.accept().unwrap();
         let owner = lookup_peer(peer, listener.local_addr().unwrap())
             .unwrap()
+            .connected()
             .expect("the client socket is on this host");
         assert_eq!(owner.uid, nix::unistd::geteuid().as_raw());
         assert_ne!(owner.inode, 0);
-        drop(client);
+        assert_eq!(
+            owner.inode as u64,
+            std::fs::metadata(format!("/proc/self/fd/{}", {
+                use std::os::fd::AsRawFd;
+                client.as_raw_fd()
+            }))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap(),
+            "the inode is the client socket's own"
+        );
     }
 
     #[test]
@@ -185,7 +222,10 @@ mod tests {
             let (server_side, peer) = listener.accept().unwrap();
             let local = server_side.local_addr().unwrap();
             let owner = lookup_peer(peer, local).unwrap();
-            assert!(owner.is_some(), "{target}: {peer} -> {local}");
+            assert!(
+                matches!(owner, Lookup::Connected(_)),
+                "{target}: {peer} -> {local}: {owner:?}"
+            );
         }
     }
 
@@ -195,7 +235,137 @@ mod tests {
         let fake_peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert_eq!(
             lookup_peer(fake_peer, listener.local_addr().unwrap()).unwrap(),
-            None
+            Lookup::NotFound
         );
+    }
+
+    /// The security review's finding: a peer elsewhere whose source port is a port some local
+    /// process listens on (on 0.0.0.0) was resolved as that process.
+    #[test]
+    fn a_listener_on_the_peers_source_port_is_not_the_peer() {
+        let bystander = TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = bystander.local_addr().unwrap().port();
+        let daemon = TcpListener::bind("127.0.0.1:0").unwrap();
+        for peer_ip in ["10.77.0.9", "127.0.0.1"] {
+            let peer = SocketAddr::new(peer_ip.parse().unwrap(), port);
+            assert_eq!(
+                lookup_peer(peer, daemon.local_addr().unwrap()).unwrap(),
+                Lookup::NotFound,
+                "{peer}"
+            );
+        }
+        let v6_bystander = TcpListener::bind("[::]:0").unwrap();
+        let v6_port = v6_bystander.local_addr().unwrap().port();
+        let peer = SocketAddr::new("fd00::9".parse().unwrap(), v6_port);
+        assert_eq!(
+            lookup_peer(peer, "[::1]:80".parse().unwrap()).unwrap(),
+            Lookup::NotFound
+        );
+    }
+
+    /// A client that closed first leaves its end in TIME_WAIT, which the kernel reports as
+    /// uid 0: it must never become an identity.
+    #[test]
+    fn a_closed_client_socket_is_closed_not_root() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let local = listener.local_addr().unwrap();
+        let client = TcpStream::connect(local).unwrap();
+        let (server_side, peer) = listener.accept().unwrap();
+        drop(client); // the client's active close: FIN_WAIT, then TIME_WAIT once we close too
+        server_side
+            .shutdown(std::net::Shutdown::Both)
+            .expect("shutdown");
+        drop(server_side);
+        // The client end is now orphaned or in TIME_WAIT: it has no inode either way.
+        let found = lookup_peer(peer, local).unwrap();
+        assert!(
+            matches!(found, Lookup::Closed | Lookup::NotFound),
+            "{found:?}"
+        );
+        assert_eq!(found.connected(), None);
+    }
+
+    fn response(
+        state: u8,
+        inode: u32,
+        source: SocketAddr,
+        destination: SocketAddr,
+    ) -> InetResponse {
+        use netlink_packet_sock_diag::inet::InetResponseHeader;
+        InetResponse {
+            header: InetResponseHeader {
+                family: family_of(source.ip()),
+                state,
+                timer: None,
+                socket_id: SocketId {
+                    source_port: source.port(),
+                    destination_port: destination.port(),
+                    source_address: source.ip(),
+                    destination_address: destination.ip(),
+                    interface_id: 0,
+                    cookie: [0; 8],
+                },
+                recv_queue: 0,
+                send_queue: 0,
+                uid: 1001,
+                inode,
+            },
+            nlas: Default::default(),
+        }
+    }
+
+    #[test]
+    fn classify_checks_every_field_of_the_answer() {
+        use netlink_packet_sock_diag::constants::{TCP_CLOSE_WAIT, TCP_LISTEN, TCP_TIME_WAIT};
+        let peer: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+        let local: SocketAddr = "169.254.169.254:80".parse().unwrap();
+        let ok = |l: Lookup| matches!(l, Lookup::Connected(o) if o.uid == 1001 && o.inode == 7);
+        assert!(ok(classify(
+            &response(TCP_ESTABLISHED, 7, peer, local),
+            peer,
+            local
+        )));
+        assert!(ok(classify(
+            &response(TCP_FIN_WAIT2, 7, peer, local),
+            peer,
+            local
+        )));
+        let wildcard: SocketAddr = "0.0.0.0:40000".parse().unwrap();
+        let nowhere: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        for (r, want) in [
+            (response(TCP_LISTEN, 7, wildcard, nowhere), Lookup::NotFound),
+            (response(TCP_LISTEN, 7, peer, local), Lookup::Closed),
+            (response(TCP_TIME_WAIT, 0, peer, local), Lookup::Closed),
+            (response(TCP_CLOSE_WAIT, 7, peer, local), Lookup::Closed),
+            (response(TCP_ESTABLISHED, 0, peer, local), Lookup::Closed),
+            (
+                response(TCP_ESTABLISHED, 7, "10.0.0.3:40000".parse().unwrap(), local),
+                Lookup::NotFound,
+            ),
+            (
+                response(TCP_ESTABLISHED, 7, "10.0.0.2:40001".parse().unwrap(), local),
+                Lookup::NotFound,
+            ),
+            (
+                response(
+                    TCP_ESTABLISHED,
+                    7,
+                    peer,
+                    "169.254.169.254:81".parse().unwrap(),
+                ),
+                Lookup::NotFound,
+            ),
+            (
+                response(
+                    TCP_ESTABLISHED,
+                    7,
+                    peer,
+                    "169.254.169.253:80".parse().unwrap(),
+                ),
+                Lookup::NotFound,
+            ),
+        ] {
+            assert_eq!(classify(&r, peer, local), want, "{:?}", r.header);
+        }
     }
 }

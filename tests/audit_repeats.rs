@@ -50,6 +50,7 @@ fn caller(uid: u32, pid: u32, port: u16) -> Caller {
         uid,
         cgroup: Some("/user.slice/user-1001.slice/session-1.scope".into()),
         unit: Some("session-1.scope".into()),
+        user_unit: None,
         process: Some(ProcessInfo {
             pid,
             uid,

@@ -33,7 +33,12 @@ struct TestCgroup {
 impl TestCgroup {
     fn new(unit: &str) -> Self {
         let root = imds_broker::cgroup::cgroup2_mount().expect("cgroup2 is mounted");
-        let top_name = format!("imdsb-rs-{}-{unit}", std::process::id());
+        // Named like a slice: a top directory ending in `.service` would be the system unit.
+        let top_name = format!(
+            "imdsb-rs-{}-{}.slice",
+            std::process::id(),
+            unit.replace('.', "-")
+        );
         let rel = format!("/{top_name}/system.slice/{unit}");
         let dir = root.join(rel.trim_start_matches('/'));
         std::fs::create_dir_all(&dir).unwrap();
@@ -110,7 +115,21 @@ fn a_process_is_resolved_to_its_uid_cgroup_unit_and_executable() {
     assert_eq!(p.pid, child.id(), "setpriv execs bash in place");
     assert_eq!(p.exe, PathBuf::from("/usr/bin/bash"));
     assert_eq!((p.uid, p.gid), (61001, 61002));
-    assert_eq!(l.exe_sha256.as_ref().map(String::len), Some(64));
+    // The digest is added only for callers a rule could serve (the daemon asks policy first).
+    assert_eq!(l.exe_sha256, None);
+    let digests = std::sync::Arc::new(imds_broker::exe_digest::ExeDigests::new(256, 64));
+    let hashed =
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(imds_broker::identity::with_exe_digest(
+                caller.clone(),
+                &digests,
+            ));
+    let bash = imds_broker::identity::hash_exe(child.id()).unwrap();
+    assert_eq!(
+        hashed.local().and_then(|l| l.exe_sha256.as_deref()),
+        Some(bash.as_str())
+    );
 
     // Without rules that need it, no /proc lookup is made at all.
     let cheap = Resolver::new().resolve(peer, local, Needs::default());
@@ -206,6 +225,7 @@ async fn async_resolution_names_the_same_process_in_small_and_crowded_cgroups() 
     let crowd = Crowd::new(&cgroup, 40);
     let inode = imds_broker::sock_diag::lookup_peer(peer, local)
         .unwrap()
+        .connected()
         .unwrap()
         .inode;
     let mut budget = Budget::Reads(INLINE_BUDGET);
@@ -251,6 +271,7 @@ async fn async_resolution_refuses_a_shared_socket_in_a_small_cgroup() {
 
     let inode = imds_broker::sock_diag::lookup_peer(peer, local)
         .unwrap()
+        .connected()
         .unwrap()
         .inode;
     let uid = nix::unistd::geteuid().as_raw();

@@ -67,6 +67,7 @@ fn callers() -> [Caller; 3] {
         uid: 0,
         cgroup: Some("/system.slice/app.service".into()),
         unit: Some("app.service".into()),
+        user_unit: None,
         process: Some(ProcessInfo {
             pid: 4242,
             uid: 0,

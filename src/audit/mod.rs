@@ -85,6 +85,7 @@ macro_rules! audit_event {
             exe = caller.exe().map(|e| e.display().to_string()),
             cgroup = caller.cgroup(),
             unit = caller.unit(),
+            user_unit = caller.user_unit().map(|(_, unit)| unit),
             $($rest)*
         )
     }};

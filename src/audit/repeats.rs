@@ -126,6 +126,7 @@ mod tests {
             uid,
             cgroup: Some("/user.slice".into()),
             unit: None,
+            user_unit: None,
             process: Some(ProcessInfo {
                 pid,
                 uid,

@@ -59,6 +59,11 @@ pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 20;
 pub const DEFAULT_REQUEST_BURST: u32 = 100;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
 pub const DEFAULT_MAX_CONNECTIONS_PER_CALLER: u32 = 128;
+/// Interpreters and most service binaries are well under this; a large Go or Java bundle may
+/// need it raised.
+pub const DEFAULT_EXE_HASH_MAX_MIB: u32 = 256;
+/// About a tenth of a second of one core per second at SHA-256's pace, per uid.
+pub const DEFAULT_EXE_HASH_MIB_PER_SECOND: u32 = 64;
 /// STS accepts at most this many session tags per AssumeRole.
 pub const MAX_SESSION_TAGS: usize = 50;
 /// STS accepts at most this many managed session policies (`PolicyArns`) per AssumeRole.
@@ -108,6 +113,11 @@ pub struct Limits {
     pub burst: u32,
     pub max_connections: u32,
     pub max_connections_per_caller: u32,
+    /// An executable larger than this is never hashed, so never matches an `exe_sha256` rule.
+    pub exe_hash_max_mib: u32,
+    /// How much of executables not hashed before each uid may have hashed, per second (the
+    /// burst is one file of `exe_hash_max_mib`).
+    pub exe_hash_mib_per_second: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -518,6 +528,16 @@ impl Validator<'_> {
                 raw.limits.max_connections_per_caller.as_ref(),
                 "limits.max_connections_per_caller",
                 DEFAULT_MAX_CONNECTIONS_PER_CALLER,
+            ),
+            exe_hash_max_mib: self.positive(
+                raw.limits.exe_hash_max_mib.as_ref(),
+                "limits.exe_hash_max_mib",
+                DEFAULT_EXE_HASH_MAX_MIB,
+            ),
+            exe_hash_mib_per_second: self.positive(
+                raw.limits.exe_hash_mib_per_second.as_ref(),
+                "limits.exe_hash_mib_per_second",
+                DEFAULT_EXE_HASH_MIB_PER_SECOND,
             ),
         };
         let sts = StsConfig {
@@ -951,6 +971,29 @@ impl Validator<'_> {
             hex
         });
         let systemd_unit = raw.systemd_unit.map(|u| Glob::new(u.get_ref()));
+        let systemd_user_unit = raw.systemd_user_unit.and_then(|u| {
+            let span = u.span();
+            let u = u.into_inner();
+            let field = format!("{field}.systemd_user_unit");
+            let uid = self.id_or_name(u.uid, u.user, &field, ("uid", "user"), |name| {
+                nix::unistd::User::from_name(name).map(|u| u.map(|u| u.uid.as_raw()))
+            });
+            match (uid, u.unit) {
+                (Some(uid), Some(unit)) => Some((uid, Glob::new(unit.get_ref()))),
+                (None, _) => {
+                    self.push(
+                        span.clone(),
+                        &field,
+                        "needs uid or user: whose user manager",
+                    );
+                    None
+                }
+                (_, None) => {
+                    self.push(span, &field, "needs unit (glob), e.g. \"billing.service\"");
+                    None
+                }
+            }
+        });
         let cgroup = raw.cgroup.map(|c| {
             if !c.get_ref().starts_with('/') {
                 self.push(
@@ -982,6 +1025,7 @@ impl Validator<'_> {
             exe,
             exe_sha256,
             systemd_unit,
+            systemd_user_unit,
             cgroup,
             source,
         };
@@ -990,7 +1034,7 @@ impl Validator<'_> {
             self.push(
                 span,
                 field,
-                "needs at least one criterion (uid, user, gid, group, exe, exe_sha256, systemd_unit, cgroup, source); an empty match would match every caller",
+                "needs at least one criterion (uid, user, gid, group, exe, exe_sha256, systemd_unit, systemd_user_unit, cgroup, source); an empty match would match every caller",
             );
         }
         (self.problems.len() == before).then_some(matcher)

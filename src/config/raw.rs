@@ -77,6 +77,8 @@ pub struct RawLimits {
     pub burst: Option<Spanned<u32>>,
     pub max_connections: Option<Spanned<u32>>,
     pub max_connections_per_caller: Option<Spanned<u32>>,
+    pub exe_hash_max_mib: Option<Spanned<u32>>,
+    pub exe_hash_mib_per_second: Option<Spanned<u32>>,
 }
 
 /// Whether tokenless (IMDSv1) GETs are answered. Disabled unless an operator opts in.
@@ -156,8 +158,19 @@ pub struct RawMatch {
     pub exe: Option<Spanned<String>>,
     pub exe_sha256: Option<Spanned<String>>,
     pub systemd_unit: Option<Spanned<String>>,
+    pub systemd_user_unit: Option<Spanned<RawUserUnit>>,
     pub cgroup: Option<Spanned<String>>,
     pub source: Option<Vec<Spanned<String>>>,
+}
+
+/// `systemd_user_unit = { uid = 1001, unit = "billing.service" }`: a unit of that user's
+/// manager, which only that user (and root) can name.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUserUnit {
+    pub uid: Option<u32>,
+    pub user: Option<Spanned<String>>,
+    pub unit: Option<Spanned<String>>,
 }
 
 /// Seconds as an integer, or a human string such as `"1h"` or `"90m"`.

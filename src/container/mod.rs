@@ -103,7 +103,7 @@ async fn admit(
         addresses: CONTAINER_HOSTS.iter().copied().chain(configured),
         names: &config.server.allowed_hosts,
     };
-    if let Some((reason, message)) = relay::refusal(request.headers(), own) {
+    if let Some((reason, message)) = relay::refusal(request.uri(), request.headers(), own) {
         audit::refused(conn, reason, message);
         return Err(ContainerError::Forbidden(message));
     }

@@ -180,7 +180,7 @@ fn refuse_relayed(
             .chain(config.server.listen.iter().map(|l| l.ip())),
         names: &config.server.allowed_hosts,
     };
-    if let Some((reason, message)) = relay::refusal(request.headers(), own) {
+    if let Some((reason, message)) = relay::refusal(request.uri(), request.headers(), own) {
         audit::token_rejected(conn, reason, message);
         return Err(ImdsError::Forbidden(message));
     }
