@@ -66,6 +66,34 @@ async fn only_the_daemons_own_host_names_are_accepted() {
     }
 }
 
+/// The security review's "also seen": both of these were served.
+#[tokio::test]
+async fn a_second_host_or_an_absolute_target_is_refused() {
+    let d = TestDaemon::start(|s| config_text(s, "")).await;
+    let send = |target: &str, hosts: &[&str]| {
+        let hosts: String = hosts.iter().map(|h| format!("Host: {h}\r\n")).collect();
+        let raw = format!(
+            "PUT {target} HTTP/1.1\r\n{hosts}X-aws-ec2-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n"
+        );
+        let addr = d.addr;
+        async move { common::send_raw(addr, raw.as_bytes()).await }
+    };
+    let own = "169.254.169.254";
+    let ok = send("/latest/api/token", &[own]).await;
+    assert_eq!(ok.status, 200, "the control request is served");
+    for hosts in [[own, "evil.example"], ["evil.example", own], [own, own]] {
+        let r = send("/latest/api/token", &hosts).await;
+        assert_eq!(r.status, 403, "{hosts:?}");
+    }
+    for target in [
+        "http://evil.example/latest/api/token",
+        "http://169.254.169.254/latest/api/token",
+    ] {
+        let r = send(target, &[own]).await;
+        assert_eq!(r.status, 403, "{target}");
+    }
+}
+
 #[tokio::test]
 async fn a_caller_over_its_rate_gets_429_with_retry_after() {
     let d = TestDaemon::start(with_limits("requests_per_second = 1\nburst = 3")).await;

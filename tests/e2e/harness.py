@@ -70,7 +70,7 @@ class Rule:
     """One `[[app]]` entry with any `match` table (uid, exe, cgroup, source, ...)."""
 
     name: str
-    match: dict[str, int | str | list[str]]
+    match: dict[str, int | str | list[str] | dict[str, int | str]]
 
     @property
     def app(self) -> App:
@@ -87,8 +87,10 @@ role_arn = "{self.app.role_arn}"
 {entries}"""
 
 
-def toml_value(value: int | str | list[str]) -> str:
+def toml_value(value: int | str | list[str] | dict[str, int | str]) -> str:
     # A JSON string of printable ASCII is also a TOML basic string.
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + " }"
     if isinstance(value, list):
         return "[" + ", ".join(json.dumps(item) for item in value) + "]"
     return json.dumps(value)
@@ -855,7 +857,8 @@ class IdentityLab:
         return report_of(client.finish())
 
     def remote_probe(self, source: str, *args: str) -> dict:
-        """clients/identity_probe.py from the remote namespace, from address `source`."""
+        """clients/identity_probe.py from the remote namespace, from address `source` (see
+        there for `args`, e.g. `--source-port`)."""
         argv = [
             *netns_enter(self.remote_netns),
             str(PYTHON),

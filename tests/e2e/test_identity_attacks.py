@@ -1,13 +1,17 @@
 """Attacks on caller identity against the real broker, each of which must be refused and
 audited: a token replayed by another identity, forwarding and Host headers, a process
 reusing a mapped process's pid, a caller from another network namespace no `source` rule
-covers, a connection whose socket several programs hold, and one no process holds."""
+covers, a connection whose socket several programs hold, and one no process holds. Also
+the security review's findings: a remote caller whose source port is a local listener's,
+a unit name made inside a subtree someone else controls, and a `source` rule that a local
+process meets by connecting from the host's own address."""
 
 import json
 import os
 import secrets
 import signal
 import socket
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +19,7 @@ import pytest
 
 from harness import (
     BROKER_BIN,
+    BROKER_VETH_ADDR,
     CGROUP_PREFIX,
     CLIENT_UIDS,
     CLIENTS_DIR,
@@ -24,6 +29,7 @@ from harness import (
     Rule,
     Server,
     fields_match,
+    netns_enter,
     report_of,
 )
 
@@ -41,6 +47,9 @@ RULES = (
     Rule("billing", {"uid": UID_A, "exe": "/**/opt/billing/bin/*", "cgroup": f"/{CGROUP_PREFIX}*/{BILLING}"}),
     Rule("reports", {"uid": UID_B, "systemd_unit": "reports.service"}),
     Rule("edge", {"source": [f"{REMOTE_ADDRS[0]}/32"]}),
+    # The broker's own address on the link: only a local process can come from it.
+    Rule("host-address", {"source": [f"{BROKER_VETH_ADDR}/32"]}),
+    Rule("notes", {"systemd_user_unit": {"uid": UID_B, "unit": "notes.service"}}),
 )
 BILLING_CREDENTIALS_PATH = ROLE_LISTING_PATH + "billing"
 
@@ -50,6 +59,7 @@ DENIALS = {"credentials.denied", "token.rejected"}
 SHARED_SOCKET_PY = CLIENTS_DIR / "shared_socket.py"
 FD_HOLDER_PY = CLIENTS_DIR / "fd_holder.py"
 ORPHAN_SOCKET_PY = CLIENTS_DIR / "orphan_socket.py"
+TCP_LISTENER_PY = CLIENTS_DIR / "tcp_listener.py"
 
 NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
 PID_ATTEMPTS = 50
@@ -227,6 +237,101 @@ def test_remote_caller_no_source_rule_covers_gets_nothing(lab):
         lab.audit.wait_for(
             mark, event="credentials.denied", reason={"not_local", "no_rule"}, peer=response["local"], uid=None
         )
+
+
+def test_remote_caller_from_a_local_listeners_port_is_not_that_listener(lab):
+    """The kernel's exact socket lookup falls back to a listening socket on the source port:
+    a remote peer that picks a port the billing service listens on (on 0.0.0.0) used to be
+    resolved as the billing service."""
+    listener = lab.spawn(uid=UID_A, exe=lab.exe(BILLING_EXE), cgroup=BILLING, script=TCP_LISTENER_PY)
+    listener.release()
+    port = int(listener.read_line())
+    mark = lab.audit.mark()
+
+    report = lab.remote_probe(
+        REMOTE_ADDRS[1], "--source-port", str(port), ROLE_LISTING_PATH, BILLING_CREDENTIALS_PATH
+    )
+
+    assert report["token"]["status"] == 200, report["token"]
+    assert len(report["responses"]) == 2, report
+    for response in report["responses"]:
+        assert response["local"] == f"{REMOTE_ADDRS[1]}:{port}", response["local"]
+        assert response["status"] == 404, response
+    decisions = lab.audit.wait_for_all(mark, 2, event="credentials.denied", peer=f"{REMOTE_ADDRS[1]}:{port}")
+    for decision in decisions:
+        assert fields_match(decision, {"reason": "not_local", "uid": None, "pid": None}), json.dumps(decision)
+    listener.finish()
+
+
+def test_local_caller_from_the_hosts_own_address_is_not_a_source_match(lab):
+    """`source` names callers that are not sockets of this host; a local process connecting
+    to the broker's own link address comes from that address too."""
+    mark = lab.audit.mark()
+
+    report = unmapped_from_host_address(lab, ROLE_LISTING_PATH, ROLE_LISTING_PATH + "host-address")
+
+    for response in report["responses"]:
+        assert response["local"].startswith(f"{BROKER_VETH_ADDR}:"), response["local"]
+        assert response["status"] == 404, response
+        lab.audit.wait_for(mark, event="credentials.denied", reason="no_rule", peer=response["local"], uid=UID_C)
+
+
+def unmapped_from_host_address(lab, *paths: str) -> dict:
+    return lab.probe(uid=UID_C, exe=lab.exe(OTHER_EXE), cgroup=OTHER, host=BROKER_VETH_ADDR, args=paths)
+
+
+def test_check_warns_when_a_source_range_holds_an_address_of_the_host(lab):
+    result = subprocess.run(
+        [*netns_enter(lab.broker_netns), str(BROKER_BIN), "check", "--config", str(lab.config)],
+        capture_output=True,
+        text=True,
+        timeout=RESPONSE_TIMEOUT_S,
+    )
+
+    assert result.returncode == 0, result
+    warning = next((line for line in result.stdout.splitlines() if "host-address" in line and "warning" in line), None)
+    assert warning is not None, result.stdout
+    assert BROKER_VETH_ADDR in warning, warning
+    assert not any("edge" in line and "warning" in line for line in result.stdout.splitlines()), result.stdout
+
+
+@pytest.mark.parametrize(
+    "cgroup",
+    [
+        # What `systemd-run --user --unit=reports` makes, in uid B's own user manager.
+        f"user.slice/user-{UID_B}.slice/user@{UID_B}.service/app.slice/reports.service",
+        # A subtree handed to uid B some other way (chowned below), as container runtimes do.
+        "delegated.slice/system.slice/reports.service",
+    ],
+)
+def test_unit_named_inside_a_subtree_another_user_controls_is_not_the_system_unit(lab, cgroup):
+    delegated = lab.cgroups.mount / lab.cgroups.path(cgroup.split("/")[0]).lstrip("/")
+    delegated.mkdir(exist_ok=True)
+    if cgroup.startswith("delegated"):
+        os.chown(delegated, UID_B, -1)
+    mark = lab.audit.mark()
+
+    report = lab.probe(uid=UID_B, exe=lab.exe(OTHER_EXE), cgroup=cgroup, args=[ROLE_LISTING_PATH, ROLE_LISTING_PATH + "reports"])
+
+    for response in report["responses"]:
+        assert response["status"] == 404, response
+        decision = lab.audit.wait_for(mark, event="credentials.denied", peer=response["local"], uid=UID_B)
+        assert decision["cgroup"] == lab.cgroups.path(cgroup), decision
+        assert decision.get("unit") != "reports.service", decision
+    # The same uid in the system's reports.service is served: the refusal is about the unit.
+    assert_own_role(reports(lab, ROLE_LISTING_PATH), "reports")
+
+
+def test_user_unit_rule_serves_that_users_unit_only(lab):
+    own = f"user.slice/user-{UID_B}.slice/user@{UID_B}.service/app.slice/notes.service"
+    foreign = f"user.slice/user-{UID_C}.slice/user@{UID_C}.service/app.slice/notes.service"
+
+    served = lab.probe(uid=UID_B, exe=lab.exe(OTHER_EXE), cgroup=own, args=[ROLE_LISTING_PATH])
+    refused = lab.probe(uid=UID_C, exe=lab.exe(OTHER_EXE), cgroup=foreign, args=[ROLE_LISTING_PATH])
+
+    assert_own_role(served, "notes")
+    (response,) = refused["responses"]
+    assert response["status"] == 404, response
 
 
 # --------------------------------------------------------------------------- pid reuse

@@ -1,6 +1,6 @@
 """Raw IMDSv2 requests for the identity tests, one TCP connection per request.
 
-Usage: identity_probe.py ENDPOINT [--bind IP] [--token TOKEN]
+Usage: identity_probe.py ENDPOINT [--bind IP [--source-port PORT]] [--token TOKEN]
                          [--put-header 'Name: value']... [--get-header 'Name: value']...
                          [PATH...]
 
@@ -8,7 +8,9 @@ Without --token, first PUTs /latest/api/token (TTL 21600, plus the --put-header
 headers); then GETs each PATH with the token and the --get-header headers (no GETs if
 the PUT was refused). Every request uses a fresh connection, because the broker
 identifies the caller once per connection, and reports that connection's local address,
-which is the `peer` of the broker's audit event for it.
+which is the `peer` of the broker's audit event for it. With --source-port, every request
+goes on one keep-alive connection from that port instead (a port can only be reused once
+the previous connection's TIME_WAIT is over).
 
 Prints one JSON object: {"pid", "token": PUT response or null, "responses": [...]},
 each response {"method", "path", "status", "headers": [[name, value]...], "body", "local"}.
@@ -43,10 +45,14 @@ def request(conn: http.client.HTTPConnection, method: str, path: str, headers: d
     }
 
 
-def fresh_request(endpoint: str, bind: str | None, method: str, path: str, headers: dict[str, str]) -> dict:
+def connection(endpoint: str, bind: str | None, port: int = 0) -> http.client.HTTPConnection:
     url = urlsplit(endpoint)
-    source = (bind, 0) if bind else None
-    conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=TIMEOUT_SECONDS, source_address=source)
+    source = (bind, port) if bind else None
+    return http.client.HTTPConnection(url.hostname, url.port or 80, timeout=TIMEOUT_SECONDS, source_address=source)
+
+
+def fresh_request(endpoint: str, bind: str | None, method: str, path: str, headers: dict[str, str]) -> dict:
+    conn = connection(endpoint, bind)
     try:
         return request(conn, method, path, headers)
     finally:
@@ -65,22 +71,28 @@ def main() -> int:
     parser.add_argument("endpoint")
     parser.add_argument("paths", nargs="*")
     parser.add_argument("--bind")
+    parser.add_argument("--source-port", type=int)
     parser.add_argument("--token")
     parser.add_argument("--put-header", type=header_pair, action="append", default=[])
     parser.add_argument("--get-header", type=header_pair, action="append", default=[])
     args = parser.parse_intermixed_args()
 
     report = {"pid": os.getpid(), "token": None, "responses": []}
+    if args.source_port is not None:
+        one = connection(args.endpoint, args.bind, args.source_port)
+        send = lambda method, path, headers: request(one, method, path, headers)  # noqa: E731
+    else:
+        send = lambda method, path, headers: fresh_request(args.endpoint, args.bind, method, path, headers)  # noqa: E731
     token = args.token
     if token is None:
         headers = {"X-aws-ec2-metadata-token-ttl-seconds": TOKEN_TTL, **dict(args.put_header)}
-        report["token"] = fresh_request(args.endpoint, args.bind, "PUT", TOKEN_PATH, headers)
+        report["token"] = send("PUT", TOKEN_PATH, headers)
         if report["token"]["status"] == 200:
             token = report["token"]["body"]
     if token is not None:
         headers = {"X-aws-ec2-metadata-token": token, **dict(args.get_header)}
         for path in args.paths:
-            report["responses"].append(fresh_request(args.endpoint, args.bind, "GET", path, headers))
+            report["responses"].append(send("GET", path, headers))
     json.dump(report, sys.stdout)
     return 0
 
