@@ -103,6 +103,14 @@ impl From<DirError> for io::Error {
     }
 }
 
+/// Logs that [`SafeDir::private`] narrowed the daemon's directory `path` from `mode`.
+pub fn report_narrowed(path: &Path, mode: u32) {
+    tracing::warn!(
+        path = %path.display(),
+        "state_dir was mode {mode:o}: others could read or search it; narrowed to 0700"
+    );
+}
+
 /// What a directory is to the walk, and so what it must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
