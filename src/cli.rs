@@ -484,6 +484,9 @@ fn check(path: PathBuf) -> ExitCode {
     match Config::load(&path) {
         Ok(config) => {
             outln!("{}: OK, {} app(s)", path.display(), config.apps.len());
+            for warning in &config.warnings {
+                outln!("warning: {warning}");
+            }
             for (i, j) in policy::shadowed(&config.apps) {
                 outln!(
                     "warning: app[{j}] {:?} is shadowed by app[{i}] {:?}: every caller it matches is matched earlier",

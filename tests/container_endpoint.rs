@@ -725,3 +725,31 @@ async fn a_parent_directory_others_can_write_is_refused() {
     }
     daemon.stop().await;
 }
+#[test]
+fn check_warns_about_a_token_file_under_a_directory_others_can_write() {
+    let base = token_base();
+    let open = base.path().join("open");
+    mkdir(&open, 0o777, 0);
+    let text = with_token_files(
+        &base.path().join("state"),
+        Some(&open.join("app-a.token")),
+        None,
+    );
+    let path = base.path().join("config.toml");
+    std::fs::write(&path, &text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imds-broker"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().position(|l| l.contains("token_file")).unwrap() + 1;
+    let expected = format!("warning: {}:{line}:", path.display());
+    assert!(
+        stdout.lines().any(|l| l.starts_with(&expected)
+            && l.contains("app[0].container.token_file")
+            && l.contains(&format!("{}: writable by others", open.display()))),
+        "{stdout}"
+    );
+}
