@@ -302,17 +302,19 @@ impl SafeDir {
     /// Opens the directory `path`, making it (not its parent) with `mode` if it is missing, and
     /// gives it exactly `mode` (a umask does not narrow it, an earlier mode does not linger).
     pub fn ensure(path: &Path, mode: u32) -> Result<Self, DirError> {
-        let parent = path.parent().unwrap_or(Path::new("/"));
-        let name = names(path)?.last().copied();
-        let dir = match name {
-            None => Self::open(path)?,
-            Some(name) => step(
-                &Self::open(parent)?,
-                name,
-                Role::Holder,
-                Some(Mode::from_bits_truncate(mode)),
-            )?,
+        let Some(name) = names(path)?.last().copied() else {
+            return Err(DirError::Io {
+                path: path.to_owned(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "not a directory to make"),
+            });
         };
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        let dir = step(
+            &Self::open(parent)?,
+            name,
+            Role::Holder,
+            Some(Mode::from_bits_truncate(mode)),
+        )?;
         fchmod(&dir.fd, Mode::from_bits_truncate(mode)).map_err(|e| DirError::io(path, e))?;
         Ok(dir)
     }
@@ -321,9 +323,15 @@ impl SafeDir {
     /// be the daemon's user's and writable by nobody else. One others may read or search is
     /// narrowed to 0700; the mode it had is returned then, for the caller to report.
     pub fn private(path: &Path) -> Result<(Self, Option<u32>), DirError> {
+        if names(path)?.is_empty() {
+            return Err(DirError::Io {
+                path: path.to_owned(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "not a directory of its own"),
+            });
+        }
         let dir = Self::walk(path, Role::Private, Some(Mode::S_IRWXU))?;
         let mode = fstat(&dir.fd).map_err(|e| DirError::io(path, e))?.st_mode & 0o7777;
-        if mode & 0o7077 == 0 {
+        if mode & 0o077 == 0 {
             return Ok((dir, None));
         }
         fchmod(&dir.fd, Mode::S_IRWXU).map_err(|e| DirError::io(path, e))?;
@@ -624,6 +632,7 @@ mod tests {
                 .unwrap_err()
                 .is_not_found()
         );
+        assert!(SafeDir::ensure(Path::new("/"), 0o711).is_err());
     }
 
     #[test]
@@ -647,5 +656,6 @@ mod tests {
             Err(DirError::Writable { .. })
         ));
         assert_eq!(fs::metadata(&writable).unwrap().mode() & 0o7777, 0o777);
+        assert!(SafeDir::private(Path::new("/")).is_err());
     }
 }
