@@ -23,6 +23,7 @@ use crate::explain::{self, PolicyOutcome, Subject};
 use crate::iam::lint::{self, Severity};
 use crate::iam::source::Origin;
 use crate::policy;
+use crate::safe_dir::{self, SafeDir};
 use crate::state::AppState;
 use crate::token::TokenKey;
 use crate::{reload, server, signal, systemd};
@@ -504,6 +505,9 @@ fn check(path: PathBuf) -> ExitCode {
     match Config::load(&path) {
         Ok(config) => {
             outln!("{}: OK, {} app(s)", path.display(), config.apps.len());
+            for warning in &config.warnings {
+                outln!("warning: {warning}");
+            }
             for (i, j) in policy::shadowed(&config.apps) {
                 outln!(
                     "warning: app[{j}] {:?} is shadowed by app[{i}] {:?}: every caller it matches is matched earlier",
@@ -560,6 +564,17 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The state directory before anything in it (the audit file, by default): it must be the
+    // daemon's, reached without a link; one others may read is narrowed, and said so once the
+    // log is up.
+    let narrowed = match SafeDir::private(&config.server.state_dir) {
+        Ok((_, narrowed)) => narrowed,
+        Err(e) => {
+            init_tracing(log_format, None);
+            tracing::error!("refusing server.state_dir: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let audit = match AuditSink::open(&config.audit.path, config.instance.hostname.clone()) {
         Ok((sink, layer)) => {
             init_tracing(log_format, Some(layer));
@@ -571,6 +586,9 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(mode) = narrowed {
+        safe_dir::report_narrowed(&config.server.state_dir, mode);
+    }
     let settings = ProcessSettings::load().await;
     if let Err(e) = credentials::check_not_own_source(&settings, &config.server.listen) {
         tracing::error!("{e}");

@@ -34,6 +34,7 @@ pub mod process;
 pub mod rate_limit;
 pub mod relay;
 pub mod reload;
+pub mod safe_dir;
 pub mod secret;
 pub mod server;
 pub mod signal;

@@ -2,10 +2,10 @@
 //! persisted in the state directory, so every token stays valid for its whole TTL across restarts
 //! (aws-sdk-rust caches a token for up to 6 h and never drops it on 401).
 
+use std::ffi::OsStr;
 use std::fmt;
-use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,6 +14,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
+
+use crate::safe_dir::{self, DirError, SafeDir};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -47,18 +49,24 @@ pub enum KeyError {
     Permissions { path: PathBuf, mode: u32 },
     #[error("{}: token key must be exactly {KEY_LEN} bytes", path.display())]
     Length { path: PathBuf },
+    #[error("state_dir {0}")]
+    StateDir(#[from] DirError),
 }
 
 impl TokenKey {
     /// Loads the key from `state_dir`, creating the directory (0700) and a fresh random key
-    /// (0600) on first start.
+    /// (0600) on first start. The directory must be the daemon's (see [`SafeDir::private`]).
     pub fn load_or_create(state_dir: &Path) -> Result<Self, KeyError> {
+        let (dir, narrowed) = SafeDir::private(state_dir)?;
+        if let Some(mode) = narrowed {
+            safe_dir::report_narrowed(state_dir, mode);
+        }
         let path = state_dir.join(KEY_FILE);
         let io_err = |source| KeyError::Io {
             path: path.clone(),
             source,
         };
-        match fs::File::open(&path) {
+        match dir.open_file(OsStr::new(KEY_FILE)) {
             Ok(mut file) => {
                 let mode = file.metadata().map_err(io_err)?.mode() & 0o7777;
                 if mode & 0o077 != 0 {
@@ -75,21 +83,14 @@ impl TokenKey {
                 Ok(Self::from_bytes(key))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(state_dir)
-                    .map_err(io_err)?;
                 let mut key = [0u8; KEY_LEN];
                 rand::rng().fill_bytes(&mut key);
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
+                let mut file = dir
+                    .create_file(OsStr::new(KEY_FILE), 0o600)
                     .map_err(io_err)?;
                 file.write_all(&key).map_err(io_err)?;
                 file.sync_all().map_err(io_err)?;
+                dir.sync().map_err(io_err)?;
                 Ok(Self::from_bytes(key))
             }
             Err(e) => Err(io_err(e)),
@@ -188,6 +189,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn token_round_trips_and_is_visible_ascii() {

@@ -472,3 +472,284 @@ fn only_a_container_app_may_go_without_a_match_rule() {
         "{e}"
     );
 }
+
+// Token files under directories others control. The app's user (`APP_UID`) owns a directory
+// on the way to its token file, so it can rename what is in it; the daemon must not write (or
+// remove) anything wherever that leads. The tests act as that user through `setpriv`.
+
+const APP_UID: u32 = 4000001;
+
+/// Everything logged on this thread while it lives: the tests' runtime is single-threaded and
+/// `apply_config` (a reload) runs on the test's thread.
+struct LogCapture {
+    buf: Arc<std::sync::Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+struct LogWriter(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    fn start() -> Self {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || LogWriter(writer.clone()))
+            .finish();
+        Self {
+            buf,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf.lock().unwrap()).into_owned()
+    }
+}
+
+/// Runs `script` with `sh` as `uid` (and gid `uid`, no supplementary groups).
+fn as_user(uid: u32, script: &str) {
+    let status = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .args(["--clear-groups", "--", "sh", "-ec", script])
+        .status()
+        .expect("setpriv runs");
+    assert!(status.success(), "as uid {uid}: {script}");
+}
+
+/// A fresh root-owned directory (0755) for token files: outside the daemon's temp dir, which is
+/// 0700.
+fn token_base() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let base = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    base
+}
+
+fn mkdir(path: &Path, mode: u32, owner: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir(path).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(owner)), None).unwrap();
+}
+
+/// `config_text` with `token_file` settings for app-a and app-b (`None`: the default file).
+fn with_token_files(state_dir: &Path, a: Option<&Path>, b: Option<&Path>) -> String {
+    let me = nix::unistd::geteuid().as_raw();
+    let plain = format!("container = {{ uid = {me} }}");
+    let mut text = config_text(state_dir, "");
+    for (app, file) in [("app-a", a), ("app-b", b)] {
+        if let Some(file) = file {
+            let rule = format!("name = \"{app}\"");
+            let at = text.find(&rule).unwrap();
+            let offset = at + text[at..].find(&plain).unwrap();
+            text.replace_range(
+                offset..offset + plain.len(),
+                &format!(
+                    "container = {{ uid = {me}, token_file = \"{}\" }}",
+                    file.display()
+                ),
+            );
+        }
+    }
+    text
+}
+
+fn reload(daemon: &TestDaemon, text: &str) {
+    daemon
+        .state
+        .apply_config(Config::parse(text, Path::new("reload.toml")).unwrap());
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_parent_swapped_for_a_link_cannot_put_a_token_file_in_a_root_only_directory() {
+    let base = token_base();
+    let root_only = base.path().join("root-only");
+    mkdir(&root_only, 0o700, 0);
+    let app_dir = base.path().join("app");
+    mkdir(&app_dir, 0o755, APP_UID);
+    let tokens = app_dir.join("tokens");
+    mkdir(&tokens, 0o755, APP_UID);
+    let file = tokens.join("app-a.token");
+    let log = LogCapture::start();
+    let text = |d: &Path| with_token_files(d, Some(&file), None);
+    let daemon = TestDaemon::start(text).await;
+    // The app's user swaps its token directory for a link to the root-only one, then the
+    // operator reloads (the same file) and asks for a new token.
+    as_user(
+        APP_UID,
+        &format!(
+            "mv '{t}' '{t}.old' && ln -s '{r}' '{t}'",
+            t = tokens.display(),
+            r = root_only.display()
+        ),
+    );
+    reload(&daemon, &text(&daemon.dir.path().join("state")));
+    let store = daemon.state.container_tokens().unwrap().clone();
+    let rotation = store.rotate("app-a", daemon.state.now());
+    assert_eq!(
+        entries(&root_only),
+        Vec::<String>::new(),
+        "nothing was created in the root-only directory"
+    );
+    assert!(
+        rotation.is_none(),
+        "app-a has no token to rotate: {rotation:?}"
+    );
+    assert!(
+        store.status().iter().all(|s| s.app != "app-a"),
+        "app-a has no token it could read"
+    );
+    let logged = log.text();
+    let why = format!("{}: owned by uid {APP_UID}", app_dir.display());
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("app-a") && l.contains(&why)),
+        "{logged}"
+    );
+    // The other app is untouched.
+    assert_eq!(
+        with_token(&daemon, "/v1/credentials", &token(&daemon, "app-b"))
+            .await
+            .status,
+        200
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_link_to_another_apps_token_file_does_not_get_it_overwritten() {
+    let base = token_base();
+    // app-b's token directory is root's; app-a's is under a directory its user owns.
+    let b_dir = base.path().join("b");
+    mkdir(&b_dir, 0o755, 0);
+    let b_file = b_dir.join("app.token");
+    let shared = base.path().join("shared");
+    mkdir(&shared, 0o755, APP_UID);
+    let a_dir = shared.join("a");
+    mkdir(&a_dir, 0o755, APP_UID);
+    let a_file = a_dir.join("app.token");
+    let log = LogCapture::start();
+    let text = |d: &Path| with_token_files(d, Some(&a_file), Some(&b_file));
+    let daemon = TestDaemon::start(text).await;
+    let b = std::fs::read_to_string(&b_file).unwrap();
+    let b_inode = std::fs::metadata(&b_file).unwrap().ino();
+    let store = daemon.state.container_tokens().unwrap().clone();
+    // Its directory, then (that undone) the file itself, becomes a link to app-b's.
+    for script in [
+        format!(
+            "mv '{a}' '{a}.old' && ln -s '{b}' '{a}'",
+            a = a_dir.display(),
+            b = b_dir.display()
+        ),
+        format!(
+            "rm '{a}' && mv '{a}.old' '{a}' && rm -f '{f}' && ln -s '{g}' '{f}'",
+            a = a_dir.display(),
+            f = a_file.display(),
+            g = b_file.display()
+        ),
+    ] {
+        as_user(APP_UID, &script);
+        reload(&daemon, &text(&daemon.dir.path().join("state")));
+        let rotation = store.rotate("app-a", daemon.state.now());
+        assert_eq!(
+            std::fs::read_to_string(&b_file).unwrap(),
+            b,
+            "after {script}"
+        );
+        assert_eq!(std::fs::metadata(&b_file).unwrap().ino(), b_inode);
+        assert!(
+            rotation.is_none(),
+            "app-a has no token to rotate: {rotation:?}"
+        );
+    }
+    assert_eq!(with_token(&daemon, "/v1/credentials", &b).await.status, 200);
+    assert!(store.status().iter().all(|s| s.app != "app-a"));
+    let logged = log.text();
+    assert!(
+        logged.contains(&format!("{}: owned by uid {APP_UID}", shared.display())),
+        "{logged}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_parent_directory_others_can_write_is_refused() {
+    let base = token_base();
+    // World-writable, and world-writable with the sticky bit (like /tmp).
+    let open = base.path().join("open");
+    mkdir(&open, 0o777, 0);
+    let sticky = base.path().join("sticky");
+    mkdir(&sticky, 0o1777, 0);
+    let (a_file, b_file) = (open.join("app-a.token"), sticky.join("app-b.token"));
+    let log = LogCapture::start();
+    let daemon = TestDaemon::start(|d| with_token_files(d, Some(&a_file), Some(&b_file))).await;
+    reload(
+        &daemon,
+        &with_token_files(
+            &daemon.dir.path().join("state"),
+            Some(&a_file),
+            Some(&b_file),
+        ),
+    );
+    assert!(!a_file.exists() && !b_file.exists());
+    let store = daemon.state.container_tokens().unwrap();
+    assert!(store.status().is_empty(), "{:?}", store.status());
+    let logged = log.text();
+    for (dir, mode) in [(&open, "777"), (&sticky, "1777")] {
+        let why = format!(
+            "{}: writable by others (owner uid 0, mode {mode})",
+            dir.display()
+        );
+        assert!(logged.contains(&why), "{why}\n{logged}");
+    }
+    daemon.stop().await;
+}
+#[test]
+fn check_warns_about_a_token_file_under_a_directory_others_can_write() {
+    let base = token_base();
+    let open = base.path().join("open");
+    mkdir(&open, 0o777, 0);
+    let text = with_token_files(
+        &base.path().join("state"),
+        Some(&open.join("app-a.token")),
+        None,
+    );
+    let path = base.path().join("config.toml");
+    std::fs::write(&path, &text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imds-broker"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().position(|l| l.contains("token_file")).unwrap() + 1;
+    let expected = format!("warning: {}:{line}:", path.display());
+    assert!(
+        stdout.lines().any(|l| l.starts_with(&expected)
+            && l.contains("app[0].container.token_file")
+            && l.contains(&format!("{}: writable by others", open.display()))),
+        "{stdout}"
+    );
+}

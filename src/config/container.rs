@@ -10,6 +10,7 @@ use toml::Spanned;
 use super::Validator;
 use super::raw::{RawAppContainer, RawContainer};
 use crate::policy::Matcher;
+use crate::safe_dir::SafeDir;
 
 /// The address EKS Pod Identity uses; every SDK's plain-HTTP allow-list has it.
 pub const DEFAULT_CONTAINER_LISTEN: &str = "169.254.170.23:80";
@@ -47,7 +48,9 @@ impl Validator<'_> {
         raw: Option<Spanned<RawContainer>>,
         server_listen: &[SocketAddr],
     ) -> Option<ContainerConfig> {
-        let raw = raw?.into_inner();
+        let raw = raw?;
+        let section = raw.span();
+        let raw = raw.into_inner();
         let mut listen = Vec::new();
         match raw.listen {
             None => listen.push(
@@ -83,8 +86,8 @@ impl Validator<'_> {
                 }
             }
         }
-        let token_dir = match raw.token_dir {
-            None => PathBuf::from(DEFAULT_TOKEN_DIR),
+        let (token_dir, token_dir_span) = match raw.token_dir {
+            None => (PathBuf::from(DEFAULT_TOKEN_DIR), section),
             Some(dir) => {
                 if !dir.get_ref().starts_with('/') {
                     self.push(
@@ -93,9 +96,14 @@ impl Validator<'_> {
                         "must be an absolute path",
                     );
                 }
-                PathBuf::from(dir.into_inner())
+                (PathBuf::from(dir.get_ref()), dir.span())
             }
         };
+        if token_dir.is_absolute()
+            && let Some(refusal) = token_dir_refusal(&token_dir)
+        {
+            self.warn(token_dir_span, "container.token_dir", refusal);
+        }
         let rotate_every = self.duration(
             raw.rotate_every.as_ref(),
             "container.rotate_every",
@@ -171,13 +179,21 @@ impl Validator<'_> {
         let token_file = match raw.token_file {
             None => endpoint.token_dir.join(format!("{name}.token")),
             Some(path) => {
-                if !path.get_ref().starts_with('/')
-                    || Path::new(path.get_ref()).file_name().is_none()
-                {
+                let file = Path::new(path.get_ref());
+                if !path.get_ref().starts_with('/') || file.file_name().is_none() {
                     self.push(
                         path.span(),
                         &format!("{field}.token_file"),
                         "must be an absolute file path",
+                    );
+                } else if file.parent() != Some(endpoint.token_dir.as_path())
+                    && let Err(refusal) = SafeDir::open_parent(file)
+                {
+                    // One in token_dir is covered by container.token_dir's warning.
+                    self.warn(
+                        path.span(),
+                        &format!("{field}.token_file"),
+                        refusal.to_string(),
                     );
                 }
                 PathBuf::from(path.into_inner())
@@ -189,6 +205,18 @@ impl Validator<'_> {
             gid,
         })
     }
+}
+
+/// Why the daemon would not make or use `dir` as its token directory (see [`SafeDir`]), as
+/// far as this process can tell: it judges ownership by its own user, not necessarily the
+/// daemon's. A missing `dir` is fine (the daemon makes it) if its parent is.
+fn token_dir_refusal(dir: &Path) -> Option<String> {
+    match SafeDir::open(dir) {
+        Ok(_) => None,
+        Err(e) if e.is_not_found() => SafeDir::open(dir.parent()?).err(),
+        Err(e) => Some(e),
+    }
+    .map(|e| e.to_string())
 }
 
 /// The user's primary group, or a group numbered like the uid when the user has no passwd entry

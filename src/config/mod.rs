@@ -87,6 +87,9 @@ pub struct Config {
     /// The container credentials endpoint, when `[container]` is present.
     pub container: Option<ContainerConfig>,
     pub apps: Vec<App>,
+    /// What the daemon will refuse when it gets there, though the file is valid (a token
+    /// file's directory others control): `check` prints them.
+    pub warnings: Vec<Problem>,
 }
 
 #[derive(Debug, Clone)]
@@ -212,6 +215,7 @@ pub fn policy_texts(path: &Path) -> Result<(Vec<PolicyText>, Vec<Problem>), Conf
         text: &text,
         path,
         problems: Vec::new(),
+        warnings: Vec::new(),
     };
     let raw: RawConfig = match toml::from_str(&text) {
         Ok(raw) => raw,
@@ -319,6 +323,7 @@ impl Config {
             text,
             path,
             problems: Vec::new(),
+            warnings: Vec::new(),
         };
         let raw: RawConfig = match toml::from_str(text) {
             Ok(raw) => raw,
@@ -386,6 +391,7 @@ struct Validator<'a> {
     text: &'a str,
     path: &'a Path,
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
 }
 
 impl Validator<'_> {
@@ -409,6 +415,13 @@ impl Validator<'_> {
             field: field.to_owned(),
             message: message.into(),
         });
+    }
+
+    /// Something that does not make the file invalid but that the daemon will refuse.
+    fn warn(&mut self, span: Range<usize>, field: &str, message: impl Into<String>) {
+        let before = self.problems.len();
+        self.push(span, field, message);
+        self.warnings.extend(self.problems.drain(before..));
     }
 
     fn validate(&mut self, raw: RawConfig) -> Config {
@@ -578,6 +591,7 @@ impl Validator<'_> {
             limits,
             container,
             apps,
+            warnings: std::mem::take(&mut self.warnings),
         }
     }
 

@@ -1,15 +1,18 @@
 //! Writing an app's token file so that only that app's user can read it, and so that a reader
 //! never sees a half-written token: a new file is written beside it, handed to the owner, made
 //! read-only and renamed over the old one. The token state file is written the same way.
+//!
+//! Every path here comes from the config and is opened through [`SafeDir`]: a token file is
+//! written, checked and removed only in a directory reached without a symbolic link and through
+//! directories nobody but root and the daemon's user can change, so an app's user who owns a
+//! directory on the way cannot point the daemon at another file. A directory that fails is
+//! named in the error, with its owner and mode.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::io;
 use std::path::Path;
 
-use rand::RngCore;
-
 use crate::config::AppContainer;
+use crate::safe_dir::SafeDir;
 use crate::secret::Secret;
 
 /// Token files are readable by their owner only.
@@ -18,16 +21,10 @@ pub const TOKEN_FILE_MODE: u32 = 0o400;
 pub const TOKEN_DIR_MODE: u32 = 0o711;
 
 /// Creates the daemon's own token directory (not an operator's `token_file` directory, which
-/// is theirs to manage) with [`TOKEN_DIR_MODE`].
+/// is theirs to manage) with [`TOKEN_DIR_MODE`]; its parent must pass [`SafeDir`]'s checks.
 pub fn ensure_token_dir(dir: &Path) -> io::Result<()> {
-    match fs::DirBuilder::new().mode(TOKEN_DIR_MODE).create(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            // A directory the daemon made earlier (or systemd's RuntimeDirectory, 0700).
-            fs::set_permissions(dir, fs::Permissions::from_mode(TOKEN_DIR_MODE))
-        }
-        Err(e) => Err(e),
-    }
+    SafeDir::ensure(dir, TOKEN_DIR_MODE)?;
+    Ok(())
 }
 
 /// Replaces `target.token_file` with `token` (no trailing newline: SDKs send the file's bytes
@@ -49,64 +46,38 @@ pub fn write_atomic(
     mode: u32,
     owner: Option<(u32, u32)>,
 ) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-    let mut suffix = [0u8; 8];
-    rand::rng().fill_bytes(&mut suffix);
-    let tmp = dir.join(format!(
-        ".{}.{:016x}.tmp",
-        name.to_string_lossy(),
-        u64::from_ne_bytes(suffix)
-    ));
-    // create_new + O_NOFOLLOW: an app that can write the directory cannot point the daemon's
-    // write at another file; rename then replaces a link, never its target.
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-        .open(&tmp)?;
-    let result = (|| {
-        file.write_all(bytes)?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
-        }
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result?;
-    // The rename is durable once the directory is.
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    let (dir, name) = SafeDir::open_parent(path)?;
+    dir.replace_file(name, bytes, mode, owner)
 }
 
-/// Removes an app's token file (the app was removed from the config).
+/// Removes an app's token file (the app was removed from the config). One whose directory is
+/// gone is gone too; one whose directory fails the checks is left alone.
 pub fn remove(path: &Path) -> io::Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+    match SafeDir::open_parent(path) {
+        Ok((dir, name)) => dir.remove_file(name),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
-/// Whether the token file is there, still a regular file with the owner and mode it was given.
+/// Whether the token file is there, still a regular file with the owner and mode it was given,
+/// in a directory that still passes the checks.
 pub fn intact(target: &AppContainer) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    fs::symlink_metadata(&target.token_file).is_ok_and(|m| {
-        m.file_type().is_file() && m.uid() == target.uid && m.mode() & 0o777 == TOKEN_FILE_MODE
-    })
+    use nix::sys::stat::SFlag;
+    SafeDir::open_parent(&target.token_file)
+        .map_err(io::Error::from)
+        .and_then(|(dir, name)| dir.stat(name))
+        .is_ok_and(|stat| {
+            SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG
+                && stat.st_uid == target.uid
+                && stat.st_mode & 0o777 == TOKEN_FILE_MODE
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::MetadataExt;
 
     #[test]
@@ -149,5 +120,40 @@ mod tests {
                 .file_type()
                 .is_symlink()
         );
+    }
+    #[test]
+    fn nothing_is_written_checked_or_removed_under_a_directory_someone_else_owns() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        fs::set_permissions(base.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let theirs = base.path().join("theirs");
+        fs::create_dir(&theirs).unwrap();
+        nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(4000001)), None).unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let target = AppContainer {
+            token_file: theirs.join("app.token"),
+            uid: me,
+            gid: nix::unistd::getegid().as_raw(),
+        };
+        let e = write(&target, &Secret::new("token")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}: owned by uid 4000001", theirs.display())),
+            "{e}"
+        );
+        assert!(!target.token_file.exists());
+        // A file that looks right is not "intact" there, and is not removed either.
+        fs::write(&target.token_file, "old").unwrap();
+        fs::set_permissions(
+            &target.token_file,
+            fs::Permissions::from_mode(TOKEN_FILE_MODE),
+        )
+        .unwrap();
+        assert!(!intact(&target));
+        assert!(remove(&target.token_file).is_err());
+        assert!(target.token_file.exists());
+        // A missing directory: nothing to remove.
+        assert!(remove(&base.path().join("gone/app.token")).is_ok());
     }
 }

@@ -7,7 +7,7 @@
 //! of what they send against what is stored.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fs;
+use std::ffi::OsStr;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -22,6 +22,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::token_file;
 use crate::config::{App, AppContainer};
+use crate::safe_dir::{self, DirError, SafeDir};
 use crate::secret::Secret;
 
 const STATE_FILE: &str = "container-tokens.json";
@@ -96,6 +97,8 @@ pub enum StoreError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: {reason}")]
     Refused { path: PathBuf, reason: String },
+    #[error("state_dir {0}")]
+    StateDir(#[from] DirError),
 }
 
 #[derive(Debug, Clone)]
@@ -169,14 +172,19 @@ fn hex(d: &Digest) -> String {
 
 impl TokenStore {
     /// Opens the store kept in `state_dir`, with the tokens of an earlier run (their files are
-    /// checked by [`TokenStore::reconcile`]). A state file others could write is refused.
+    /// checked by [`TokenStore::reconcile`]). The directory must be the daemon's (see
+    /// [`SafeDir::private`]); a state file others could write is refused.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let (dir, narrowed) = SafeDir::private(state_dir)?;
+        if let Some(mode) = narrowed {
+            safe_dir::report_narrowed(state_dir, mode);
+        }
         let state_file = state_dir.join(STATE_FILE);
         let io_err = |source| StoreError::Io {
             path: state_file.clone(),
             source,
         };
-        let saved = match fs::File::open(&state_file) {
+        let saved = match dir.open_file(OsStr::new(STATE_FILE)) {
             Ok(file) => {
                 let meta = file.metadata().map_err(io_err)?;
                 if meta.mode() & 0o022 != 0 || meta.uid() != nix::unistd::geteuid().as_raw() {
@@ -471,6 +479,7 @@ fn retire(retired: &mut VecDeque<Digest>, d: Digest) {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use std::fs;
 
     fn config(dir: &Path) -> Config {
         let me = nix::unistd::geteuid().as_raw();
