@@ -96,7 +96,7 @@ impl Writer {
             for msg in pending {
                 match msg {
                     Msg::Event(fields) => {
-                        buf.push_str(&chain::seal(&mut self.head, fields));
+                        buf.push_str(&chain::line(&mut self.head, fields));
                         buf.push('\n');
                     }
                     Msg::Flush(ack) => acks.push(ack),
