@@ -13,7 +13,9 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, filter, fmt};
 
 use crate::admin;
-use crate::audit::{self, sink::AuditLayer, sink::AuditSink};
+use crate::audit::seal::EpochPolicy;
+use crate::audit::sink::{AuditLayer, AuditSink, SealSettings};
+use crate::audit;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::container::token_file;
@@ -536,13 +538,18 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let audit = match AuditSink::open(&config.audit.path, config.instance.hostname.clone()) {
-        Ok((sink, layer)) => {
-            init_tracing(log_format, Some(layer));
-            sink
-        }
+    let (audit, layer) = AuditSink::prepare(config.instance.hostname.clone());
+    init_tracing(log_format, Some(layer));
+    let seal = config.audit.seal.then(|| SealSettings {
+        state_dir: config.server.state_dir.clone(),
+        policy: EpochPolicy {
+            every: config.audit.seal_epoch,
+            events: config.audit.seal_epoch_events,
+        },
+    });
+    let audit = match audit.start(&config.audit.path, seal) {
+        Ok(sink) => sink,
         Err(e) => {
-            init_tracing(log_format, None);
             tracing::error!(path = %config.audit.path.display(), "cannot open the audit file: {e}");
             return ExitCode::FAILURE;
         }
@@ -644,7 +651,9 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
     server::serve(state.clone(), endpoints, shutdown).await;
     state.stop_background().await;
     background.cancel();
-    audit.flush();
+    // Everything audited is written and its sealing epoch ended: the key left on disk cannot
+    // re-seal any of it.
+    audit.close();
     ExitCode::SUCCESS
 }
 

@@ -100,6 +100,8 @@ fn decisions_are_chained_into_the_audit_file_and_verified() {
             ("credentials.denied", Some("role_mismatch")),
             ("token.rejected", Some("forwarded")),
             ("token.rejected", Some("bad_token")),
+            // Shutdown ends the sealing epoch: the key left on disk cannot re-seal any of this.
+            ("audit.epoch_end", Some("stop")),
         ]
     );
     assert_eq!(events[0]["apps"], 1);
@@ -112,12 +114,14 @@ fn decisions_are_chained_into_the_audit_file_and_verified() {
         assert_eq!(e["id"].as_str().unwrap().len(), 32);
         assert!(e["time"].as_str().unwrap().ends_with('Z'));
         assert!(!e.to_string().contains("dummy-source-secret"));
+        assert_eq!(e["epoch"], 0, "{e}");
+        assert_eq!(e["seal"].as_str().unwrap().len(), 64, "{e}");
     }
     // Decisions about a caller name it.
-    for e in events
-        .iter()
-        .filter(|e| e["event"] != "config.loaded" && e["event"] != "sts.assume_role")
-    {
+    for e in events.iter().filter(|e| {
+        !["config.loaded", "sts.assume_role", "audit.epoch_end"]
+            .contains(&e["event"].as_str().unwrap())
+    }) {
         assert_eq!(e["uid"], uid, "{e}");
         assert!(e["cgroup"].is_string(), "{e}");
         assert!(e["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
@@ -139,7 +143,7 @@ fn decisions_are_chained_into_the_audit_file_and_verified() {
     let (code, out) = verify(&audit);
     assert_eq!(code, Some(0), "{out}");
     assert!(
-        out.contains("OK: 7 events, from the start of the chain"),
+        out.contains("OK: 8 events, from the start of the chain"),
         "{out}"
     );
 
