@@ -13,9 +13,9 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, filter, fmt};
 
 use crate::admin;
+use crate::audit;
 use crate::audit::seal::EpochPolicy;
 use crate::audit::sink::{AuditLayer, AuditSink, SealSettings};
-use crate::audit;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::container::token_file;
@@ -239,7 +239,7 @@ async fn status(path: PathBuf) -> ExitCode {
         }
     };
     let rows = match admin::fetch(&config.admin, "/status").await {
-        Ok((200, body)) => serde_json::from_str::<Vec<admin::AppStatus>>(&body),
+        Ok((200, body)) => serde_json::from_str::<admin::StatusBody>(&body),
         Ok((code, body)) => {
             eprintln!("{}: HTTP {code}: {body}", config.admin);
             return ExitCode::FAILURE;
@@ -250,8 +250,8 @@ async fn status(path: PathBuf) -> ExitCode {
         }
     };
     match rows {
-        Ok(rows) => {
-            out!("{}", admin::status_table(&rows));
+        Ok(body) => {
+            out!("{}", admin::status_table(&body.into()));
             ExitCode::SUCCESS
         }
         Err(e) => {
