@@ -18,6 +18,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::checkpoint::{self, Checkpoint};
 use crate::imds::imds_time;
 use crate::state::AppState;
 
@@ -174,6 +175,12 @@ async fn render_metrics(State(admin): State<Admin>) -> Response {
     metrics::gauge!(crate::metrics::CACHE_ENTRIES).set(stats.entries as f64);
     metrics::gauge!(crate::metrics::DEGRADED_ENTRIES).set(stats.degraded_entries as f64);
     metrics::counter!(crate::metrics::DEGRADED_SERVES).absolute(stats.degraded_serves);
+    if let Some(audit) = checkpoint::latest() {
+        metrics::gauge!(crate::metrics::AUDIT_LAST_SEQ).set(audit.seq as f64);
+        if let Some(epoch) = audit.epoch {
+            metrics::gauge!(crate::metrics::AUDIT_EPOCH).set(epoch as f64);
+        }
+    }
     for app in &admin.state.config().apps {
         if let Some(creds) = cache.peek(app.assume_role_input()).and_then(|e| e.current) {
             let left = creds.remaining(now);
@@ -285,6 +292,31 @@ pub struct AppStatus {
     pub container_token: Option<(String, String)>,
 }
 
+/// What `/status` answers: a row per app, and where the audit file's chain stands.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct StatusReport {
+    pub apps: Vec<AppStatus>,
+    /// The audit checkpoint (last seq and hash, sealing epoch); `None` before the first write.
+    pub audit: Option<Checkpoint>,
+}
+
+/// `/status` as a daemon of this version (an object) or an older one (the rows alone) answers.
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+pub enum StatusBody {
+    Report(StatusReport),
+    Rows(Vec<AppStatus>),
+}
+
+impl From<StatusBody> for StatusReport {
+    fn from(body: StatusBody) -> Self {
+        match body {
+            StatusBody::Report(report) => report,
+            StatusBody::Rows(apps) => StatusReport { apps, audit: None },
+        }
+    }
+}
+
 async fn status(State(admin): State<Admin>) -> Response {
     let config = admin.state.config();
     let now = admin.state.now();
@@ -319,11 +351,16 @@ async fn status(State(admin): State<Admin>) -> Response {
             }
         })
         .collect();
-    axum::Json(rows).into_response()
+    axum::Json(StatusReport {
+        apps: rows,
+        audit: checkpoint::latest(),
+    })
+    .into_response()
 }
 
-/// The table `imds-broker status` prints.
-pub fn status_table(rows: &[AppStatus]) -> String {
+/// The table `imds-broker status` prints, and a line on the audit checkpoint.
+pub fn status_table(report: &StatusReport) -> String {
+    let rows = &report.apps;
     let mut out = format!(
         "{:<16} {:<44} {:<22} {:>10} {:<21} {}\n",
         "APP", "ROLE", "KEY ID", "EXPIRES IN", "LAST REFRESH", "LAST ERROR"
@@ -351,5 +388,53 @@ pub fn status_table(rows: &[AppStatus]) -> String {
             ));
         }
     }
+    if let Some(c) = &report.audit {
+        out.push_str(&format!("audit: last seq {} hash {}", c.seq, c.hash));
+        match (c.epoch, &c.key_id) {
+            (Some(epoch), Some(key_id)) => {
+                out.push_str(&format!(", sealed, epoch {epoch}, key {key_id}\n"))
+            }
+            _ => out.push_str(", not sealed\n"),
+        }
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_reads_both_shapes_and_prints_the_audit_checkpoint() {
+        let old: StatusReport = serde_json::from_str::<StatusBody>(
+            r#"[{"app":"a","role_arn":"arn:aws:iam::111122223333:role/a","rule":"uid=1","prefetch":false,
+                "access_key_id":null,"expires_in_secs":null,"last_refresh":null,"next_refresh":null,
+                "last_error":null}]"#,
+        )
+        .unwrap()
+        .into();
+        assert_eq!((old.apps.len(), &old.audit), (1, &None));
+        assert!(!status_table(&old).contains("audit:"));
+
+        let report = StatusReport {
+            apps: old.apps,
+            audit: Some(Checkpoint {
+                seq: 12,
+                hash: "ab".repeat(32),
+                epoch: Some(3),
+                key_id: Some("0123456789abcdef".into()),
+            }),
+        };
+        let json = serde_json::to_string(&report).unwrap();
+        let back: StatusReport = serde_json::from_str::<StatusBody>(&json).unwrap().into();
+        assert_eq!(back, report);
+        let table = status_table(&report);
+        assert!(
+            table.ends_with(&format!(
+                "audit: last seq 12 hash {}, sealed, epoch 3, key 0123456789abcdef\n",
+                "ab".repeat(32)
+            )),
+            "{table}"
+        );
+    }
 }

@@ -1,5 +1,6 @@
 //! The `imds-broker` command line: `serve` runs the daemon, `check` validates a config file,
-//! `lint` reviews session policies, `explain` shows which rule (or policy statement) decides.
+//! `lint` reviews session policies, `explain` shows which rule (or policy statement) decides,
+//! `audit` makes the sealing key and verifies audit files.
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
@@ -13,7 +14,10 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, filter, fmt};
 
 use crate::admin;
-use crate::audit::{self, sink::AuditLayer, sink::AuditSink};
+use crate::audit::checkpoint::{Expected, Finder};
+use crate::audit::seal::{Checker, EpochKey, EpochPolicy};
+use crate::audit::sink::{AuditLayer, AuditSink, SealSettings};
+use crate::audit::{self, keyfile};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::container::token_file;
@@ -164,8 +168,36 @@ enum TokenCommand {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Check an audit file's hash chain: exit 0 if intact, 1 at the first broken line.
-    Verify { file: PathBuf },
+    /// Check an audit file: its hash chain; with --key every seal; with --expect-seq (and
+    /// --expect-hash) that it still holds the checkpoint the daemon published. Exit 0 if
+    /// intact, 1 at the first broken line or without the checkpoint, 64 if a file is unreadable.
+    Verify {
+        file: PathBuf,
+        /// The verification key (from `audit keygen`, or the one the daemon made at its first
+        /// start).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// The `audit_seq` of a checkpoint (log, /status, imds_broker_audit_last_seq): the file
+        /// must reach it.
+        #[arg(long)]
+        expect_seq: Option<u64>,
+        /// The checkpoint's `audit_hash`: the line at --expect-seq must have it.
+        #[arg(long, requires = "expect_seq")]
+        expect_hash: Option<String>,
+    },
+    /// Start audit sealing with a new key: the first key goes to the daemon's sealing state in
+    /// the state directory and, as the verification key, to --out (mode 0400) for you to move
+    /// off this host. Refuses if either exists. Exit 0 when done, 1 if refused, 64 on a config
+    /// error.
+    Keygen {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The state directory, instead of the config's server.state_dir.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -190,8 +222,29 @@ pub async fn main() -> ExitCode {
             command,
         } => exec(config, &app, url.zip(token_file), command),
         Command::Audit {
-            command: AuditCommand::Verify { file },
-        } => audit_verify(&file),
+            command:
+                AuditCommand::Verify {
+                    file,
+                    key,
+                    expect_seq,
+                    expect_hash,
+                },
+        } => audit_verify(
+            &file,
+            key.as_deref(),
+            expect_seq.map(|seq| Expected {
+                seq,
+                hash: expect_hash,
+            }),
+        ),
+        Command::Audit {
+            command:
+                AuditCommand::Keygen {
+                    config,
+                    state_dir,
+                    out,
+                },
+        } => audit_keygen(config, state_dir, &out),
         Command::Lint { config, policy } => lint(config, policy),
         Command::Explain {
             config,
@@ -238,7 +291,7 @@ async fn status(path: PathBuf) -> ExitCode {
         }
     };
     let rows = match admin::fetch(&config.admin, "/status").await {
-        Ok((200, body)) => serde_json::from_str::<Vec<admin::AppStatus>>(&body),
+        Ok((200, body)) => serde_json::from_str::<admin::StatusBody>(&body),
         Ok((code, body)) => {
             eprintln!("{}: HTTP {code}: {body}", config.admin);
             return ExitCode::FAILURE;
@@ -249,8 +302,8 @@ async fn status(path: PathBuf) -> ExitCode {
         }
     };
     match rows {
-        Ok(rows) => {
-            out!("{}", admin::status_table(&rows));
+        Ok(body) => {
+            out!("{}", admin::status_table(&body.into()));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -333,7 +386,25 @@ fn exec(
     })
 }
 
-fn audit_verify(file: &std::path::Path) -> ExitCode {
+fn audit_verify(
+    file: &std::path::Path,
+    key: Option<&std::path::Path>,
+    expected: Option<Expected>,
+) -> ExitCode {
+    if let Some(hash) = expected.as_ref().and_then(|e| e.hash.as_ref())
+        && !(hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        eprintln!("--expect-hash must be 64 hex digits (an audit_hash)");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let mut checker = match key.map(keyfile::read_verify_key) {
+        None => None,
+        Some(Ok(key)) => Some(Checker::new(key)),
+        Some(Err(e)) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let text = match std::fs::read_to_string(file) {
         Ok(text) => text,
         Err(e) => {
@@ -341,27 +412,144 @@ fn audit_verify(file: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match audit::chain::verify(&text) {
-        Ok(v) => {
-            let start = if v.from_genesis {
-                "from the start of the chain".to_string()
+    let mut finder = expected.map(Finder::new);
+    let mut sealed = 0u64;
+    let verified = audit::chain::verify_with(&text, |line| {
+        sealed += u64::from(line.seal.is_some());
+        if let Some(finder) = &mut finder {
+            finder.see(line);
+        }
+        match &mut checker {
+            Some(checker) => checker.check(line),
+            None => Ok(()),
+        }
+    });
+    let broken = |problem: &dyn std::fmt::Display| {
+        outln!("{}: BROKEN: {problem}", file.display());
+        ExitCode::FAILURE
+    };
+    let v = match verified {
+        Ok(v) => v,
+        Err(e) => return broken(&e),
+    };
+    let key_id = checker.as_ref().map(|c| c.key_id().to_owned());
+    let seals = match checker.map(Checker::finish).transpose() {
+        Ok(seals) => seals,
+        Err(e) => return broken(&e),
+    };
+    let at_checkpoint = finder.as_ref().map(|f| f.expected().seq);
+    if let Some(Err(e)) = finder.map(|f| f.finish(&v)) {
+        return broken(&format!("checkpoint: {e}"));
+    }
+    let start = if v.from_genesis {
+        "from the start of the chain".to_string()
+    } else {
+        format!("continuing a chain at seq {}", v.first_seq)
+    };
+    let mut report = format!(
+        "{}: OK: {} events, {start}, last seq {} hash {}",
+        file.display(),
+        v.events,
+        v.head.seq,
+        v.head.hash
+    );
+    match (seals, key_id) {
+        (Some(s), Some(key_id)) => {
+            let epochs = if s.first_epoch == s.last_epoch {
+                format!("epoch {}", s.first_epoch)
             } else {
-                format!("continuing a chain at seq {}", v.first_seq)
+                format!("epochs {}-{}", s.first_epoch, s.last_epoch)
             };
-            outln!(
-                "{}: OK: {} events, {start}, last seq {} hash {}",
-                file.display(),
-                v.events,
-                v.head.seq,
-                v.head.hash
+            report.push_str(&format!(
+                "; sealed: {} lines in {epochs}, every seal valid (key {key_id})",
+                s.sealed
+            ));
+            if s.unsealed > 0 {
+                report.push_str(&format!(
+                    "; the first {} lines predate sealing (the seal of line {} covers them)",
+                    s.unsealed, s.first_line
+                ));
+            }
+            if s.open {
+                report.push_str(&format!(
+                    "; epoch {} was still open: only a checkpoint shows lines cut from its end",
+                    s.last_epoch
+                ));
+            }
+        }
+        _ if sealed > 0 => {
+            report.push_str(&format!(
+                "; {sealed} lines are sealed: check the seals with --key"
+            ));
+        }
+        _ => {}
+    }
+    if let Some(seq) = at_checkpoint {
+        report.push_str(&format!("; holds the checkpoint at seq {seq}"));
+    }
+    outln!("{report}");
+    ExitCode::SUCCESS
+}
+
+fn audit_keygen(config: PathBuf, state_dir: Option<PathBuf>, out: &std::path::Path) -> ExitCode {
+    let state_dir = match state_dir {
+        Some(dir) => dir,
+        None => match Config::load(&config) {
+            Ok(config) => config.server.state_dir,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    let state = state_dir.join(keyfile::STATE_FILE);
+    match keyfile::read_state(&state_dir) {
+        Ok(None) => {}
+        Ok(Some(existing)) => {
+            eprintln!(
+                "{}: audit sealing already runs with key {} (epoch {}); to start over with a new key, stop the daemon and move that file and the audit file aside",
+                state.display(),
+                existing.key_id,
+                existing.epoch
             );
-            ExitCode::SUCCESS
+            return ExitCode::FAILURE;
         }
         Err(e) => {
-            outln!("{}: BROKEN: {e}", file.display());
-            ExitCode::FAILURE
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
         }
     }
+    // Run as root for a daemon that runs as its own user: the state goes to the directory's owner.
+    let owner = std::fs::metadata(&state_dir)
+        .ok()
+        .filter(|_| nix::unistd::geteuid().is_root())
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.uid(), m.gid())
+        })
+        .filter(|(uid, _)| *uid != 0);
+    let key = EpochKey::generate();
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if let Err(e) = keyfile::write_verify_key(out, &key, &host) {
+        eprintln!("{e}");
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = keyfile::create_state(&state_dir, &key, owner) {
+        eprintln!("{e}");
+        let _ = std::fs::remove_file(out);
+        return ExitCode::FAILURE;
+    }
+    outln!(
+        "audit sealing key {}: verification key written to {} (mode 0400): move it off this host, \
+         since whoever holds it can forge seals, and check audit files with \
+         `imds-broker audit verify --key FILE AUDIT_FILE`; the daemon seals from epoch 0 with {}",
+        key.key_id,
+        out.display(),
+        state.display()
+    );
+    ExitCode::SUCCESS
 }
 
 fn explain(path: PathBuf, subject: Subject) -> ExitCode {
@@ -564,24 +752,28 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    // The state directory before anything in it (the audit file, by default): it must be the
-    // daemon's, reached without a link; one others may read is narrowed, and said so once the
-    // log is up.
+    let (audit, layer) = AuditSink::prepare(config.instance.hostname.clone());
+    init_tracing(log_format, Some(layer));
+    // The state directory before anything in it (the audit file and its sealing state, by
+    // default): it must be the daemon's, reached without a link; one others may read is
+    // narrowed, and said so below.
     let narrowed = match SafeDir::private(&config.server.state_dir) {
         Ok((_, narrowed)) => narrowed,
         Err(e) => {
-            init_tracing(log_format, None);
             tracing::error!("refusing server.state_dir: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let audit = match AuditSink::open(&config.audit.path, config.instance.hostname.clone()) {
-        Ok((sink, layer)) => {
-            init_tracing(log_format, Some(layer));
-            sink
-        }
+    let seal = config.audit.seal.then(|| SealSettings {
+        state_dir: config.server.state_dir.clone(),
+        policy: EpochPolicy {
+            every: config.audit.seal_epoch,
+            events: config.audit.seal_epoch_events,
+        },
+    });
+    let audit = match audit.start(&config.audit.path, seal) {
+        Ok(sink) => sink,
         Err(e) => {
-            init_tracing(log_format, None);
             tracing::error!(path = %config.audit.path.display(), "cannot open the audit file: {e}");
             return ExitCode::FAILURE;
         }
@@ -687,7 +879,9 @@ async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
     server::serve(state.clone(), endpoints, shutdown).await;
     state.stop_background().await;
     background.cancel();
-    audit.flush();
+    // Everything audited is written and its sealing epoch ended: the key left on disk cannot
+    // re-seal any of it.
+    audit.close();
     ExitCode::SUCCESS
 }
 

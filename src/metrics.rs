@@ -30,6 +30,11 @@ pub const DEGRADED_ENTRIES: &str = "imds_broker_degraded_entries";
 /// Requests answered with last good credentials below `min_remaining` (STS failing).
 pub const DEGRADED_SERVES: &str = "imds_broker_degraded_serves_total";
 
+/// The audit file's last sequence number (its checkpoint; the hash is in the log and /status).
+pub const AUDIT_LAST_SEQ: &str = "imds_broker_audit_last_seq";
+/// The audit file's current sealing epoch.
+pub const AUDIT_EPOCH: &str = "imds_broker_audit_epoch";
+
 /// STS latency buckets, in seconds: from a fast regional endpoint to a timing-out one.
 const STS_LATENCY_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -67,6 +72,11 @@ fn describe() {
         "Apps serving last good credentials while STS fails"
     );
     metrics::describe_counter!(DEGRADED_SERVES, "Requests answered in degraded mode");
+    metrics::describe_gauge!(
+        AUDIT_LAST_SEQ,
+        "Sequence number of the audit file's last line"
+    );
+    metrics::describe_gauge!(AUDIT_EPOCH, "Current sealing epoch of the audit file");
 }
 
 /// The kind of IMDS path, a bounded label set (raw paths would let callers create series).

@@ -130,7 +130,7 @@ impl AppState {
             || old.sts.endpoint_url != config.sts.endpoint_url
             || old.limits != config.limits
             || old.admin != config.admin
-            || old.audit.path != config.audit.path
+            || old.audit != config.audit
             || old.container.as_ref().map(|c| &c.listen)
                 != config.container.as_ref().map(|c| &c.listen);
         let cache = self.cache();

@@ -89,7 +89,7 @@ async fn get_creds(state: &AppState, caller: &Caller, role: &str, times: usize) 
 async fn repeats_are_audited_once_and_every_new_issuance_always() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.log");
-    let (sink, layer) = AuditSink::open(&path, "host-1".into()).unwrap();
+    let (sink, layer) = AuditSink::open(&path, "host-1".into(), None).unwrap();
     // The test runtime is single-threaded: the subscriber and the recorder set for this
     // thread see the handlers and the cache's STS worker.
     let _tracing = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));

@@ -160,6 +160,18 @@ fn each_invalid_fixture_names_file_line_and_field() {
             "app[0].policy_arns",
             "not a managed policy ARN",
         ),
+        (
+            "bad_audit_seal.toml",
+            5,
+            "audit.seal_epoch",
+            "between 1m and 24h",
+        ),
+        (
+            "bad_audit_seal.toml",
+            6,
+            "audit.seal_epoch_events",
+            "between 1 and 10000000",
+        ),
     ];
     for (name, line, field, words) in cases {
         let found = problems(name);

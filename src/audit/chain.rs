@@ -1,6 +1,7 @@
 //! The audit file's hash chain: every line is a JSON object carrying `seq`, the `prev` line's
-//! hash and its own `hash` (sha256 over the object without `hash`, keys sorted), so an edited,
-//! deleted or reordered line breaks the chain where it happened.
+//! hash and its own `hash` (sha256 over the object without `hash` and `seal`, keys sorted), so an
+//! edited, deleted or reordered line breaks the chain where it happened. The chain alone is
+//! unkeyed: anyone who can write the file can rebuild it; [`super::seal`] adds the keyed seal.
 
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -24,26 +25,33 @@ impl Default for ChainHead {
     }
 }
 
+/// The field holding a line's keyed seal: outside the hash, which it authenticates.
+pub const SEAL_FIELD: &str = "seal";
+
+/// The hash of a line's fields, which must hold neither `hash` nor `seal`.
 fn digest(fields: &Map<String, Value>) -> String {
     // serde_json's Map is ordered by key, so this serialization is canonical.
     let bytes = serde_json::to_vec(fields).expect("a JSON map serializes");
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(bytes))
 }
 
-/// Adds `seq`, `prev` and `hash` to `fields` after `head`, advances `head`, and returns the line
-/// (without newline).
-pub fn seal(head: &mut ChainHead, mut fields: Map<String, Value>) -> String {
+/// Adds `seq`, `prev` and `hash` to `fields` after `head` and advances `head`. The caller may
+/// add a `seal` to the result before writing it out.
+pub fn link(head: &mut ChainHead, mut fields: Map<String, Value>) -> Map<String, Value> {
     head.seq += 1;
     fields.insert("seq".into(), Value::from(head.seq));
     fields.insert("prev".into(), Value::from(head.hash.clone()));
     fields.remove("hash");
+    fields.remove(SEAL_FIELD);
     let hash = digest(&fields);
     fields.insert("hash".into(), Value::from(hash.clone()));
     head.hash = hash;
-    serde_json::to_string(&fields).expect("a JSON map serializes")
+    fields
+}
+
+/// [`link`], written out as a line (without newline).
+pub fn line(head: &mut ChainHead, fields: Map<String, Value>) -> String {
+    serde_json::to_string(&link(head, fields)).expect("a JSON map serializes")
 }
 
 /// The head a line leaves the chain at, if the line is a sealed event.
@@ -72,9 +80,29 @@ pub struct Broken {
     pub problem: String,
 }
 
+/// One line that passed the chain checks, as [`verify_with`] shows it to its caller.
+pub struct Line<'a> {
+    /// 1-based line number in the file.
+    pub number: usize,
+    pub seq: u64,
+    pub hash: &'a str,
+    /// Every field but `hash` and `seal`.
+    pub fields: &'a Map<String, Value>,
+    pub seal: Option<&'a Value>,
+}
+
 /// Checks every line of an audit file: each parses, its hash matches its content, it names the
 /// previous line's hash and the next sequence number.
 pub fn verify(text: &str) -> Result<Verified, Broken> {
+    verify_with(text, |_| Ok(()))
+}
+
+/// [`verify`], also handing each line that passes the chain checks to `check`, in order; the
+/// first line that either refuses is the one reported.
+pub fn verify_with(
+    text: &str,
+    mut check: impl FnMut(&Line<'_>) -> Result<(), String>,
+) -> Result<Verified, Broken> {
     let mut head: Option<ChainHead> = None;
     let mut first = None;
     let mut events = 0;
@@ -93,6 +121,7 @@ pub fn verify(text: &str) -> Result<Verified, Broken> {
             .remove("hash")
             .and_then(|h| h.as_str().map(str::to_owned))
             .ok_or_else(|| broken("no hash".into()))?;
+        let seal = fields.remove(SEAL_FIELD);
         if digest(&fields) != claimed {
             return Err(broken(
                 "hash does not match the line's content (edited?)".into(),
@@ -119,6 +148,14 @@ pub fn verify(text: &str) -> Result<Verified, Broken> {
         } else {
             first = Some((seq, prev == GENESIS && seq == 1));
         }
+        check(&Line {
+            number: line_no,
+            seq,
+            hash: &claimed,
+            fields: &fields,
+            seal: seal.as_ref(),
+        })
+        .map_err(broken)?;
         head = Some(ChainHead { seq, hash: claimed });
         events += 1;
     }
@@ -145,7 +182,7 @@ mod tests {
 
     fn chain(n: u64) -> Vec<String> {
         let mut head = ChainHead::default();
-        (1..=n).map(|i| seal(&mut head, event(i))).collect()
+        (1..=n).map(|i| line(&mut head, event(i))).collect()
     }
 
     #[test]
@@ -173,6 +210,28 @@ mod tests {
         let err = verify(&lines.join("\n")).unwrap_err();
         assert_eq!(err.line, 2);
         assert!(err.problem.contains("edited"), "{err}");
+    }
+
+    #[test]
+    fn a_seal_is_outside_the_hash_and_seen_by_the_checker() {
+        let mut head = ChainHead::default();
+        let mut fields = link(&mut head, event(1));
+        fields.insert(SEAL_FIELD.into(), Value::from("ab"));
+        let text = serde_json::to_string(&fields).unwrap();
+        let mut seen = Vec::new();
+        let v = verify_with(&text, |l| {
+            seen.push((l.number, l.seq, l.hash.to_owned(), l.seal.cloned()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [(1, 1, head.hash.clone(), Some(Value::from("ab")))],
+            "the seal changes no hash"
+        );
+        assert_eq!(v.head, head);
+        let err = verify_with(&text, |_| Err("refused".into())).unwrap_err();
+        assert_eq!((err.line, err.problem.as_str()), (1, "refused"));
     }
 
     #[test]

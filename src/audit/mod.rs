@@ -1,10 +1,14 @@
 //! Audit events: one structured event per credential decision, emitted with target `audit` so
 //! operators can route them apart from diagnostics, and written by [`sink`] to a hash-chained
-//! file that [`chain::verify`] checks. Each event names the caller as fully as it was resolved;
-//! secrets never appear (only access key ids).
+//! file that [`chain::verify`] checks, forward-secure sealed by [`seal`] (keys in [`keyfile`])
+//! with its [`checkpoint`] published outside the file. Each event names the caller as fully as
+//! it was resolved; secrets never appear (only access key ids).
 
 pub mod chain;
+pub mod checkpoint;
+pub mod keyfile;
 mod repeats;
+pub mod seal;
 pub mod sink;
 
 use std::time::SystemTime;

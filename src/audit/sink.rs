@@ -1,7 +1,9 @@
 //! The audit file: a tracing layer takes every `target: "audit"` event, whatever the log level,
 //! and a writer thread appends it as one hash-chained JSON line to a 0600 file, fsync-ing once
-//! per batch of queued events. The file is reopened on request (SIGHUP, for logrotate) and the
-//! chain continues across restarts and rotations.
+//! per batch of queued events. With sealing on, the writer also stamps each line with its epoch
+//! and seals it ([`super::seal`]), ends epochs (by count, by time, at start-up, rotation and
+//! shutdown) and publishes the chain's checkpoint ([`super::checkpoint`]). The file is reopened
+//! on request (SIGHUP, for logrotate) and the chain continues across restarts and rotations.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -9,6 +11,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use serde_json::{Map, Value};
@@ -18,6 +21,8 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::layer::Context;
 
 use super::chain::{self, ChainHead};
+use super::checkpoint::{self, Checkpoint};
+use super::seal::{EndReason, EpochPolicy, LastSealed, SealError, Sealer, Startup};
 
 /// The most events written before one fsync; the writer also syncs whenever the queue is empty.
 const MAX_BATCH: usize = 256;
@@ -26,11 +31,30 @@ const MAX_BATCH: usize = 256;
 const QUEUE_EVENTS: usize = 16 * 1024;
 /// How much of an existing file's tail is read to find where its chain stands.
 const TAIL_BYTES: u64 = 64 * 1024;
+/// When an epoch's end line could not be written, how long until the next try by time.
+const END_RETRY: Duration = Duration::from_secs(10);
 
 enum Msg {
     Event(Map<String, Value>),
     Reopen,
     Flush(mpsc::Sender<()>),
+    /// The daemon is stopping: end the sealing epoch, then acknowledge.
+    Stop(mpsc::Sender<()>),
+}
+
+/// Where the sealing state lives and when epochs end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealSettings {
+    pub state_dir: PathBuf,
+    pub policy: EpochPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("audit sealing: {0}")]
+    Seal(#[from] SealError),
 }
 
 /// Handle to the writer thread.
@@ -45,26 +69,73 @@ pub struct AuditLayer {
     host: String,
 }
 
-impl AuditSink {
-    /// Opens (creating with mode 0600) the audit file at `path` and starts the writer.
-    pub fn open(path: &Path, host: String) -> io::Result<(AuditSink, AuditLayer)> {
-        let writer = Writer::open(path.to_owned())?;
-        let (tx, rx) = mpsc::sync_channel(QUEUE_EVENTS);
+/// The sink before its writer starts: events are queued meanwhile. Lets the daemon install its
+/// tracing subscriber (with the layer) before opening the file, so what opening it logs (a new
+/// sealing key, a state caught up) reaches the log.
+pub struct Unstarted {
+    tx: mpsc::SyncSender<Msg>,
+    rx: mpsc::Receiver<Msg>,
+    host: String,
+}
+
+impl Unstarted {
+    /// Opens (creating with mode 0600) the audit file at `path`, sets up sealing when `seal` is
+    /// given, and starts the writer.
+    pub fn start(self, path: &Path, seal: Option<SealSettings>) -> Result<AuditSink, OpenError> {
+        let writer = Writer::open(path.to_owned(), self.host, seal, Instant::now())?;
+        let rx = self.rx;
         thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer.run(rx))?;
-        Ok((AuditSink { tx: tx.clone() }, AuditLayer { tx, host }))
+            .spawn(move || writer.run(rx))
+            .map_err(|source| OpenError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(AuditSink { tx: self.tx })
+    }
+}
+
+impl AuditSink {
+    /// The layer that feeds the sink, and the sink to start.
+    pub fn prepare(host: String) -> (Unstarted, AuditLayer) {
+        let (tx, rx) = mpsc::sync_channel(QUEUE_EVENTS);
+        let layer = AuditLayer {
+            tx: tx.clone(),
+            host: host.clone(),
+        };
+        (Unstarted { tx, rx, host }, layer)
     }
 
-    /// Reopens the file by path (after logrotate moved it).
+    /// [`AuditSink::prepare`] and [`Unstarted::start`] in one.
+    pub fn open(
+        path: &Path,
+        host: String,
+        seal: Option<SealSettings>,
+    ) -> Result<(AuditSink, AuditLayer), OpenError> {
+        let (unstarted, layer) = Self::prepare(host);
+        Ok((unstarted.start(path, seal)?, layer))
+    }
+
+    /// Reopens the file by path (after logrotate moved it); a sealed epoch with lines in the
+    /// old file ends there first.
     pub fn reopen(&self) {
         let _ = self.tx.send(Msg::Reopen);
     }
 
     /// Returns once every event queued so far is written and synced.
     pub fn flush(&self) {
+        self.round_trip(Msg::Flush);
+    }
+
+    /// Returns once every event queued so far is written and synced and the sealing epoch has
+    /// ended (so the key left on disk cannot seal any line written so far). For shutdown.
+    pub fn close(&self) {
+        self.round_trip(Msg::Stop);
+    }
+
+    fn round_trip(&self, msg: fn(mpsc::Sender<()>) -> Msg) {
         let (ack, done) = mpsc::channel();
-        if self.tx.send(Msg::Flush(ack)).is_ok() {
+        if self.tx.send(msg(ack)).is_ok() {
             let _ = done.recv();
         }
     }
@@ -73,17 +144,84 @@ impl AuditSink {
 struct Writer {
     path: PathBuf,
     file: File,
+    host: String,
+    /// Where the chain stands, with the lines not yet written.
     head: ChainHead,
+    /// Where it stands in the file: the head after the last successful write.
+    written: ChainHead,
+    sealer: Option<Sealer>,
+    /// The seq of the last checkpoint logged, and when.
+    logged: Option<(u64, Instant)>,
+    /// When a checkpoint is due in the log (held back by [`checkpoint::LOG_EVERY`]).
+    log_due: Option<Instant>,
 }
 
 impl Writer {
-    fn open(path: PathBuf) -> io::Result<Self> {
-        let (file, head) = open_file(&path)?;
-        Ok(Self { path, file, head })
+    fn open(
+        path: PathBuf,
+        host: String,
+        seal: Option<SealSettings>,
+        now: Instant,
+    ) -> Result<Self, OpenError> {
+        let (file, last) = open_file(&path).map_err(|source| OpenError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let head = last.as_ref().and_then(head_of).unwrap_or_default();
+        let last_sealed = last.as_ref().and_then(LastSealed::of);
+        let mut writer = Self {
+            path,
+            file,
+            host,
+            written: head.clone(),
+            head,
+            sealer: None,
+            logged: None,
+            log_due: None,
+        };
+        match seal {
+            Some(settings) => {
+                let (sealer, startup) = Sealer::open(
+                    settings.state_dir,
+                    settings.policy,
+                    last_sealed,
+                    &writer.host,
+                )?;
+                writer.sealer = Some(sealer);
+                match startup {
+                    Startup::Continue => {}
+                    Startup::EndEpoch => writer.end_epoch(EndReason::Restart, now)?,
+                    Startup::Advance => writer.advance()?,
+                }
+            }
+            None if last_sealed.is_some() => tracing::warn!(
+                path = %writer.path.display(),
+                "audit sealing is off ([audit] seal = false) but the audit file is sealed: \
+                 `audit verify --key` reports the unsealed lines from here on"
+            ),
+            None => {}
+        }
+        let first = writer.logged.is_none();
+        writer.publish(now, first);
+        Ok(writer)
     }
 
     fn run(mut self, rx: mpsc::Receiver<Msg>) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = match self.next_deadline() {
+                None => match rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => return,
+                },
+                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(m) => m,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.on_timer(Instant::now());
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                },
+            };
             let mut pending = vec![first];
             while pending.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -91,49 +229,183 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let mut acks = Vec::new();
-            let mut buf = String::new();
-            for msg in pending {
-                match msg {
-                    Msg::Event(fields) => {
-                        buf.push_str(&chain::seal(&mut self.head, fields));
-                        buf.push('\n');
-                    }
-                    Msg::Flush(ack) => acks.push(ack),
-                    Msg::Reopen => {
-                        self.write(&mut buf);
-                        self.reopen();
-                    }
-                }
-            }
-            self.write(&mut buf);
-            for ack in acks {
-                let _ = ack.send(());
-            }
+            self.handle(pending, Instant::now());
         }
     }
 
-    fn write(&mut self, buf: &mut String) {
-        if buf.is_empty() {
+    /// The next time the writer has work without a message: an epoch ending by time, a
+    /// checkpoint held back.
+    fn next_deadline(&self) -> Option<Instant> {
+        let epoch = self.sealer.as_ref().and_then(Sealer::deadline);
+        match (epoch, self.log_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn handle(&mut self, pending: Vec<Msg>, now: Instant) {
+        let mut acks = Vec::new();
+        let mut buf = String::new();
+        for msg in pending {
+            match msg {
+                Msg::Event(fields) => {
+                    self.push(fields, &mut buf, now);
+                    if let Some(reason) = self.sealer.as_ref().and_then(|s| s.due(now)) {
+                        self.write(&mut buf);
+                        self.end_epoch_or_log(reason, now);
+                    }
+                }
+                Msg::Flush(ack) => acks.push(ack),
+                Msg::Reopen => {
+                    self.write(&mut buf);
+                    self.end_epoch_if_lines(EndReason::Rotate, now);
+                    self.reopen();
+                }
+                Msg::Stop(ack) => {
+                    self.write(&mut buf);
+                    self.end_epoch_if_lines(EndReason::Stop, now);
+                    acks.push(ack);
+                }
+            }
+        }
+        self.write(&mut buf);
+        self.after_writing(now, false);
+        for ack in acks {
+            let _ = ack.send(());
+        }
+    }
+
+    fn on_timer(&mut self, now: Instant) {
+        if let Some(reason) = self.sealer.as_ref().and_then(|s| s.due(now)) {
+            self.end_epoch_or_log(reason, now);
+        }
+        self.after_writing(now, false);
+    }
+
+    /// Chains (and seals) one event into `buf`.
+    fn push(&mut self, mut fields: Map<String, Value>, buf: &mut String, now: Instant) {
+        if let Some(sealer) = &self.sealer {
+            sealer.stamp(&mut fields);
+        }
+        self.push_stamped(fields, buf, now);
+    }
+
+    fn push_stamped(&mut self, fields: Map<String, Value>, buf: &mut String, now: Instant) {
+        let mut fields = chain::link(&mut self.head, fields);
+        if let Some(sealer) = &mut self.sealer {
+            sealer.seal(&mut fields, now);
+        }
+        buf.push_str(&serde_json::to_string(&fields).expect("a JSON map serializes"));
+        buf.push('\n');
+    }
+
+    fn end_epoch_if_lines(&mut self, reason: EndReason, now: Instant) {
+        if self.sealer.as_ref().is_some_and(Sealer::has_lines) {
+            self.end_epoch_or_log(reason, now);
+        }
+    }
+
+    fn end_epoch_or_log(&mut self, reason: EndReason, now: Instant) {
+        if let Err(e) = self.end_epoch(reason, now) {
+            tracing::error!(error = %e, "cannot save the next audit sealing key; sealing with it anyway, and retrying");
+        }
+    }
+
+    /// Ends the current sealing epoch: its end line, sealed with its key, is written and synced
+    /// first; then the next key replaces it (in memory and in the state file) before any line of
+    /// the next epoch. If the end line cannot be written the epoch goes on (and ends later).
+    fn end_epoch(&mut self, reason: EndReason, now: Instant) -> Result<(), SealError> {
+        let Some(sealer) = &self.sealer else {
+            return Ok(());
+        };
+        let fields = envelope(sealer.end_fields(reason), &self.host, "INFO");
+        let mut buf = String::new();
+        self.push_stamped(fields, &mut buf, now);
+        if !self.write(&mut buf) {
+            if let Some(sealer) = &mut self.sealer {
+                sealer.retry_end_at(now + END_RETRY);
+            }
+            return Ok(());
+        }
+        let result = self.advance();
+        self.publish(now, true);
+        result
+    }
+
+    fn advance(&mut self) -> Result<(), SealError> {
+        match &mut self.sealer {
+            Some(sealer) => sealer.advance(),
+            None => Ok(()),
+        }
+    }
+
+    /// Retries a state file that is behind, and publishes the checkpoint.
+    fn after_writing(&mut self, now: Instant, force: bool) {
+        if let Some(sealer) = &mut self.sealer
+            && !sealer.is_saved()
+            && let Err(e) = sealer.save()
+        {
+            tracing::error!(error = %e, "cannot save the audit sealing key");
+        }
+        self.publish(now, force);
+    }
+
+    /// Records where the file stands (for `/status` and the metrics) and logs it when a
+    /// checkpoint is due: at once when `force`d, else at most every [`checkpoint::LOG_EVERY`].
+    fn publish(&mut self, now: Instant, force: bool) {
+        let current = Checkpoint {
+            seq: self.written.seq,
+            hash: self.written.hash.clone(),
+            epoch: self.sealer.as_ref().map(Sealer::epoch),
+            key_id: self.sealer.as_ref().map(|s| s.key_id().to_owned()),
+        };
+        checkpoint::record(current.clone());
+        let logged_seq = self.logged.map(|(seq, _)| seq);
+        if logged_seq == Some(current.seq) && !force {
+            self.log_due = None;
             return;
+        }
+        let next_log = self.logged.map(|(_, at)| at + checkpoint::LOG_EVERY);
+        if force || next_log.is_none_or(|at| now >= at) {
+            checkpoint::log(&current);
+            self.logged = Some((current.seq, now));
+            self.log_due = None;
+        } else {
+            self.log_due = next_log;
+        }
+    }
+
+    /// Appends `buf` and syncs; whether it is in the file.
+    fn write(&mut self, buf: &mut String) -> bool {
+        if buf.is_empty() {
+            return true;
         }
         let result = self
             .file
             .write_all(buf.as_bytes())
             .and_then(|()| self.file.sync_data());
-        if let Err(e) = result {
-            tracing::error!(path = %self.path.display(), error = %e, "cannot write the audit file");
-        }
         buf.clear();
+        match result {
+            Ok(()) => {
+                self.written = self.head.clone();
+                true
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot write the audit file");
+                false
+            }
+        }
     }
 
     fn reopen(&mut self) {
         match open_file(&self.path) {
-            Ok((file, head)) => {
+            Ok((file, last)) => {
                 self.file = file;
                 // A fresh file after rotation continues the chain held in memory.
+                let head = last.as_ref().and_then(head_of).unwrap_or_default();
                 if head.seq > self.head.seq {
-                    self.head = head;
+                    self.head = head.clone();
+                    self.written = head;
                 }
                 tracing::info!(path = %self.path.display(), "audit file reopened");
             }
@@ -144,9 +416,9 @@ impl Writer {
     }
 }
 
-/// Opens `path` for appending with mode 0600 (tightening an existing file), and reads where the
-/// chain in it stands.
-fn open_file(path: &Path) -> io::Result<(File, ChainHead)> {
+/// Opens `path` for appending with mode 0600 (tightening an existing file), and reads its last
+/// chained line.
+fn open_file(path: &Path) -> io::Result<(File, Option<Map<String, Value>>)> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::DirBuilder::new()
             .recursive(true)
@@ -160,20 +432,38 @@ fn open_file(path: &Path) -> io::Result<(File, ChainHead)> {
         .mode(0o600)
         .open(path)?;
     file.set_permissions(fs::Permissions::from_mode(0o600))?;
-    let head = last_head(&mut file)?;
-    Ok((file, head))
+    let last = last_line(&mut file)?;
+    Ok((file, last))
 }
 
-fn last_head(file: &mut File) -> io::Result<ChainHead> {
+fn last_line(file: &mut File) -> io::Result<Option<Map<String, Value>>> {
     let len = file.metadata()?.len();
     file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))?;
     let mut tail = String::new();
     file.read_to_string(&mut tail)?;
-    Ok(tail
-        .lines()
-        .rev()
-        .find_map(chain::head_of)
-        .unwrap_or_default())
+    Ok(tail.lines().rev().find_map(|line| {
+        let fields: Map<String, Value> = serde_json::from_str(line).ok()?;
+        head_of(&fields).map(|_| fields)
+    }))
+}
+
+/// The head a chained line leaves the chain at.
+fn head_of(fields: &Map<String, Value>) -> Option<ChainHead> {
+    Some(ChainHead {
+        seq: fields.get("seq")?.as_u64()?,
+        hash: fields.get("hash")?.as_str()?.to_owned(),
+    })
+}
+
+/// Adds what every line carries besides its own fields: a random `id`, `time`, `host`, `level`.
+fn envelope(mut fields: Map<String, Value>, host: &str, level: &str) -> Map<String, Value> {
+    let mut id = [0u8; 16];
+    rand::rng().fill_bytes(&mut id);
+    fields.insert("id".into(), Value::from(hex::encode(id)));
+    fields.insert("time".into(), Value::from(now_rfc3339()));
+    fields.insert("host".into(), Value::from(host));
+    fields.insert("level".into(), Value::from(level));
+    fields
 }
 
 impl<S: Subscriber> Layer<S> for AuditLayer {
@@ -183,19 +473,7 @@ impl<S: Subscriber> Layer<S> for AuditLayer {
         }
         let mut fields = Fields(Map::new());
         event.record(&mut fields);
-        let mut fields = fields.0;
-        let mut id = [0u8; 16];
-        rand::rng().fill_bytes(&mut id);
-        fields.insert(
-            "id".into(),
-            Value::from(id.iter().map(|b| format!("{b:02x}")).collect::<String>()),
-        );
-        fields.insert("time".into(), Value::from(now_rfc3339()));
-        fields.insert("host".into(), Value::from(self.host.clone()));
-        fields.insert(
-            "level".into(),
-            Value::from(event.metadata().level().as_str()),
-        );
+        let fields = envelope(fields.0, &self.host, event.metadata().level().as_str());
         let _ = self.tx.send(Msg::Event(fields));
     }
 }
@@ -236,14 +514,303 @@ impl Visit for Fields {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::keyfile;
+    use crate::audit::seal::{Checker, EpochKey, SealReport};
     use std::os::unix::fs::MetadataExt;
     use tracing_subscriber::layer::SubscriberExt;
+
+    fn seal_settings(dir: &Path, events: u64) -> SealSettings {
+        SealSettings {
+            state_dir: dir.join("state"),
+            policy: EpochPolicy {
+                every: Duration::from_secs(900),
+                events,
+            },
+        }
+    }
+
+    fn event(n: u64) -> Msg {
+        let mut fields = Map::new();
+        fields.insert("event".into(), Value::from("token.issued"));
+        fields.insert("n".into(), Value::from(n));
+        Msg::Event(envelope(fields, "h", "INFO"))
+    }
+
+    /// The verification key the daemon left in the state dir.
+    fn verification_key(dir: &Path) -> EpochKey {
+        let found = keyfile::verify_keys_in(&dir.join("state"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(fs::metadata(&found[0]).unwrap().mode() & 0o777, 0o400);
+        keyfile::read_verify_key(&found[0]).unwrap()
+    }
+
+    fn check_sealed(text: &str, key: EpochKey) -> Result<SealReport, String> {
+        let mut checker = Checker::new(key);
+        chain::verify_with(text, |l| checker.check(l)).map_err(|e| e.to_string())?;
+        checker.finish()
+    }
+
+    fn lines(path: &Path) -> Vec<Map<String, Value>> {
+        fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// (epoch, event, reason) of each line.
+    fn shape(path: &Path) -> Vec<(u64, String, Option<String>)> {
+        lines(path)
+            .iter()
+            .map(|l| {
+                (
+                    l["epoch"].as_u64().unwrap(),
+                    l["event"].as_str().unwrap().to_owned(),
+                    l.get("reason").and_then(Value::as_str).map(str::to_owned),
+                )
+            })
+            .collect()
+    }
+
+    fn state_epoch(dir: &Path) -> u64 {
+        keyfile::read_state(&dir.join("state"))
+            .unwrap()
+            .unwrap()
+            .epoch
+    }
+
+    fn end(epoch: u64, reason: &str) -> (u64, String, Option<String>) {
+        (epoch, "audit.epoch_end".into(), Some(reason.into()))
+    }
+
+    fn ev(epoch: u64) -> (u64, String, Option<String>) {
+        (epoch, "token.issued".into(), None)
+    }
+
+    #[test]
+    fn epochs_end_by_count_and_the_trail_verifies_with_the_first_key_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let t0 = Instant::now();
+        let mut w = Writer::open(
+            path.clone(),
+            "h".into(),
+            Some(seal_settings(dir.path(), 3)),
+            t0,
+        )
+        .unwrap();
+        w.handle((1..=7).map(event).collect(), t0);
+        assert_eq!(
+            shape(&path),
+            [
+                ev(0),
+                ev(0),
+                ev(0),
+                end(0, "events"),
+                ev(1),
+                ev(1),
+                ev(1),
+                end(1, "events"),
+                ev(2)
+            ]
+        );
+        assert_eq!(state_epoch(dir.path()), 2);
+        let text = fs::read_to_string(&path).unwrap();
+        let report = check_sealed(&text, verification_key(dir.path())).unwrap();
+        assert_eq!(
+            (report.sealed, report.last_epoch, report.open),
+            (9, 2, true)
+        );
+        assert!(check_sealed(&text, EpochKey::generate()).is_err());
+        let first = &lines(&path)[3];
+        assert_eq!(first["next_epoch"], 1);
+        assert_eq!(
+            first["key_id"],
+            verification_key(dir.path()).key_id.as_str()
+        );
+        // The checkpoint was logged when epoch 1 ended; the last line's is held back a moment.
+        assert_eq!(w.logged.map(|(seq, _)| seq), Some(8));
+        assert_eq!(w.log_due, Some(t0 + checkpoint::LOG_EVERY));
+        assert_eq!((w.written.seq, &w.written), (9, &w.head));
+    }
+
+    #[test]
+    fn an_epoch_ends_by_time_even_when_no_line_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let t0 = Instant::now();
+        let every = Duration::from_secs(900);
+        let mut w = Writer::open(
+            path.clone(),
+            "h".into(),
+            Some(seal_settings(dir.path(), 10_000)),
+            t0,
+        )
+        .unwrap();
+        assert_eq!(w.next_deadline(), None, "no line, no epoch to end");
+        let t1 = t0 + Duration::from_secs(5);
+        w.handle(vec![event(1)], t1);
+        assert_eq!(w.next_deadline(), Some(t1 + every));
+        w.on_timer(t1 + every - Duration::from_secs(1));
+        assert_eq!(shape(&path), [ev(0)]);
+        w.on_timer(t1 + every);
+        assert_eq!(shape(&path), [ev(0), end(0, "time")]);
+        assert_eq!(state_epoch(dir.path()), 1);
+        assert_eq!(w.next_deadline(), None);
+        w.handle(vec![event(2)], t1 + every * 3);
+        assert_eq!(w.next_deadline(), Some(t1 + every * 4));
+    }
+
+    #[test]
+    fn a_held_back_checkpoint_is_logged_by_the_timer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let t0 = Instant::now();
+        let mut w = Writer::open(path, "h".into(), None, t0).unwrap();
+        assert_eq!(w.logged.map(|(seq, _)| seq), Some(0), "logged at start");
+        w.handle(vec![event(1)], t0);
+        assert_eq!(w.logged.map(|(seq, _)| seq), Some(0), "held back");
+        assert_eq!(w.next_deadline(), Some(t0 + checkpoint::LOG_EVERY));
+        w.on_timer(t0 + checkpoint::LOG_EVERY);
+        assert_eq!(w.logged.map(|(seq, _)| seq), Some(1));
+        assert_eq!(w.next_deadline(), None);
+    }
+
+    #[test]
+    fn restarts_and_crashes_at_each_step_continue_a_verifiable_sealed_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let state_file = dir.path().join("state").join(keyfile::STATE_FILE);
+        let open = || {
+            Writer::open(
+                path.clone(),
+                "h".into(),
+                Some(seal_settings(dir.path(), 10_000)),
+                Instant::now(),
+            )
+        };
+        // Killed mid-epoch: the next start ends that epoch with the key on disk.
+        let mut w = open().unwrap();
+        w.handle(vec![event(1), event(2)], Instant::now());
+        drop(w);
+        let state_at_1 = {
+            let mut w = open().unwrap();
+            let saved = fs::read(&state_file).unwrap();
+            w.handle(vec![event(3), Msg::Stop(mpsc::channel().0)], Instant::now());
+            saved
+        };
+        // Stopped: the epoch ended and the next key is saved; the next start writes on in it.
+        let mut w = open().unwrap();
+        let state_at_2 = fs::read(&state_file).unwrap();
+        w.handle(vec![event(4), Msg::Stop(mpsc::channel().0)], Instant::now());
+        drop(w);
+        // Killed between the end line and the state update: the state still names epoch 2.
+        fs::write(&state_file, &state_at_2).unwrap();
+        let mut w = open().unwrap();
+        assert_eq!(state_epoch(dir.path()), 3);
+        w.handle(vec![event(5)], Instant::now());
+        drop(w);
+        // A state from a backup, behind the file: caught up, never sealing with an older key.
+        fs::write(&state_file, &state_at_1).unwrap();
+        let mut w = open().unwrap();
+        w.handle(vec![event(6)], Instant::now());
+        drop(w);
+        assert_eq!(
+            shape(&path),
+            [
+                ev(0),
+                ev(0),
+                end(0, "restart"),
+                ev(1),
+                end(1, "stop"),
+                ev(2),
+                end(2, "stop"),
+                ev(3),
+                end(3, "restart"),
+                ev(4),
+            ]
+        );
+        assert_eq!(state_epoch(dir.path()), 4);
+        let text = fs::read_to_string(&path).unwrap();
+        let report = check_sealed(&text, verification_key(dir.path())).unwrap();
+        assert_eq!((report.sealed, report.last_epoch), (10, 4));
+
+        // Without the state, a sealed file is not sealed on with a new key.
+        fs::remove_file(&state_file).unwrap();
+        let err = open().err().unwrap().to_string();
+        assert!(err.contains("no sealing state"), "{err}");
+        assert_eq!(fs::read_to_string(&path).unwrap(), text, "nothing written");
+    }
+
+    #[test]
+    fn rotation_ends_the_epoch_in_the_rotated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let rotated = dir.path().join("audit.log.1");
+        let t0 = Instant::now();
+        let mut w = Writer::open(
+            path.clone(),
+            "h".into(),
+            Some(seal_settings(dir.path(), 10_000)),
+            t0,
+        )
+        .unwrap();
+        w.handle(vec![event(1), event(2)], t0);
+        fs::rename(&path, &rotated).unwrap();
+        w.handle(vec![Msg::Reopen, event(3)], t0);
+        assert_eq!(shape(&rotated), [ev(0), ev(0), end(0, "rotate")]);
+        assert_eq!(shape(&path), [ev(1)]);
+        let key = || verification_key(dir.path());
+        let old = fs::read_to_string(&rotated).unwrap();
+        let new = fs::read_to_string(&path).unwrap();
+        assert!(!check_sealed(&old, key()).unwrap().open);
+        assert_eq!(check_sealed(&new, key()).unwrap().first_epoch, 1);
+        check_sealed(&(old + &new), key()).unwrap();
+    }
+
+    #[test]
+    fn after_close_the_key_on_disk_cannot_reseal_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (sink, layer) =
+            AuditSink::open(&path, "h".into(), Some(seal_settings(dir.path(), 10_000))).unwrap();
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
+            tracing::info!(target: "audit", event = "token.issued", uid = 7u64, "one");
+            tracing::info!(target: "audit", event = "token.issued", uid = 8u64, "two");
+        });
+        sink.close();
+        assert_eq!(
+            shape(&path),
+            [ev(0), ev(0), end(0, "stop")],
+            "the line of close() is the last"
+        );
+        // Someone who reads the key left on disk (epoch 1) and edits line 2.
+        let stolen = keyfile::read_state(&dir.path().join("state"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(stolen.epoch, 1);
+        let text = fs::read_to_string(&path).unwrap();
+        let edited: Vec<String> = text
+            .lines()
+            .map(|l| l.replace("\"uid\":8", "\"uid\":0"))
+            .collect();
+        let forged = crate::audit::seal::tests::rechain(&edited, |_| {
+            Some(EpochKey {
+                epoch: stolen.epoch,
+                key: crate::audit::seal::Key::from_hex(&stolen.key.to_hex()).unwrap(),
+                key_id: stolen.key_id.clone(),
+            })
+        });
+        chain::verify(&forged.join("\n")).unwrap();
+        let err = check_sealed(&forged.join("\n"), verification_key(dir.path())).unwrap_err();
+        assert!(err.starts_with("line 2: seal does not match"), "{err}");
+    }
 
     #[test]
     fn audit_events_are_chained_into_a_private_file_across_reopen_and_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("logs/audit.log");
-        let (sink, layer) = AuditSink::open(&path, "host-1".into()).unwrap();
+        let (sink, layer) = AuditSink::open(&path, "host-1".into(), None).unwrap();
         let subscriber = tracing_subscriber::registry().with(layer);
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!(target: "audit", event = "token.issued", uid = 7u64, "one");
@@ -282,7 +849,7 @@ mod tests {
         assert!(new.contains(&format!("\"prev\":\"{}\"", v.head.hash)));
 
         // A restart picks the chain up where the file ends.
-        let (sink3, layer3) = AuditSink::open(&path, "host-1".into()).unwrap();
+        let (sink3, layer3) = AuditSink::open(&path, "host-1".into(), None).unwrap();
         tracing::subscriber::with_default(tracing_subscriber::registry().with(layer3), || {
             tracing::info!(target: "audit", event = "token.issued", "four");
         });
@@ -295,7 +862,7 @@ mod tests {
     fn more_events_than_the_queue_holds_all_land_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let (sink, layer) = AuditSink::open(&path, "h".into()).unwrap();
+        let (sink, layer) = AuditSink::open(&path, "h".into(), None).unwrap();
         let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer));
         const THREADS: usize = 4;
         let per_thread = QUEUE_EVENTS / 2;

@@ -92,11 +92,25 @@ pub struct Config {
     pub warnings: Vec<Problem>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditConfig {
     /// The hash-chained audit file (mode 0600).
     pub path: PathBuf,
+    /// Forward-secure sealing of the file, keys in the state dir (default on).
+    pub seal: bool,
+    /// A sealing epoch ends this long after its first line...
+    pub seal_epoch: Duration,
+    /// ...or after this many lines, whichever comes first.
+    pub seal_epoch_events: u64,
 }
+
+/// Sealing epochs: how long (from its first line) and how many lines at most, by default; the
+/// key of an ended epoch is erased, so these bound what a later intruder could re-seal.
+pub const DEFAULT_SEAL_EPOCH: Duration = Duration::from_secs(15 * 60);
+pub const DEFAULT_SEAL_EPOCH_EVENTS: u64 = 10_000;
+const SEAL_EPOCH_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(60)..=Duration::from_secs(24 * 3600);
+const SEAL_EPOCH_EVENTS_RANGE: std::ops::RangeInclusive<u64> = 1..=10_000_000;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -434,13 +448,7 @@ impl Validator<'_> {
                 AdminListen::Unix(server.state_dir.join("admin.sock"))
             }),
         };
-        let audit = AuditConfig {
-            path: raw
-                .audit
-                .path
-                .map(PathBuf::from)
-                .unwrap_or_else(|| server.state_dir.join("audit.log")),
-        };
+        let audit = self.audit(raw.audit, &server.state_dir);
         let sts_duration = self.duration(
             raw.sts.default_duration.as_ref(),
             "sts.default_duration",
@@ -1104,6 +1112,40 @@ impl Validator<'_> {
                 default
             }
             Some(v) => *v.get_ref(),
+        }
+    }
+
+    fn audit(&mut self, raw: raw::RawAudit, state_dir: &Path) -> AuditConfig {
+        let seal_epoch = self.duration(
+            raw.seal_epoch.as_ref(),
+            "audit.seal_epoch",
+            DEFAULT_SEAL_EPOCH,
+        );
+        if let Some(r) = &raw.seal_epoch
+            && !SEAL_EPOCH_RANGE.contains(&seal_epoch)
+        {
+            self.push(r.span(), "audit.seal_epoch", "must be between 1m and 24h");
+        }
+        let seal_epoch_events = match &raw.seal_epoch_events {
+            Some(n) if !SEAL_EPOCH_EVENTS_RANGE.contains(n.get_ref()) => {
+                self.push(
+                    n.span(),
+                    "audit.seal_epoch_events",
+                    "must be between 1 and 10000000",
+                );
+                DEFAULT_SEAL_EPOCH_EVENTS
+            }
+            Some(n) => *n.get_ref(),
+            None => DEFAULT_SEAL_EPOCH_EVENTS,
+        };
+        AuditConfig {
+            path: raw
+                .path
+                .map(PathBuf::from)
+                .unwrap_or_else(|| state_dir.join("audit.log")),
+            seal: raw.seal.unwrap_or(true),
+            seal_epoch,
+            seal_epoch_events,
         }
     }
 

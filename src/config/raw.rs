@@ -68,6 +68,9 @@ pub struct RawAppContainer {
 #[serde(deny_unknown_fields)]
 pub struct RawAudit {
     pub path: Option<String>,
+    pub seal: Option<bool>,
+    pub seal_epoch: Option<Spanned<RawDuration>>,
+    pub seal_epoch_events: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -11,6 +11,11 @@ pub fn broker() -> Command {
 
 /// `serve --config config` with `extra_env`; returns the child and the address it announced.
 pub fn serve(config: &Path, extra_env: &[(&str, &str)]) -> (Child, String) {
+    serve_logging(config, extra_env, Stdio::null())
+}
+
+/// [`serve`], its log (stderr) going to `log`.
+pub fn serve_logging(config: &Path, extra_env: &[(&str, &str)], log: Stdio) -> (Child, String) {
     let mut command = broker();
     command
         .args(["serve", "--config"])
@@ -22,7 +27,7 @@ pub fn serve(config: &Path, extra_env: &[(&str, &str)]) -> (Child, String) {
         .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(log);
     for (k, v) in extra_env {
         command.env(k, v);
     }
