@@ -97,16 +97,6 @@ impl CgroupIndex {
         found
     }
 
-    /// The path of cgroup `id` if it is already indexed.
-    pub fn cached_path_of(&self, id: u64) -> Option<String> {
-        self.cached(id).map(|info| info.path.clone())
-    }
-
-    /// The path of cgroup `id`, if it exists.
-    pub fn path_of(&self, id: u64) -> Option<String> {
-        self.lookup(id).map(|info| info.path.clone())
-    }
-
     /// The top directories of the subtrees that someone other than root controls (delegated,
     /// owned by another user, or writable by others): whoever controls one names everything
     /// in it. For `check`; walks the whole tree.
@@ -320,14 +310,21 @@ pub fn path_of_pid(pid: u32) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The system unit of a cgroup path by its names alone (see [`Units::by_name`]).
-pub fn unit_of(path: &str) -> Option<String> {
-    Units::by_name(path).system
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn unit_of(path: &str) -> Option<String> {
+        Units::by_name(path).system
+    }
+
+    fn path_of(index: &CgroupIndex, id: u64) -> Option<String> {
+        index.lookup(id).map(|info| info.path.clone())
+    }
+
+    fn cached_path_of(index: &CgroupIndex, id: u64) -> Option<String> {
+        index.cached(id).map(|info| info.path.clone())
+    }
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
@@ -440,7 +437,7 @@ mod tests {
             .ino();
         let index = CgroupIndex::with_root(Some(dir.path().to_owned()));
         assert_eq!(
-            index.path_of(ino).as_deref(),
+            path_of(&index, ino).as_deref(),
             Some("/system.slice/a.service")
         );
         // A cgroup created later is found by the re-walk on miss, and only by it.
@@ -448,15 +445,15 @@ mod tests {
         let ino_b = fs::metadata(dir.path().join("system.slice/b.service"))
             .unwrap()
             .ino();
-        assert_eq!(index.cached_path_of(ino_b), None);
+        assert_eq!(cached_path_of(&index, ino_b), None);
         assert_eq!(
-            index.path_of(ino_b).as_deref(),
+            path_of(&index, ino_b).as_deref(),
             Some("/system.slice/b.service")
         );
         assert_eq!(
-            index.cached_path_of(ino_b).as_deref(),
+            cached_path_of(&index, ino_b).as_deref(),
             Some("/system.slice/b.service")
         );
-        assert_eq!(index.path_of(1 << 60), None);
+        assert_eq!(path_of(&index, 1 << 60), None);
     }
 }

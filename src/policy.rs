@@ -91,7 +91,7 @@ impl Criterion<'_> {
                 (local_too || matches!(caller, Caller::Remote { .. }))
                     && nets
                         .iter()
-                        .any(|n| n.contains(&canonical_ip(caller.peer().ip())))
+                        .any(|n| n.contains(&caller.peer().ip().to_canonical()))
             }
         }
     }
@@ -124,7 +124,7 @@ impl Criterion<'_> {
                 .map(|(uid, unit)| format!("{unit} of uid {uid}")),
             Criterion::Cgroup(_) => caller.cgroup().map(str::to_owned),
             Criterion::Source(..) => {
-                let ip = canonical_ip(caller.peer().ip());
+                let ip = caller.peer().ip().to_canonical();
                 Some(match caller {
                     Caller::Remote { .. } => ip.to_string(),
                     _ => format!("{ip} (a socket of this host)"),
@@ -211,7 +211,7 @@ impl Matcher {
     /// Whether every caller `later` matches is also matched by `self`, so that a rule with
     /// `later` placed after one with `self` can never be reached.
     pub fn covers(&self, later: &Matcher) -> bool {
-        fn glob_covers(a: &Option<Glob>, b: &Option<Glob>) -> bool {
+        fn glob_covers(a: Option<&Glob>, b: Option<&Glob>) -> bool {
             match (a, b) {
                 (None, _) => true,
                 (Some(_), None) => false,
@@ -224,18 +224,16 @@ impl Matcher {
         let user_unit_covers = match (&self.systemd_user_unit, &later.systemd_user_unit) {
             (None, _) => true,
             (Some(_), None) => false,
-            (Some((a_uid, a)), Some((b_uid, b))) => {
-                a_uid == b_uid && glob_covers(&Some(a.clone()), &Some(b.clone()))
-            }
+            (Some((a_uid, a)), Some((b_uid, b))) => a_uid == b_uid && glob_covers(Some(a), Some(b)),
         };
         !self.is_empty()
             && eq_covers(&self.uid, &later.uid)
             && eq_covers(&self.gid, &later.gid)
             && eq_covers(&self.exe_sha256, &later.exe_sha256)
-            && glob_covers(&self.exe, &later.exe)
-            && glob_covers(&self.systemd_unit, &later.systemd_unit)
+            && glob_covers(self.exe.as_ref(), later.exe.as_ref())
+            && glob_covers(self.systemd_unit.as_ref(), later.systemd_unit.as_ref())
             && user_unit_covers
-            && glob_covers(&self.cgroup, &later.cgroup)
+            && glob_covers(self.cgroup.as_ref(), later.cgroup.as_ref())
             && (self.source.is_empty()
                 || (!later.source.is_empty()
                     // A source-only rule matches remote callers only; a later rule that also
@@ -273,10 +271,6 @@ impl fmt::Display for Matcher {
         }
         Ok(())
     }
-}
-
-fn canonical_ip(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
 }
 
 /// The first app whose rule matches `caller`, if any.
@@ -343,7 +337,7 @@ fn warnings_for(rules: &[(usize, &str, &Matcher)], host: &HostView) -> Vec<Strin
             if let Some(addr) = host
                 .addresses
                 .iter()
-                .map(|a| canonical_ip(*a))
+                .map(IpAddr::to_canonical)
                 .find(|a| net.contains(a))
             {
                 let effect = if m.pins_local() {
@@ -409,7 +403,7 @@ mod tests {
             peer: "127.0.0.1:5000".parse().unwrap(),
             uid,
             cgroup: Some(cgroup.into()),
-            unit: crate::cgroup::unit_of(cgroup),
+            unit: crate::cgroup::Units::by_name(cgroup).system,
             user_unit: None,
             process: Some(ProcessInfo {
                 pid: 42,
@@ -715,7 +709,7 @@ mod tests {
                                 peer: peer.parse().unwrap(),
                                 uid,
                                 cgroup: cgroup.map(str::to_owned),
-                                unit: cgroup.and_then(crate::cgroup::unit_of),
+                                unit: cgroup.and_then(|c| crate::cgroup::Units::by_name(c).system),
                                 user_unit: None,
                                 process: process.clone().map(|(gid, exe)| ProcessInfo {
                                     pid: 42,

@@ -169,7 +169,7 @@ pub async fn serve(
     endpoints: Vec<(TcpListener, axum::Router)>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let resolver = Arc::new(Identify {
+    let identify = Arc::new(Identify {
         resolver: Arc::new(Resolver::new()),
         digests: Arc::new(ExeDigests::from_limits(&state.config().limits)),
     });
@@ -181,7 +181,7 @@ pub async fn serve(
         accept_loops.spawn(accept_loop(
             listener,
             state.clone(),
-            resolver.clone(),
+            identify.clone(),
             limits.clone(),
             router,
             graceful.clone(),
@@ -212,7 +212,7 @@ pub async fn serve(
 async fn accept_loop(
     listener: TcpListener,
     state: AppState,
-    resolver: Arc<Identify>,
+    identify: Arc<Identify>,
     limits: Arc<ConnectionLimits>,
     router: axum::Router,
     graceful: Arc<GracefulShutdown>,
@@ -235,7 +235,7 @@ async fn accept_loop(
                     peer,
                     (permit, limits.clone()),
                     state.clone(),
-                    resolver.clone(),
+                    identify.clone(),
                     router.clone(),
                     graceful.watcher(),
                 ));
@@ -288,7 +288,7 @@ async fn serve_connection(
     peer: SocketAddr,
     (_permit, limits): (OwnedSemaphorePermit, Arc<ConnectionLimits>),
     state: AppState,
-    resolver: Arc<Identify>,
+    identify: Arc<Identify>,
     router: axum::Router,
     watcher: Watcher,
 ) {
@@ -301,7 +301,7 @@ async fn serve_connection(
     };
     // Once per connection: every request on a keep-alive connection comes from the same socket,
     // so from the same owner.
-    let Some(caller) = resolver.identify(&state, peer, local).await else {
+    let Some(caller) = identify.identify(&state, peer, local).await else {
         tracing::error!(%peer, "identifying the caller failed");
         return;
     };

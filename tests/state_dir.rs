@@ -3,12 +3,15 @@
 //! write or reached through a symbolic link is refused, both by the library and by `serve`
 //! before it opens anything in it.
 
+#[path = "common/binary.rs"]
+#[allow(dead_code)] // only `serve_command()` is used here
+mod binary;
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use imds_broker::token::TokenKey;
 
@@ -75,16 +78,7 @@ fn a_state_dir_reached_through_a_link_is_refused() {
 /// `serve --config` with a dummy source credential: `Ok(child)` once it announced an address,
 /// `Err((status, stderr))` if it exited first.
 fn serve(config: &Path) -> Result<std::process::Child, (std::process::ExitStatus, String)> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imds-broker"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
-        .env("AWS_SECRET_ACCESS_KEY", "dummy-source-secret")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
+    let mut child = binary::serve_command(config)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

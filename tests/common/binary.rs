@@ -14,8 +14,9 @@ pub fn serve(config: &Path, extra_env: &[(&str, &str)]) -> (Child, String) {
     serve_logging(config, extra_env, Stdio::null())
 }
 
-/// [`serve`], its log (stderr) going to `log`.
-pub fn serve_logging(config: &Path, extra_env: &[(&str, &str)], log: Stdio) -> (Child, String) {
+/// `serve --config config` with a dummy source credential and no other AWS configuration,
+/// stdout piped (the announced address is its first line).
+pub fn serve_command(config: &Path) -> Command {
     let mut command = broker();
     command
         .args(["serve", "--config"])
@@ -26,8 +27,14 @@ pub fn serve_logging(config: &Path, extra_env: &[(&str, &str)], log: Stdio) -> (
         .env("AWS_CONFIG_FILE", "/dev/null")
         .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(log);
+        .stdout(Stdio::piped());
+    command
+}
+
+/// [`serve`], its log (stderr) going to `log`.
+pub fn serve_logging(config: &Path, extra_env: &[(&str, &str)], log: Stdio) -> (Child, String) {
+    let mut command = serve_command(config);
+    command.stderr(log);
     for (k, v) in extra_env {
         command.env(k, v);
     }
