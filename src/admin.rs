@@ -2,12 +2,9 @@
 //! `imds-broker status` prints. It is a separate listener, a Unix socket (0600) by default or a
 //! loopback port, never one of the IMDS addresses applications can reach.
 
-use std::fmt;
 use std::io;
-use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::Path;
 
 use axum::Router;
 use axum::extract::State;
@@ -19,45 +16,9 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::checkpoint::{self, Checkpoint};
-use crate::imds::imds_time;
+use crate::config::AdminListen;
 use crate::state::AppState;
-
-/// Where the admin listener is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AdminListen {
-    Unix(PathBuf),
-    /// Loopback only: validated when the config is loaded.
-    Tcp(SocketAddr),
-}
-
-impl FromStr for AdminListen {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if !path.starts_with('/') {
-                return Err("a unix: path must be absolute".into());
-            }
-            return Ok(AdminListen::Unix(path.into()));
-        }
-        let addr: SocketAddr = s
-            .parse()
-            .map_err(|_| "must be unix:/absolute/path or a loopback IP:port".to_string())?;
-        if !addr.ip().is_loopback() {
-            return Err("a TCP admin listener must be on a loopback address".into());
-        }
-        Ok(AdminListen::Tcp(addr))
-    }
-}
-
-impl fmt::Display for AdminListen {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AdminListen::Unix(p) => write!(f, "unix:{}", p.display()),
-            AdminListen::Tcp(a) => write!(f, "{a}"),
-        }
-    }
-}
+use crate::time::imds_time;
 
 #[derive(Clone)]
 struct Admin {
@@ -246,7 +207,7 @@ async fn rotate_container_token(
     let rotation = tokio::task::spawn_blocking(move || tokens.rotate(&name, now)).await;
     match rotation {
         Ok(Some(rotation)) => {
-            crate::container::record(std::slice::from_ref(&rotation));
+            crate::token::container::record(std::slice::from_ref(&rotation));
             match rotation.result {
                 Ok(()) => (
                     StatusCode::OK,

@@ -20,8 +20,6 @@ use crate::audit::sink::{AuditLayer, AuditSink, SealSettings};
 use crate::audit::{self, keyfile};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
-use crate::container::token_file;
-use crate::container::tokens::TokenStore;
 use crate::credentials::{self, ProcessSettings, StsSource, SystemClock};
 use crate::explain::{self, PolicyOutcome, Subject};
 use crate::iam::lint::{self, Severity};
@@ -30,6 +28,8 @@ use crate::policy;
 use crate::safe_dir::{self, SafeDir};
 use crate::state::AppState;
 use crate::token::TokenKey;
+use crate::token::container::TokenStore;
+use crate::token::file as token_file;
 use crate::{reload, server, signal, systemd};
 use tokio_util::sync::CancellationToken;
 
@@ -685,7 +685,7 @@ fn host_view() -> policy::HostView {
         .unwrap_or_default();
     policy::HostView {
         addresses,
-        foreign_subtrees: crate::cgroup::CgroupIndex::new().foreign_subtrees(),
+        foreign_subtrees: crate::identity::cgroup::CgroupIndex::new().foreign_subtrees(),
     }
 }
 

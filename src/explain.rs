@@ -7,12 +7,12 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use crate::cgroup::{self, Units};
 use crate::config::{App, Config};
 use crate::iam::document::Effect;
 use crate::iam::evaluate::{self, Applies, Decision};
+use crate::identity::cgroup::{self, Units};
+use crate::identity::process::{self, ProcessInfo};
 use crate::identity::{Caller, LocalCaller};
-use crate::process::{self, ProcessInfo};
 
 /// Who to explain.
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ pub fn caller_for(subject: &Subject, config: &Config) -> io::Result<Caller> {
         Subject::Pid(pid) => {
             let info = process::describe(*pid)?;
             let cgroup = cgroup::path_of_pid(*pid);
-            let exe_sha256 = if config.needs().exe_hash {
+            let exe_sha256 = if crate::policy::needs(&config.apps).exe_hash {
                 Some(crate::identity::hash_exe(*pid)?)
             } else {
                 None

@@ -8,25 +8,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::config::App;
+pub use crate::config::Matcher;
 use crate::glob::Glob;
 use crate::identity::{Caller, Needs};
-
-/// The `match` table of one app. Every criterion that is set must hold.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Matcher {
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub exe: Option<Glob>,
-    /// Lower-case hex.
-    pub exe_sha256: Option<String>,
-    /// A unit of the system manager (see [`crate::cgroup::Units`]).
-    pub systemd_unit: Option<Glob>,
-    /// A unit of one user's manager: `(uid, unit)`.
-    pub systemd_user_unit: Option<(u32, Glob)>,
-    pub cgroup: Option<Glob>,
-    /// Peers that are not sockets of this host, unless the rule also pins a local identity.
-    pub source: Vec<IpNet>,
-}
 
 /// The outcome of one criterion of one rule, for a caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -311,7 +295,7 @@ pub struct HostView {
     /// Every address of the host's interfaces in this network namespace.
     pub addresses: Vec<IpAddr>,
     /// Cgroup subtrees someone other than root controls (see
-    /// [`crate::cgroup::CgroupIndex::foreign_subtrees`]).
+    /// [`crate::identity::cgroup::CgroupIndex::foreign_subtrees`]).
     pub foreign_subtrees: Vec<String>,
 }
 
@@ -392,7 +376,7 @@ pub fn shadowed(apps: &[App]) -> Vec<(usize, usize)> {
 mod tests {
     use super::*;
     use crate::identity::LocalCaller;
-    use crate::process::ProcessInfo;
+    use crate::identity::process::ProcessInfo;
 
     fn local(uid: u32) -> Caller {
         Caller::local_uid(uid, "127.0.0.1:5000".parse().unwrap())
@@ -403,7 +387,7 @@ mod tests {
             peer: "127.0.0.1:5000".parse().unwrap(),
             uid,
             cgroup: Some(cgroup.into()),
-            unit: crate::cgroup::Units::by_name(cgroup).system,
+            unit: crate::identity::cgroup::Units::by_name(cgroup).system,
             user_unit: None,
             process: Some(ProcessInfo {
                 pid: 42,
@@ -647,7 +631,7 @@ mod tests {
     #[test]
     fn user_units_match_only_with_their_users_manager() {
         let caller = |path: &str| {
-            let units = crate::cgroup::Units::by_name(path);
+            let units = crate::identity::cgroup::Units::by_name(path);
             Caller::Local(LocalCaller {
                 peer: "127.0.0.1:5000".parse().unwrap(),
                 uid: 1001,
@@ -709,7 +693,9 @@ mod tests {
                                 peer: peer.parse().unwrap(),
                                 uid,
                                 cgroup: cgroup.map(str::to_owned),
-                                unit: cgroup.and_then(|c| crate::cgroup::Units::by_name(c).system),
+                                unit: cgroup.and_then(|c| {
+                                    crate::identity::cgroup::Units::by_name(c).system
+                                }),
                                 user_unit: None,
                                 process: process.clone().map(|(gid, exe)| ProcessInfo {
                                     pid: 42,

@@ -23,9 +23,8 @@ use tower::ServiceExt;
 
 use crate::audit::{self, DenyReason};
 use crate::config::Limits;
-use crate::exe_digest::ExeDigests;
-use crate::identity::{self, Caller, Resolver};
-use crate::imds::ConnectionInfo;
+use crate::identity::exe_digest::ExeDigests;
+use crate::identity::{self, Caller, ConnectionInfo, Resolver};
 use crate::policy;
 use crate::state::AppState;
 
@@ -147,7 +146,7 @@ impl Identify {
         let config = state.config();
         let caller = self
             .resolver
-            .resolve_async(peer, local, config.needs())
+            .resolve_async(peer, local, crate::policy::needs(&config.apps))
             .await?;
         Some(if policy::wants_exe_hash(&config.apps, &caller) {
             identity::with_exe_digest(caller, &self.digests).await

@@ -11,10 +11,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::container::tokens::TokenStore;
 use crate::credentials::{Clock, CredentialCache, CredentialSource, StsBudget, TokioTime};
 use crate::metrics::Counters;
 use crate::token::TokenKey;
+use crate::token::container::TokenStore;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -152,7 +152,7 @@ impl AppState {
         cache.prefetch(prefetch);
         // After the swap: a new app's token file appears once the app can be served.
         if let Some(store) = self.container_tokens() {
-            crate::container::record(&store.reconcile(&config.apps, self.now()));
+            crate::token::container::record(&store.reconcile(&config.apps, self.now()));
         }
         ReloadSummary {
             apps,

@@ -10,8 +10,8 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
+use imds_broker::identity::process::{self, Budget};
 use imds_broker::identity::{Caller, INLINE_BUDGET, Needs, Resolver};
-use imds_broker::process::{self, Budget};
 
 const ALL: Needs = Needs {
     process: true,
@@ -32,7 +32,7 @@ struct TestCgroup {
 
 impl TestCgroup {
     fn new(unit: &str) -> Self {
-        let root = imds_broker::cgroup::cgroup2_mount().expect("cgroup2 is mounted");
+        let root = imds_broker::identity::cgroup::cgroup2_mount().expect("cgroup2 is mounted");
         // Named like a slice: a top directory ending in `.service` would be the system unit.
         let top_name = format!(
             "imdsb-rs-{}-{}.slice",
@@ -117,7 +117,7 @@ fn a_process_is_resolved_to_its_uid_cgroup_unit_and_executable() {
     assert_eq!((p.uid, p.gid), (61001, 61002));
     // The digest is added only for callers a rule could serve (the daemon asks policy first).
     assert_eq!(l.exe_sha256, None);
-    let digests = std::sync::Arc::new(imds_broker::exe_digest::ExeDigests::new(256, 64));
+    let digests = std::sync::Arc::new(imds_broker::identity::exe_digest::ExeDigests::new(256, 64));
     let hashed =
         tokio::runtime::Runtime::new()
             .unwrap()
@@ -223,7 +223,7 @@ async fn async_resolution_names_the_same_process_in_small_and_crowded_cgroups() 
 
     // More processes than a lookup may read on an async worker: same answer, from the pool.
     let crowd = Crowd::new(&cgroup, 40);
-    let inode = imds_broker::sock_diag::lookup_peer(peer, local)
+    let inode = imds_broker::identity::sock_diag::lookup_peer(peer, local)
         .unwrap()
         .connected()
         .unwrap()
@@ -269,7 +269,7 @@ async fn async_resolution_refuses_a_shared_socket_in_a_small_cgroup() {
         .unwrap();
     let sharer_pid: i32 = line.trim().parse().expect("the sharer printed its pid");
 
-    let inode = imds_broker::sock_diag::lookup_peer(peer, local)
+    let inode = imds_broker::identity::sock_diag::lookup_peer(peer, local)
         .unwrap()
         .connected()
         .unwrap()

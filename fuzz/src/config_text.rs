@@ -8,9 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use imds_broker::config::{Config, ConfigError};
+use imds_broker::identity::process::ProcessInfo;
 use imds_broker::identity::{Caller, LocalCaller};
 use imds_broker::policy;
-use imds_broker::process::ProcessInfo;
 
 pub fn run(data: &[u8]) {
     // Lossy, so that every input counts; the daemon reads the file as UTF-8 and refuses it
@@ -36,7 +36,7 @@ fn exercise(config: &Config) {
             "app[{later}] shadowed by a later app[{earlier}]"
         );
     }
-    let _ = config.needs();
+    let _ = imds_broker::policy::needs(&config.apps);
     for app in apps {
         let name = &app.assume_role_input().session_name;
         assert!(

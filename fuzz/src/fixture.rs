@@ -14,7 +14,8 @@ use imds_broker::credentials::{
     AssumeRoleInput, CredentialSource, Credentials, StsError, SystemClock,
 };
 use imds_broker::identity::Caller;
-use imds_broker::imds::{self, ConnectionInfo};
+use imds_broker::identity::ConnectionInfo;
+use imds_broker::imds;
 use imds_broker::secret::Secret;
 use imds_broker::state::AppState;
 use imds_broker::token::TokenKey;

@@ -13,14 +13,12 @@ pub mod sink;
 
 use std::time::SystemTime;
 
-use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::sync::LazyLock;
 
 use crate::config::App;
-use crate::credentials::{AssumeRoleInput, CacheError, Credentials, StsError};
 use crate::identity::Caller;
-use crate::imds::imds_time;
 use crate::metrics::Counters;
+use crate::time::imds_time;
 
 /// Why a caller got no credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,17 +103,17 @@ pub fn credentials_issued(
     caller: &Caller,
     endpoint: &'static str,
     app: &App,
-    creds: &Credentials,
+    (access_key_id, expiration): (&str, SystemTime),
     counters: &Counters,
 ) {
     counters.served(&app.name);
-    ISSUED.once(caller, endpoint, &app.name, &creds.access_key_id, || {
+    ISSUED.once(caller, endpoint, &app.name, access_key_id, || {
         audit_event!(info, "credentials.issued", caller,
             endpoint,
             app = %app.name,
             role_arn = %app.role_arn(),
-            access_key_id = %creds.access_key_id,
-            expiration = %imds_time(creds.expiration),
+            access_key_id,
+            expiration = %imds_time(expiration),
             "credentials issued"
         )
     });
@@ -156,51 +154,6 @@ pub fn token_rejected(caller: &Caller, reason: DenyReason, detail: &str) {
         detail,
         "request refused"
     );
-}
-
-/// One STS AssumeRole call and how it went (no caller: the daemon makes these calls itself).
-pub fn sts_assume_role(
-    input: &AssumeRoleInput,
-    result: &Result<Arc<Credentials>, CacheError>,
-    latency: Duration,
-) {
-    let (outcome, code) = match result {
-        Ok(_) => ("ok", String::new()),
-        Err(CacheError::Sts(StsError::Throttled { code })) => ("throttled", code.clone()),
-        Err(CacheError::Sts(StsError::Refused { code, .. })) => ("refused", code.clone()),
-        Err(CacheError::Sts(StsError::Unavailable(_))) => ("unavailable", String::new()),
-        Err(CacheError::Sts(StsError::Unusable(_)) | CacheError::TaskFailed) => {
-            ("unusable", String::new())
-        }
-    };
-    metrics::counter!(crate::metrics::STS_CALLS, "outcome" => outcome, "code" => code.clone())
-        .increment(1);
-    metrics::histogram!(crate::metrics::STS_LATENCY).record(latency.as_secs_f64());
-    let latency_ms = latency.as_millis() as u64;
-    match result {
-        Ok(creds) => tracing::info!(
-            target: "audit",
-            event = "sts.assume_role",
-            outcome,
-            role_arn = %input.role_arn,
-            session_name = %input.session_name,
-            latency_ms,
-            access_key_id = %creds.access_key_id,
-            expiration = %imds_time(creds.expiration),
-            "AssumeRole succeeded"
-        ),
-        Err(e) => tracing::warn!(
-            target: "audit",
-            event = "sts.assume_role",
-            outcome,
-            role_arn = %input.role_arn,
-            session_name = %input.session_name,
-            latency_ms,
-            code,
-            error = %e,
-            "AssumeRole failed"
-        ),
-    }
 }
 
 /// A configuration was loaded (at start or on reload) or refused (the old one stays).

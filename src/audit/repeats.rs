@@ -118,7 +118,7 @@ fn same(a: &Caller, b: &Caller) -> bool {
 mod tests {
     use super::*;
     use crate::identity::LocalCaller;
-    use crate::process::ProcessInfo;
+    use crate::identity::process::ProcessInfo;
 
     fn caller(uid: u32, pid: u32, port: u16) -> Caller {
         Caller::Local(LocalCaller {

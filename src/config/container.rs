@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::Matcher;
 use super::Validator;
 use super::raw::{RawAppContainer, RawContainer};
-use crate::policy::Matcher;
 use crate::safe_dir::SafeDir;
 
 /// The address EKS Pod Identity uses; every SDK's plain-HTTP allow-list has it.

@@ -4,6 +4,14 @@
 mod container;
 mod raw;
 
+mod admin_listen;
+mod assume_role;
+mod matcher;
+
+pub use admin_listen::AdminListen;
+pub use assume_role::AssumeRoleInput;
+pub use matcher::Matcher;
+
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -19,14 +27,10 @@ pub use container::{AppContainer, ContainerConfig};
 pub use raw::ImdsV1;
 use raw::{RawApp, RawConfig, RawDuration, RawMatch};
 
-use crate::admin::AdminListen;
 use crate::arn::RoleArn;
-use crate::credentials::AssumeRoleInput;
 use crate::glob::Glob;
 use crate::iam::source::Origin;
 use crate::iam::{self, SessionPolicy};
-use crate::identity::Needs;
-use crate::policy::{self, Matcher};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/imds-broker/config.toml";
 pub const DEFAULT_LISTEN: &str = "169.254.169.254:80";
@@ -316,11 +320,6 @@ impl fmt::Display for Problems<'_> {
 }
 
 impl Config {
-    /// What caller resolution must find out for these rules.
-    pub fn needs(&self) -> Needs {
-        policy::needs(&self.apps)
-    }
-
     /// Reads, permission-checks and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         check_permissions(path)?;

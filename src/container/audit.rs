@@ -1,12 +1,11 @@
 //! What the container endpoint records in the audit trail (target `audit`, like every other
-//! decision): credentials refused, tokens rejected, tokens rotated (issuances go through
+//! decision): credentials refused and tokens rejected (rotations are recorded by
+//! [`crate::token::container`]; issuances go through
 //! [`crate::audit::credentials_issued`], like the IMDS ones). Never a token or
 //! a secret; a rejected token is named by nothing but the reason.
 
 use crate::audit::{DenyReason, audit_event};
 use crate::identity::Caller;
-
-use super::tokens::Rotation;
 
 pub fn credentials_denied(caller: &Caller, app: &str, detail: &str) {
     metrics::counter!(crate::metrics::DENIALS, "reason" => DenyReason::Upstream.as_str())
@@ -68,26 +67,4 @@ pub fn token_rejected(caller: &Caller, refusal: TokenRefusal, app: Option<&str>)
 /// the same event as on IMDS.
 pub fn refused(caller: &Caller, reason: DenyReason, detail: &str) {
     crate::audit::token_rejected(caller, reason, detail);
-}
-
-pub fn token_rotated(rotation: &Rotation) {
-    match &rotation.result {
-        Ok(()) => tracing::info!(
-            target: "audit",
-            event = "container_token.rotated",
-            app = %rotation.app,
-            cause = rotation.cause.as_str(),
-            token_file = %rotation.file.display(),
-            "container token written"
-        ),
-        Err(e) => tracing::error!(
-            target: "audit",
-            event = "container_token.rotated",
-            app = %rotation.app,
-            cause = rotation.cause.as_str(),
-            token_file = %rotation.file.display(),
-            error = %e,
-            "cannot write the container token file; the app cannot use the container endpoint"
-        ),
-    }
 }

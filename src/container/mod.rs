@@ -8,8 +8,6 @@
 
 pub mod audit;
 mod error;
-pub mod token_file;
-pub mod tokens;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -24,15 +22,16 @@ use axum::routing::get;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::token::container::{self as tokens, TokenStore, Verdict};
 pub use error::ContainerError;
-use tokens::{TokenStore, Verdict};
 
 use crate::audit::DenyReason;
 use crate::credentials::Credentials;
-use crate::imds::{ConnectionInfo, imds_time};
+use crate::identity::ConnectionInfo;
 use crate::rate_limit::CallerLimiter;
 use crate::relay::{self, OwnHosts};
 use crate::state::AppState;
+use crate::time::imds_time;
 use audit::TokenRefusal;
 
 /// The path SDKs are pointed at (EKS Pod Identity uses the same).
@@ -210,7 +209,13 @@ async fn serve(
             return Err(e.into());
         }
     };
-    crate::audit::credentials_issued(conn, "container", app, &creds, state.counters());
+    crate::audit::credentials_issued(
+        conn,
+        "container",
+        app,
+        (&creds.access_key_id, creds.expiration),
+        state.counters(),
+    );
     let body = creds.rendered.container.get_or_init(|| {
         document(
             &creds,
@@ -257,18 +262,11 @@ fn document(creds: &Credentials, role_arn: &str, account_id: &str) -> String {
 /// app gets its token file now, rotation runs on schedule; returns the endpoint's router.
 pub fn start(state: &AppState, tokens: Arc<TokenStore>) -> Router {
     state.attach_container_tokens(tokens.clone());
-    record(&tokens.reconcile(&state.config().apps, state.now()));
+    tokens::record(&tokens.reconcile(&state.config().apps, state.now()));
     let task_state = state.clone();
     let task_tokens = tokens.clone();
     state.spawn_background(move |stop| rotate_on_schedule(task_state, task_tokens, stop));
     router(state.clone(), tokens)
-}
-
-/// Applies `rotations` to the audit trail (and the log, through it).
-pub fn record(rotations: &[tokens::Rotation]) {
-    for rotation in rotations {
-        audit::token_rotated(rotation);
-    }
 }
 
 /// Replaces each app's token once it is `container.rotate_every` old, until `stop`.
@@ -295,7 +293,7 @@ pub async fn rotate_on_schedule(state: AppState, tokens: Arc<TokenStore>, stop: 
         })
         .await;
         match rotated {
-            Ok(rotations) => record(&rotations),
+            Ok(rotations) => tokens::record(&rotations),
             Err(e) => tracing::error!(error = %e, "container token rotation failed"),
         }
     }

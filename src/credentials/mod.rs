@@ -35,25 +35,8 @@ pub use schedule::{Phase, REFRESH_MARGIN, refresh_at};
 pub use self_loop::{ProcessSettings, SelfLoopError, Settings, check_not_own_source};
 pub use sts::StsSource;
 
-use crate::arn::RoleArn;
+pub use crate::config::AssumeRoleInput;
 use crate::secret::Secret;
-
-/// Everything that goes into one AssumeRole call. Two apps share cached credentials only when
-/// every field is equal.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct AssumeRoleInput {
-    pub role_arn: RoleArn,
-    pub session_name: String,
-    pub duration: Duration,
-    pub source_identity: Option<String>,
-    /// Session tags, sorted by key.
-    pub tags: Vec<(String, String)>,
-    /// Inline session policy, minified: the session gets the intersection of the role's
-    /// permissions and this policy.
-    pub policy: Option<String>,
-    /// Managed policies used as session policies (`PolicyArns`), in config order.
-    pub policy_arns: Vec<String>,
-}
 
 /// Temporary credentials for one role session. The secret parts never print.
 #[derive(Debug, Clone)]

@@ -1,6 +1,7 @@
 //! The metadata tree as one caller sees it: instance facts for everyone, and the `iam/` subtree
 //! only for a caller that maps to an app, exactly as on an instance with or without a profile.
 
+use crate::time::imds_time;
 use std::net::IpAddr;
 use std::time::SystemTime;
 
@@ -108,15 +109,6 @@ pub fn dynamic(view: &View<'_>, path: &[&str]) -> Option<Node> {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ`, the only timestamp form every SDK parses.
-pub fn imds_time(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
-    t.format(time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
-    ))
-    .expect("UTC timestamps always format")
-}
-
 fn instance_profile_info(app: &App, started_at: SystemTime) -> String {
     #[derive(Serialize)]
     #[serde(rename_all = "PascalCase")]
@@ -207,11 +199,5 @@ mod tests {
         assert_eq!(segments("/iam//info"), None);
         assert_eq!(segments("/iam/info//"), None);
         assert_eq!(segments("x"), None);
-    }
-
-    #[test]
-    fn timestamps_are_second_precision_utc_with_z() {
-        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_494_976_194_999);
-        assert_eq!(imds_time(t), "2017-05-16T23:09:54Z");
     }
 }

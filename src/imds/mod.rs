@@ -16,40 +16,19 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, put};
 use serde::Serialize;
 
+use crate::time::imds_time;
 pub use error::ImdsError;
-pub use metadata::imds_time;
 
 use crate::audit::{self, DenyReason};
 use crate::config::MAX_TOKEN_TTL;
 use crate::credentials::Credentials;
-use crate::identity::Caller;
+use crate::identity::ConnectionInfo;
 use crate::rate_limit::CallerLimiter;
 use crate::state::AppState;
 use metadata::{Node, View};
 
 pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 pub const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
-
-/// The connection's resolved caller, put into every request's extensions by the server.
-#[derive(Debug, Clone)]
-pub struct ConnectionInfo {
-    pub caller: Arc<Caller>,
-    /// The caller's [`Caller::token_binding`], computed once per connection: every request
-    /// keys its rate limit and checks its token with it.
-    pub binding: Arc<str>,
-    /// The daemon's own address on this connection (what the caller dialled).
-    pub local: std::net::SocketAddr,
-}
-
-impl ConnectionInfo {
-    pub fn new(caller: Caller, local: std::net::SocketAddr) -> Self {
-        Self {
-            binding: caller.token_binding().into(),
-            caller: Arc::new(caller),
-            local,
-        }
-    }
-}
 
 /// The config snapshot a request is answered under and the caller's matched app (an index into
 /// its apps), decided once per request by the outermost layer: a reload mid-request changes
@@ -74,13 +53,6 @@ pub(crate) fn caller_of(ext: &Extensions) -> Result<&ConnectionInfo, ImdsError> 
 fn matched_of(ext: &Extensions) -> Result<&Matched, ImdsError> {
     ext.get::<Matched>()
         .ok_or(ImdsError::Internal("request was not matched"))
-}
-
-impl std::ops::Deref for ConnectionInfo {
-    type Target = Caller;
-    fn deref(&self) -> &Caller {
-        &self.caller
-    }
 }
 
 /// The whole IMDS router: one guard layer (request metrics and `Server` header around the
@@ -219,7 +191,13 @@ async fn tree(State(state): State<AppState>, request: Request) -> Result<Respons
                     return Err(e.into());
                 }
             };
-            audit::credentials_issued(conn, "imds", app, &creds, state.counters());
+            audit::credentials_issued(
+                conn,
+                "imds",
+                app,
+                (&creds.access_key_id, creds.expiration),
+                state.counters(),
+            );
             let body = creds
                 .rendered
                 .imds

@@ -258,9 +258,9 @@ impl TestDaemon {
         let container = match &config.container {
             None => None,
             Some(c) => {
-                imds_broker::container::token_file::ensure_token_dir(&c.token_dir).unwrap();
+                imds_broker::token::file::ensure_token_dir(&c.token_dir).unwrap();
                 let store =
-                    imds_broker::container::tokens::TokenStore::open(&config.server.state_dir)
+                    imds_broker::token::container::TokenStore::open(&config.server.state_dir)
                         .unwrap();
                 let bound = imds_broker::server::bind(&c.listen, config.server.hop_limit)
                     .await
@@ -366,7 +366,7 @@ pub async fn route(
     let mut request = request.body(axum::body::Body::empty()).unwrap();
     request
         .extensions_mut()
-        .insert(imds_broker::imds::ConnectionInfo::new(
+        .insert(imds_broker::identity::ConnectionInfo::new(
             caller.clone(),
             "169.254.169.254:80".parse().unwrap(),
         ));

@@ -20,7 +20,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::token_file;
+use super::file as token_file;
 use crate::config::{App, AppContainer};
 use crate::safe_dir::{self, DirError, SafeDir};
 use crate::secret::Secret;
@@ -473,6 +473,35 @@ fn retire(retired: &mut VecDeque<Digest>, d: Digest) {
         retired.pop_front();
     }
     retired.push_back(d);
+}
+
+/// Applies `rotations` to the audit trail (and the log, through it).
+pub fn record(rotations: &[Rotation]) {
+    for rotation in rotations {
+        rotated(rotation);
+    }
+}
+
+fn rotated(rotation: &Rotation) {
+    match &rotation.result {
+        Ok(()) => tracing::info!(
+            target: "audit",
+            event = "container_token.rotated",
+            app = %rotation.app,
+            cause = rotation.cause.as_str(),
+            token_file = %rotation.file.display(),
+            "container token written"
+        ),
+        Err(e) => tracing::error!(
+            target: "audit",
+            event = "container_token.rotated",
+            app = %rotation.app,
+            cause = rotation.cause.as_str(),
+            token_file = %rotation.file.display(),
+            error = %e,
+            "cannot write the container token file; the app cannot use the container endpoint"
+        ),
+    }
 }
 
 #[cfg(test)]

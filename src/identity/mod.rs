@@ -10,16 +10,21 @@
 //!   read). Without them those callers are refused, with a log line saying so.
 //! - `source`: the peer address only.
 
+pub mod cgroup;
+pub mod exe_digest;
+pub mod process;
+pub mod sock_diag;
+
 use std::fmt;
 use std::fs;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::cgroup::{CgroupIndex, Units};
-use crate::exe_digest::{DigestError, ExeDigests};
-use crate::process::{self, Budget, ProcessError, ProcessInfo};
-use crate::sock_diag::{self, Lookup};
+use cgroup::{CgroupIndex, Units};
+use exe_digest::{DigestError, ExeDigests};
+use process::{Budget, ProcessError, ProcessInfo};
+use sock_diag::Lookup;
 
 const CLOSED: &str = "the caller's socket is closed: no process holds it";
 const GONE: &str = "no socket of this host has the connection's addresses any more";
@@ -41,7 +46,7 @@ pub struct LocalCaller {
     pub uid: u32,
     /// cgroup v2 path of the socket (where the process was when it created it).
     pub cgroup: Option<String>,
-    /// The system manager's unit (see [`crate::cgroup::Units`]).
+    /// The system manager's unit (see [`crate::identity::cgroup::Units`]).
     pub unit: Option<String>,
     /// `(uid, unit)`: a unit of uid's user manager, only ever matched with that uid.
     pub user_unit: Option<(u32, String)>,
@@ -68,6 +73,35 @@ pub enum Caller {
         uid: Option<u32>,
         cgroup: Option<String>,
     },
+}
+
+/// The connection's resolved caller, put into every request's extensions by the server.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub caller: Arc<Caller>,
+    /// The caller's [`Caller::token_binding`], computed once per connection: every request
+    /// keys its rate limit and checks its token with it.
+    pub binding: Arc<str>,
+    /// The daemon's own address on this connection (what the caller dialled).
+    pub local: SocketAddr,
+}
+
+impl ConnectionInfo {
+    pub fn new(caller: Caller, local: SocketAddr) -> Self {
+        Self {
+            binding: caller.token_binding().into(),
+            caller: Arc::new(caller),
+            local,
+        }
+    }
+}
+
+/// A connection is its caller wherever a caller is asked for (audit events, rules).
+impl std::ops::Deref for ConnectionInfo {
+    type Target = Caller;
+    fn deref(&self) -> &Caller {
+        &self.caller
+    }
 }
 
 /// Resolves connections to callers; holds the caches that keep that cheap.
@@ -208,7 +242,7 @@ pub const INLINE_BUDGET: usize = 64;
 /// process runs even if its path was replaced since. Unbounded: for `explain`, which an
 /// operator runs; the daemon goes through [`ExeDigests`].
 pub fn hash_exe(pid: u32) -> std::io::Result<String> {
-    crate::exe_digest::hash_reader(fs::File::open(format!("/proc/{pid}/exe"))?)
+    crate::identity::exe_digest::hash_reader(fs::File::open(format!("/proc/{pid}/exe"))?)
 }
 
 /// `caller` with its executable's digest, when it is a local caller whose process is known.

@@ -321,7 +321,7 @@ mod tests {
     fn inode_of(stream: &TcpStream) -> u32 {
         let local = stream.local_addr().unwrap();
         let peer = stream.peer_addr().unwrap();
-        crate::sock_diag::lookup_peer(local, peer)
+        crate::identity::sock_diag::lookup_peer(local, peer)
             .unwrap()
             .connected()
             .unwrap()

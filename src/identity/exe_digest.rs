@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::config::Limits;
-use crate::process;
+use crate::identity::process;
 
 const MIB: u64 = 1 << 20;
 /// Digests kept; past this the cache starts over (an attacker minting file versions cannot

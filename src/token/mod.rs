@@ -2,6 +2,9 @@
 //! persisted in the state directory, so every token stays valid for its whole TTL across restarts
 //! (aws-sdk-rust caches a token for up to 6 h and never drops it on 401).
 
+pub mod container;
+pub mod file;
+
 use std::ffi::OsStr;
 use std::fmt;
 use std::io::{self, Read, Write};
