@@ -14,6 +14,7 @@
 //!   [`reload`] of the config on SIGHUP.
 
 pub mod admin;
+pub mod admit;
 pub mod arn;
 pub mod audit;
 pub mod cli;
@@ -29,7 +30,6 @@ pub mod imds;
 pub mod metrics;
 pub mod policy;
 pub mod rate_limit;
-pub mod relay;
 pub mod reload;
 pub mod safe_dir;
 pub mod secret;

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::audit::{self, DenyReason};
+use crate::audit;
 use crate::config::Limits;
 use crate::identity::exe_digest::ExeDigests;
 use crate::identity::{self, Caller, ConnectionInfo, Resolver};
@@ -307,11 +307,7 @@ async fn serve_connection(
     tracing::debug!(%caller, %local, "connection accepted");
     let info = ConnectionInfo::new(caller, local);
     let Some(_slot) = limits.claim(info.binding.clone()) else {
-        audit::token_rejected(
-            &info,
-            DenyReason::ConnectionLimit,
-            "too many open connections",
-        );
+        audit::connection_refused(&info, "too many open connections");
         refuse(stream).await;
         return;
     };

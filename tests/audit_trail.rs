@@ -108,7 +108,7 @@ fn decisions_are_chained_into_the_audit_file_and_verified() {
             ("sts.assume_role", None),
             ("credentials.denied", Some("upstream")),
             ("credentials.denied", Some("role_mismatch")),
-            ("token.rejected", Some("forwarded")),
+            ("request.refused", Some("forwarded")),
             ("token.rejected", Some("bad_token")),
             // Shutdown ends the sealing epoch: the key left on disk cannot re-seal any of this.
             ("audit.epoch_end", Some("stop")),

@@ -23,7 +23,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("the audit trail", &["audit"]),
     ("tokens and limits", &["token", "rate_limit"]),
     ("credentials", &["credentials"]),
-    ("what every surface shares", &["state", "relay", "reload"]),
+    ("what every surface shares", &["state", "admit", "reload"]),
     (
         "surfaces",
         &["imds", "container", "admin", "exec", "explain"],

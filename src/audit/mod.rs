@@ -144,6 +144,35 @@ pub fn token_issued(caller: &Caller, ttl_secs: u64, now: SystemTime) {
     );
 }
 
+/// A request refused before its token was looked at: relayed, from a browser, for a foreign
+/// `Host`, or over the caller's rate.
+pub fn request_refused(caller: &Caller, reason: DenyReason, detail: &str) {
+    metrics::counter!(crate::metrics::DENIALS, "reason" => reason.as_str()).increment(1);
+    audit_event!(
+        warn,
+        "request.refused",
+        caller,
+        reason = reason.as_str(),
+        detail,
+        "request refused"
+    );
+}
+
+/// A connection closed before any request was read: the caller has too many open.
+pub fn connection_refused(caller: &Caller, detail: &str) {
+    let reason = DenyReason::ConnectionLimit.as_str();
+    metrics::counter!(crate::metrics::DENIALS, "reason" => reason).increment(1);
+    audit_event!(
+        warn,
+        "connection.refused",
+        caller,
+        reason,
+        detail,
+        "connection refused"
+    );
+}
+
+/// A metadata request whose session token is missing, forged, expired or another caller's.
 pub fn token_rejected(caller: &Caller, reason: DenyReason, detail: &str) {
     metrics::counter!(crate::metrics::DENIALS, "reason" => reason.as_str()).increment(1);
     audit_event!(

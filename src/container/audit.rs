@@ -62,9 +62,3 @@ pub fn token_rejected(caller: &Caller, refusal: TokenRefusal, app: Option<&str>)
         "container credentials request refused"
     );
 }
-
-/// A request refused before its token was looked at (relayed, browser, foreign Host, rate):
-/// the same event as on IMDS.
-pub fn refused(caller: &Caller, reason: DenyReason, detail: &str) {
-    crate::audit::token_rejected(caller, reason, detail);
-}

@@ -6,6 +6,7 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::admit::Refused;
 use crate::credentials::CacheError;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,15 @@ pub enum ContainerError {
     Credentials(#[from] CacheError),
     #[error("internal error: {0}")]
     Internal(&'static str),
+}
+
+impl From<Refused> for ContainerError {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::Relayed(message) => ContainerError::Forbidden(message),
+            Refused::RateLimited { retry_after } => ContainerError::RateLimited { retry_after },
+        }
+    }
 }
 
 impl ContainerError {

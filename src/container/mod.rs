@@ -25,11 +25,10 @@ use tokio_util::sync::CancellationToken;
 use crate::token::container::{self as tokens, TokenStore, Verdict};
 pub use error::ContainerError;
 
-use crate::audit::DenyReason;
+use crate::admit::{self, OwnHosts};
 use crate::credentials::Credentials;
 use crate::identity::ConnectionInfo;
 use crate::rate_limit::CallerLimiter;
-use crate::relay::{self, OwnHosts};
 use crate::state::AppState;
 use crate::time::imds_time;
 use audit::TokenRefusal;
@@ -83,9 +82,7 @@ fn connection(request: &Request) -> Result<&ConnectionInfo, ContainerError> {
         .ok_or(ContainerError::Internal("connection identity missing"))
 }
 
-/// As on the IMDS endpoint: nothing relayed by a proxy, nothing from a browser, and a `Host`
-/// that names this daemon (DNS rebinding); then one caller (by resolved identity) may not
-/// starve the others.
+/// The shared first step ([`crate::admit`]), with the container addresses as the daemon's own.
 async fn admit(
     State(endpoint): State<Endpoint>,
     request: Request,
@@ -102,14 +99,13 @@ async fn admit(
         addresses: CONTAINER_HOSTS.iter().copied().chain(configured),
         names: &config.server.allowed_hosts,
     };
-    if let Some((reason, message)) = relay::refusal(request.uri(), request.headers(), own) {
-        audit::refused(conn, reason, message);
-        return Err(ContainerError::Forbidden(message));
-    }
-    if let Err(retry_after) = endpoint.limiter.check(&conn.binding) {
-        audit::refused(conn, DenyReason::RateLimited, "request rate over the limit");
-        return Err(ContainerError::RateLimited { retry_after });
-    }
+    admit::admit(
+        conn,
+        request.uri(),
+        request.headers(),
+        own,
+        &endpoint.limiter,
+    )?;
     Ok(next.run(request).await)
 }
 

@@ -3,6 +3,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::admit::Refused;
 use crate::credentials::CacheError;
 use crate::token::TokenError;
 
@@ -26,6 +27,15 @@ pub enum ImdsError {
     Credentials(#[from] CacheError),
     #[error("internal error: {0}")]
     Internal(&'static str),
+}
+
+impl From<Refused> for ImdsError {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::Relayed(message) => ImdsError::Forbidden(message),
+            Refused::RateLimited { retry_after } => ImdsError::RateLimited { retry_after },
+        }
+    }
 }
 
 impl ImdsError {

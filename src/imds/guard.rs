@@ -16,10 +16,10 @@ use tower::{Layer, Service};
 
 use super::error::ImdsError;
 use super::{ConnectionInfo, Matched, TOKEN_HEADER, caller_of};
+use crate::admit::{self, OwnHosts};
 use crate::audit::{self, DenyReason};
 use crate::config::{Config, ImdsV1};
 use crate::rate_limit::CallerLimiter;
-use crate::relay::{self, OwnHosts};
 use crate::state::AppState;
 use crate::token::TokenError;
 
@@ -30,9 +30,9 @@ pub struct Guards {
     pub limiter: Arc<CallerLimiter>,
 }
 
-/// The one guard layer, its checks in order: takes the request's config snapshot and matches
-/// the caller's rule once (see [`Matched`]), refuses relayed requests, checks the caller's
-/// rate, then the session token; counts every request by path kind, status and app, and marks
+/// The one guard layer, its checks in order: takes the request's config snapshot, refuses
+/// relayed requests, checks the caller's rate, then the session token, and only then matches
+/// the caller's rule, once (see [`Matched`]); counts every request by path kind, status and app, and marks
 /// every response as EC2's. One hand-written layer rather than one `from_fn` per check: those
 /// clone and box the inner service on every request, and four of them cost about a third of
 /// the cached-credential path. The checks are synchronous, so nothing is boxed here.
@@ -72,22 +72,23 @@ where
     fn call(&mut self, mut request: Request) -> Self::Future {
         let path = crate::metrics::path_kind(request.uri().path());
         let config = self.guards.state.config();
-        let app = caller_of(request.extensions())
-            .ok()
-            .and_then(|conn| crate::policy::find_app_index(&config.apps, conn));
-        let outcome = match admit(&self.guards, &config, &request) {
-            Ok(()) => {
+        // Rules are matched only for an admitted request: a refused one costs no evaluation.
+        let (outcome, app) = match admit(&self.guards, &config, &request) {
+            Ok(conn) => {
+                let app = crate::policy::find_app_index(&config.apps, conn);
                 request.extensions_mut().insert(Matched {
                     config: config.clone(),
                     app,
                 });
-                Outcome::Admitted {
-                    route: self.route.call(request),
-                }
+                let route = self.route.call(request);
+                (Outcome::Admitted { route }, app)
             }
-            Err(e) => Outcome::Refused {
-                response: Some(e.into_response()),
-            },
+            Err(e) => (
+                Outcome::Refused {
+                    response: Some(e.into_response()),
+                },
+                None,
+            ),
         };
         Guarding {
             outcome,
@@ -153,25 +154,15 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Guarding<F> {
     }
 }
 
-/// The checks, in order, under the request's config snapshot.
-fn admit(guards: &Guards, config: &Config, request: &Request) -> Result<(), ImdsError> {
-    let conn = caller_of(request.extensions())?;
-    refuse_relayed(config, conn, request)?;
-    // One caller (by resolved identity) may not starve the others.
-    if let Err(retry_after) = guards.limiter.check(&conn.binding) {
-        audit::token_rejected(conn, DenyReason::RateLimited, "request rate over the limit");
-        return Err(ImdsError::RateLimited { retry_after });
-    }
-    require_token(&guards.state, config, conn, request)
-}
-
-/// Refuses requests relayed by a proxy, sent by a browser or addressed to a foreign `Host`
-/// (see [`crate::relay`]); the IMDS addresses are the daemon's own wherever it listens.
-fn refuse_relayed(
+/// The checks, in order, under the request's config snapshot: the shared first step
+/// ([`crate::admit`]), then the session token.
+fn admit<'r>(
+    guards: &Guards,
     config: &Config,
-    conn: &ConnectionInfo,
-    request: &Request,
-) -> Result<(), ImdsError> {
+    request: &'r Request,
+) -> Result<&'r ConnectionInfo, ImdsError> {
+    let conn = caller_of(request.extensions())?;
+    // The IMDS addresses are the daemon's own wherever it listens.
     let own = OwnHosts {
         dialled: conn.local.ip(),
         addresses: IMDS_HOSTS
@@ -180,11 +171,9 @@ fn refuse_relayed(
             .chain(config.server.listen.iter().map(|l| l.ip())),
         names: &config.server.allowed_hosts,
     };
-    if let Some((reason, message)) = relay::refusal(request.uri(), request.headers(), own) {
-        audit::token_rejected(conn, reason, message);
-        return Err(ImdsError::Forbidden(message));
-    }
-    Ok(())
+    admit::admit(conn, request.uri(), request.headers(), own, &guards.limiter)?;
+    require_token(&guards.state, config, conn, request)?;
+    Ok(conn)
 }
 
 /// The link-local IMDS addresses every SDK uses by default: 169.254.169.254, fd00:ec2::254.

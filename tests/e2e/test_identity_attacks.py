@@ -54,7 +54,7 @@ RULES = (
 BILLING_CREDENTIALS_PATH = ROLE_LISTING_PATH + "billing"
 
 # Refusals are logged as one of these, with a `reason`.
-DENIALS = {"credentials.denied", "token.rejected"}
+DENIALS = {"credentials.denied", "token.rejected", "request.refused"}
 
 SHARED_SOCKET_PY = CLIENTS_DIR / "shared_socket.py"
 FD_HOLDER_PY = CLIENTS_DIR / "fd_holder.py"

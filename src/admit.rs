@@ -1,5 +1,7 @@
-//! The refusal both endpoints apply before anything else: requests relayed by a proxy, sent by
-//! a browser, or addressed to a name that is not the daemon's (DNS rebinding).
+//! The first step of every request on both endpoints, written once: requests relayed by a
+//! proxy, sent by a browser, or addressed to a name that is not the daemon's (DNS rebinding)
+//! are refused, then the caller's rate is checked. Each refusal is audited as
+//! `request.refused` with its reason.
 //! - `X-Forwarded-For`/`Forwarded`: real IMDS refuses proxied token requests, and a proxy on
 //!   this host would make its own identity stand for its clients'.
 //! - `Origin`, `Referer`, `Sec-Fetch-*`: browser markers; no SDK sends them.
@@ -8,10 +10,42 @@
 //!   absolute-form target (`GET http://evil.example/...`) would give the request two names.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue, Uri, header};
 
-use crate::audit::DenyReason;
+use crate::audit::{self, DenyReason};
+use crate::identity::ConnectionInfo;
+use crate::rate_limit::CallerLimiter;
+
+/// Why a request was not admitted; each endpoint answers it in its own protocol's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Relayed, from a browser, or for a foreign `Host`: 403.
+    Relayed(&'static str),
+    /// Over the caller's rate: 429 with `Retry-After`.
+    RateLimited { retry_after: Duration },
+}
+
+/// Admits the request on `conn` to `target` with `headers`, or says (and audits) why not.
+pub fn admit<I: Iterator<Item = IpAddr>>(
+    conn: &ConnectionInfo,
+    target: &Uri,
+    headers: &HeaderMap,
+    own: OwnHosts<'_, I>,
+    limiter: &CallerLimiter,
+) -> Result<(), Refused> {
+    if let Some((reason, message)) = refusal(target, headers, own) {
+        audit::request_refused(conn, reason, message);
+        return Err(Refused::Relayed(message));
+    }
+    // One caller (by resolved identity) may not starve the others.
+    if let Err(retry_after) = limiter.check(&conn.binding) {
+        audit::request_refused(conn, DenyReason::RateLimited, "request rate over the limit");
+        return Err(Refused::RateLimited { retry_after });
+    }
+    Ok(())
+}
 
 /// What the `Host` header may name: the address the caller dialled, the endpoint's well-known
 /// and configured addresses, `localhost` on loopback, and the operator's extra names.
