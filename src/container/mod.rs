@@ -26,7 +26,7 @@ use crate::token::container::{self as tokens, TokenStore, Verdict};
 pub use error::ContainerError;
 
 use crate::admit::{self, OwnHosts};
-use crate::credentials::Credentials;
+use crate::credentials::{BodyKind, Credentials};
 use crate::identity::ConnectionInfo;
 use crate::rate_limit::CallerLimiter;
 use crate::state::AppState;
@@ -212,20 +212,19 @@ async fn serve(
         (&creds.access_key_id, creds.expiration),
         state.counters(),
     );
-    let body = creds.rendered.container.get_or_init(|| {
+    let body = creds.body(BodyKind::Container, |creds| {
         document(
-            &creds,
+            creds,
             &app.role_arn().to_string(),
             app.role_arn().account_id(),
         )
-        .into()
     });
     Ok((
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        body.clone(),
+        body,
     )
         .into_response())
 }

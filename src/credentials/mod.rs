@@ -20,7 +20,7 @@ use std::fmt;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
-use axum::body::Bytes;
+use bytes::Bytes;
 
 use futures_util::future::BoxFuture;
 
@@ -51,16 +51,25 @@ pub struct Credentials {
     pub rendered: Rendered,
 }
 
-/// Response bodies rendered from one set of credentials, each built once: a cached set is
-/// served many times over and its documents never change, since every field in them is fixed
-/// by the credentials and by the cache key they were obtained for (the role ARN, hence the
-/// account). A clone starts empty, so a clone that is then altered never serves a stale body.
+/// Response bodies rendered from one set of credentials, each built once by the surface that
+/// sends it: a cached set is served many times over and its documents never change, since
+/// every field in them is fixed by the credentials and by the cache key they were obtained for
+/// (the role ARN, hence the account). A clone starts empty, so a clone that is then altered
+/// never serves a stale body.
 #[derive(Default)]
-pub struct Rendered {
+pub struct Rendered([OnceLock<Bytes>; BodyKind::COUNT]);
+
+/// Which document: each surface that serves credentials has its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
     /// The IMDS `security-credentials/<role>` document.
-    pub imds: OnceLock<Bytes>,
+    Imds,
     /// The container endpoint's document.
-    pub container: OnceLock<Bytes>,
+    Container,
+}
+
+impl BodyKind {
+    const COUNT: usize = 2;
 }
 
 impl Clone for Rendered {
@@ -76,6 +85,13 @@ impl fmt::Debug for Rendered {
 }
 
 impl Credentials {
+    /// The `kind` document of these credentials, rendered by `render` the first time only.
+    pub fn body(&self, kind: BodyKind, render: impl FnOnce(&Self) -> String) -> Bytes {
+        self.rendered.0[kind as usize]
+            .get_or_init(|| render(self).into())
+            .clone()
+    }
+
     /// Validity left at `now`; zero once expired.
     pub fn remaining(&self, now: SystemTime) -> Duration {
         self.expiration
@@ -133,12 +149,16 @@ mod tests {
             issued_at: SystemTime::UNIX_EPOCH,
             rendered: Rendered::default(),
         };
-        creds.rendered.imds.get_or_init(|| Bytes::from("ASIAOLD"));
+        let render = |c: &Credentials| c.access_key_id.clone();
+        assert_eq!(creds.body(BodyKind::Imds, render), "ASIAOLD");
         let mut changed = creds.clone();
         changed.access_key_id = "ASIANEW".into();
-        assert!(changed.rendered.imds.get().is_none());
-        assert!(changed.rendered.container.get().is_none());
-        assert_eq!(creds.rendered.imds.get().unwrap(), "ASIAOLD");
+        assert_eq!(changed.body(BodyKind::Imds, render), "ASIANEW");
+        assert_eq!(changed.body(BodyKind::Container, render), "ASIANEW");
+        assert_eq!(
+            creds.body(BodyKind::Imds, |_| unreachable!("rendered once")),
+            "ASIAOLD"
+        );
         let printed = format!("{creds:?}");
         assert!(
             !printed.contains("wJalr") && !printed.contains("FwoG"),

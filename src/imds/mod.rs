@@ -21,7 +21,7 @@ pub use error::ImdsError;
 
 use crate::audit::{self, DenyReason};
 use crate::config::MAX_TOKEN_TTL;
-use crate::credentials::Credentials;
+use crate::credentials::{BodyKind, Credentials};
 use crate::identity::ConnectionInfo;
 use crate::rate_limit::CallerLimiter;
 use crate::state::AppState;
@@ -198,11 +198,10 @@ async fn tree(State(state): State<AppState>, request: Request) -> Result<Respons
                 (&creds.access_key_id, creds.expiration),
                 state.counters(),
             );
-            let body = creds
-                .rendered
-                .imds
-                .get_or_init(|| credential_document(&creds, app.role_arn().account_id()).into());
-            Ok(text(body.clone()))
+            let body = creds.body(BodyKind::Imds, |creds| {
+                credential_document(creds, app.role_arn().account_id())
+            });
+            Ok(text(body))
         }
     }
 }

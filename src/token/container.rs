@@ -166,10 +166,6 @@ fn parse_digest(hex: &str) -> Option<Digest> {
     Some(out)
 }
 
-fn hex(d: &Digest) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl TokenStore {
     /// Opens the store kept in `state_dir`, with the tokens of an earlier run (their files are
     /// checked by [`TokenStore::reconcile`]). The directory must be the daemon's (see
@@ -450,9 +446,11 @@ impl TokenStore {
                                 token_file: a.target.token_file.clone(),
                                 uid: a.target.uid,
                                 gid: a.target.gid,
-                                current: hex(&a.current),
+                                current: hex::encode(a.current),
                                 issued_at: unix(a.issued_at),
-                                previous: a.previous.map(|(d, until)| (hex(&d), unix(until))),
+                                previous: a
+                                    .previous
+                                    .map(|(d, until)| (hex::encode(d), unix(until))),
                             },
                         )
                     })
