@@ -24,7 +24,7 @@ use std::sync::Arc;
 use cgroup::{CgroupIndex, Units};
 use exe_digest::{DigestError, ExeDigests};
 use process::{Budget, ProcessError, ProcessInfo};
-use sock_diag::Lookup;
+use sock_diag::{Lookup, SocketOwner};
 
 const CLOSED: &str = "the caller's socket is closed: no process holds it";
 const GONE: &str = "no socket of this host has the connection's addresses any more";
@@ -126,63 +126,56 @@ impl Resolver {
     /// Blocking (netlink and `/proc` reads): call it off the async workers, or use
     /// [`Resolver::resolve_async`].
     pub fn resolve(&self, peer: SocketAddr, local: SocketAddr, needs: Needs) -> Caller {
-        self.resolve_within(peer, local, needs, Budget::Unlimited)
-            .expect("an unlimited budget is never exhausted")
+        match socket_owner(peer, local) {
+            Ok(owner) => self
+                .describe_within(peer, owner, needs, Budget::Unlimited)
+                .expect("an unlimited budget is never exhausted"),
+            Err(caller) => *caller,
+        }
     }
 
     /// Resolves the owner of the connection `peer -> local` from async code.
     ///
     /// Most lookups are short (one netlink round trip, a cached cgroup, a few fds to read),
     /// and handing each to the blocking pool cost two cross-thread wake-ups, which dominated
-    /// the tail latency of new connections on a busy host. So the lookup is first tried right
-    /// here, within [`INLINE_BUDGET`]; only one that needs more (a cgroup not indexed yet, a
-    /// crowded cgroup, the fallback scan of a uid, an executable to hash) is redone on the
-    /// blocking pool. `None` if that blocking lookup panicked.
+    /// the tail latency of new connections on a busy host. So the socket is looked up and
+    /// described right here, within [`INLINE_BUDGET`]; only a description that needs more (a
+    /// cgroup not indexed yet, a crowded cgroup, the fallback scan of a uid) goes on on the
+    /// blocking pool, from the socket already found. `None` if that blocking part panicked.
     pub async fn resolve_async(
         self: &Arc<Self>,
         peer: SocketAddr,
         local: SocketAddr,
         needs: Needs,
     ) -> Option<Caller> {
-        let quick = self.resolve_within(peer, local, needs, Budget::Reads(INLINE_BUDGET));
+        let owner = match socket_owner(peer, local) {
+            Ok(owner) => owner,
+            Err(caller) => return Some(*caller),
+        };
+        let quick = self.describe_within(peer, owner, needs, Budget::Reads(INLINE_BUDGET));
         if quick.is_some() {
             return quick;
         }
         let resolver = Arc::clone(self);
-        tokio::task::spawn_blocking(move || resolver.resolve(peer, local, needs))
-            .await
-            .ok()
+        tokio::task::spawn_blocking(move || {
+            resolver.describe_within(peer, owner, needs, Budget::Unlimited)
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
-    /// [`Resolver::resolve`] if it can be done within `budget`; `None` if it would need more.
-    /// The executable's digest is not part of it: see [`with_exe_digest`].
-    fn resolve_within(
+    /// The local caller that owns socket `owner`, if that can be found within `budget`;
+    /// `None` if it would need more. The executable's digest is not part of it: see
+    /// [`with_exe_digest`].
+    fn describe_within(
         &self,
         peer: SocketAddr,
-        local: SocketAddr,
+        owner: SocketOwner,
         needs: Needs,
         mut budget: Budget,
     ) -> Option<Caller> {
         let bounded = budget != Budget::Unlimited;
-        let owner = match sock_diag::lookup_peer(peer, local) {
-            Ok(Lookup::Connected(owner)) => owner,
-            // A socket of this host that no process holds any more: whoever it was is gone.
-            Ok(Lookup::Closed) => return Some(Caller::unresolved(peer, CLOSED)),
-            // From loopback the client can only be here; not finding its socket means it is
-            // gone, not that it is elsewhere.
-            Ok(Lookup::NotFound) if peer.ip().to_canonical().is_loopback() => {
-                return Some(Caller::unresolved(peer, GONE));
-            }
-            Ok(Lookup::NotFound) => return Some(Caller::Remote { peer }),
-            Err(e) => {
-                return Some(Caller::Unresolved {
-                    peer,
-                    reason: format!("socket lookup failed: {e}"),
-                    uid: None,
-                    cgroup: None,
-                });
-            }
-        };
         let cgroup = match owner.cgroup_id {
             None => None,
             // A miss walks the whole cgroup tree.
@@ -230,6 +223,26 @@ impl Resolver {
             }
         }
         Some(Caller::Local(caller))
+    }
+}
+
+/// The socket at the other end of `peer -> local`, or the caller that its absence makes.
+/// (Boxed: a caller is large, and this is the less common way out.)
+fn socket_owner(peer: SocketAddr, local: SocketAddr) -> Result<SocketOwner, Box<Caller>> {
+    match sock_diag::lookup_peer(peer, local) {
+        Ok(Lookup::Connected(owner)) => Ok(owner),
+        // A socket of this host that no process holds any more: whoever it was is gone.
+        Ok(Lookup::Closed) => Err(Box::new(Caller::unresolved(peer, CLOSED))),
+        // From loopback the client can only be here; not finding its socket means it is
+        // gone, not that it is elsewhere.
+        Ok(Lookup::NotFound) if peer.ip().to_canonical().is_loopback() => {
+            Err(Box::new(Caller::unresolved(peer, GONE)))
+        }
+        Ok(Lookup::NotFound) => Err(Box::new(Caller::Remote { peer })),
+        Err(e) => Err(Box::new(Caller::unresolved(
+            peer,
+            &format!("socket lookup failed: {e}"),
+        ))),
     }
 }
 
