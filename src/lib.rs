@@ -23,6 +23,7 @@ pub mod container;
 pub mod credentials;
 pub mod exec;
 pub mod explain;
+pub mod failure;
 pub mod glob;
 pub mod iam;
 pub mod identity;

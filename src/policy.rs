@@ -125,17 +125,11 @@ impl Matcher {
 
     /// Whether the rule names who is calling on this host, beyond an address.
     fn pins_local(&self) -> bool {
-        self.uid.is_some()
-            || self.gid.is_some()
-            || self.exe.is_some()
-            || self.exe_sha256.is_some()
-            || self.systemd_unit.is_some()
-            || self.systemd_user_unit.is_some()
-            || self.cgroup.is_some()
+        self.local_criteria().next().is_some()
     }
 
-    /// Every criterion that is set, in one fixed order.
-    fn criteria(&self) -> impl Iterator<Item = Criterion<'_>> {
+    /// The criteria about who is calling on this host: all but `source`.
+    fn local_criteria(&self) -> impl Iterator<Item = Criterion<'_>> {
         [
             self.uid.map(Criterion::Uid),
             self.gid.map(Criterion::Gid),
@@ -146,10 +140,16 @@ impl Matcher {
                 .as_ref()
                 .map(|(uid, glob)| Criterion::SystemdUserUnit(*uid, glob)),
             self.cgroup.as_ref().map(Criterion::Cgroup),
-            (!self.source.is_empty()).then(|| Criterion::Source(&self.source, self.pins_local())),
         ]
         .into_iter()
         .flatten()
+    }
+
+    /// Every criterion that is set, in one fixed order.
+    fn criteria(&self) -> impl Iterator<Item = Criterion<'_>> {
+        let source =
+            (!self.source.is_empty()).then(|| Criterion::Source(&self.source, self.pins_local()));
+        self.local_criteria().chain(source)
     }
 
     pub fn needs(&self) -> Needs {

@@ -23,7 +23,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("the audit trail", &["audit"]),
     ("tokens and limits", &["token", "rate_limit"]),
     ("credentials", &["credentials"]),
-    ("what every surface shares", &["state", "admit", "reload"]),
+    (
+        "what every surface shares",
+        &["state", "admit", "failure", "reload"],
+    ),
     (
         "surfaces",
         &["imds", "container", "admin", "exec", "explain"],

@@ -3,11 +3,12 @@
 //! carry the same text.
 
 use axum::Json;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use crate::admit::Refused;
 use crate::credentials::CacheError;
+use crate::failure::{self, Failure};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
@@ -39,18 +40,22 @@ impl From<Refused> for ContainerError {
 }
 
 impl ContainerError {
-    pub fn status_code(&self) -> StatusCode {
+    pub fn failure(&self) -> Failure {
         match self {
-            ContainerError::MissingToken => StatusCode::UNAUTHORIZED,
-            ContainerError::BadToken(_) | ContainerError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ContainerError::NotFound => StatusCode::NOT_FOUND,
-            ContainerError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ContainerError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ContainerError::Credentials(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
-            ContainerError::Credentials(_) | ContainerError::Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ContainerError::MissingToken => Failure::Unauthorized,
+            ContainerError::BadToken(_) | ContainerError::Forbidden(_) => Failure::Forbidden,
+            ContainerError::NotFound => Failure::NotFound,
+            ContainerError::MethodNotAllowed => Failure::MethodNotAllowed { allow: "GET" },
+            ContainerError::RateLimited { retry_after } => Failure::RateLimited {
+                retry_after: *retry_after,
+            },
+            ContainerError::Credentials(e) => Failure::of_credentials(e),
+            ContainerError::Internal(_) => Failure::Internal,
         }
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        self.failure().status()
     }
 
     fn code(&self) -> &'static str {
@@ -77,40 +82,22 @@ struct Body {
 
 impl IntoResponse for ContainerError {
     fn into_response(self) -> Response {
-        let status = self.status_code();
-        let message = if status.is_server_error() {
-            // The detail is for the operator's log, not for the caller.
-            tracing::error!(error = %self, status = status.as_u16(), "container request failed");
-            "credentials are unavailable; try again later".to_owned()
-        } else {
-            tracing::debug!(reason = %self, status = status.as_u16(), "container request refused");
-            self.to_string()
-        };
         let code = self.code();
-        let mut response = (
-            status,
+        let detail = self.to_string();
+        failure::respond(self.failure(), &self, "container", |status| {
+            let message = if status.is_server_error() {
+                // The detail is for the operator's log, not for the caller.
+                "credentials are unavailable; try again later".to_owned()
+            } else {
+                detail
+            };
             Json(Body {
                 code,
                 message: message.clone(),
                 code_upper: code,
                 message_upper: message,
-            }),
-        )
-            .into_response();
-        match self {
-            ContainerError::MethodNotAllowed => {
-                response
-                    .headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("GET"));
-            }
-            ContainerError::RateLimited { retry_after } => {
-                let secs = crate::rate_limit::retry_after_secs(retry_after);
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            }
-            _ => {}
-        }
-        response
+            })
+            .into_response()
+        })
     }
 }

@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::admit::Refused;
 use crate::credentials::CacheError;
+use crate::failure::{self, Failure};
 use crate::token::TokenError;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,48 +40,36 @@ impl From<Refused> for ImdsError {
 }
 
 impl ImdsError {
-    pub fn status_code(&self) -> StatusCode {
+    pub fn failure(&self) -> Failure {
         match self {
-            ImdsError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ImdsError::Unauthorized(_) | ImdsError::TokenRequired => StatusCode::UNAUTHORIZED,
-            ImdsError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ImdsError::NotFound => StatusCode::NOT_FOUND,
-            ImdsError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ImdsError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ImdsError::Credentials(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
-            ImdsError::Credentials(_) | ImdsError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ImdsError::BadRequest(_) => Failure::BadRequest,
+            ImdsError::Unauthorized(_) | ImdsError::TokenRequired => Failure::Unauthorized,
+            ImdsError::Forbidden(_) => Failure::Forbidden,
+            ImdsError::NotFound => Failure::NotFound,
+            ImdsError::MethodNotAllowed { allow } => Failure::MethodNotAllowed { allow },
+            ImdsError::RateLimited { retry_after } => Failure::RateLimited {
+                retry_after: *retry_after,
+            },
+            ImdsError::Credentials(e) => Failure::of_credentials(e),
+            ImdsError::Internal(_) => Failure::Internal,
         }
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        self.failure().status()
     }
 }
 
 impl IntoResponse for ImdsError {
     fn into_response(self) -> Response {
-        let status = self.status_code();
-        if status.is_server_error() {
-            // The detail is for the operator; the caller gets the generic page.
-            tracing::error!(error = %self, status = status.as_u16(), "request failed");
-        } else {
-            tracing::debug!(reason = %self, status = status.as_u16(), "request refused");
-        }
-        let mut response = (status, error_page(status)).into_response();
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
-        match self {
-            ImdsError::MethodNotAllowed { allow } => {
-                response
-                    .headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static(allow));
-            }
-            ImdsError::RateLimited { retry_after } => {
-                let secs = crate::rate_limit::retry_after_secs(retry_after);
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            }
-            _ => {}
-        }
-        response
+        // Whatever the failure, the caller gets the generic page.
+        failure::respond(self.failure(), &self, "imds", |status| {
+            (
+                [(header::CONTENT_TYPE, HeaderValue::from_static("text/html"))],
+                error_page(status),
+            )
+                .into_response()
+        })
     }
 }
 
