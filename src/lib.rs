@@ -1,17 +1,35 @@
 //! imds-broker: an EC2-IMDS-compatible endpoint that gives each local application short-lived
 //! credentials for its own IAM role.
 //!
-//! How a request flows through the modules:
+//! The modules form one-way layers, each using only those below it (`tests/layers.rs` holds
+//! the order and fails on an import that points up or on a circle):
+//!
+//! | layer | modules |
+//! |---|---|
+//! | binary's commands | [`cli`] |
+//! | listeners and wiring | [`server`] |
+//! | surfaces | [`imds`], [`container`], [`admin`], [`exec`], [`explain`] |
+//! | what every surface shares | [`state`], [`admit`], [`failure`], [`reload`] |
+//! | credentials | [`credentials`] (cache, refresh, STS) |
+//! | tokens and limits | [`token`] (session and container tokens), [`rate_limit`] |
+//! | the audit trail | [`audit`] (events, sealed sink) |
+//! | which app | [`policy`] |
+//! | who is calling | [`identity`] (`sock_diag`, `cgroup`, `process`, `exe_digest`) |
+//! | configuration | [`config`] |
+//! | helpers | [`arn`], [`glob`], [`secret`], [`time`], [`safe_dir`], [`iam`], [`metrics`], [`signal`], [`systemd`] |
+//!
+//! How a request flows through them:
 //! - [`server`] accepts a connection and asks [`identity`] who owns the other end (netlink
-//!   [`sock_diag`]), once per connection.
-//! - [`imds`] routes the request through its security layers (forwarded-request refusal,
-//!   [`token`] check) to the metadata tree or the credential handler.
-//! - [`policy`] maps the caller to an `[[app]]` of the [`config`]; [`credentials`] returns that
-//!   app's cached role credentials, calling STS AssumeRole when they need renewing.
-//! - [`container`] serves the same credentials on the ECS-style container endpoint, to callers
-//!   that present the token the daemon wrote to their app's token file.
-//! - [`cli`] is the binary's entry point; [`signal`] turns signals into shutdown, and into a
-//!   [`reload`] of the config on SIGHUP.
+//!   `sock_diag`, checked), once per connection.
+//! - [`imds`]'s guard layer runs [`admit`] (relayed, browser or foreign-`Host` requests
+//!   refused; the caller's rate), then the [`token`] check, then [`policy`] matches the caller
+//!   to an `[[app]]` of the [`config`].
+//! - [`credentials`] returns that app's cached role credentials, calling STS AssumeRole when
+//!   they need renewing; [`audit`] records the issuance; the surface renders the document.
+//! - [`container`] serves the same credentials on the ECS-style endpoint, after the same
+//!   [`admit`], to callers that present the token the daemon wrote to their app's file.
+//! - Failures become statuses in [`failure`]; [`signal`] turns signals into shutdown, and
+//!   into a [`reload`] of the config on SIGHUP.
 
 pub mod admin;
 pub mod admit;
