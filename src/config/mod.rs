@@ -2,6 +2,8 @@
 //! structs into a validated [`Config`] whose every error names the file, line and field.
 
 mod container;
+mod error;
+mod load;
 mod raw;
 
 mod admin_listen;
@@ -12,10 +14,8 @@ pub use admin_listen::AdminListen;
 pub use assume_role::AssumeRoleInput;
 pub use matcher::Matcher;
 
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -24,6 +24,9 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 pub use container::{AppContainer, ContainerConfig};
+pub use error::{ConfigError, Problem};
+pub use load::DEFAULT_CONFIG_PATH;
+use load::check_permissions;
 pub use raw::ImdsV1;
 use raw::{RawApp, RawConfig, RawDuration, RawMatch};
 
@@ -32,7 +35,6 @@ use crate::glob::Glob;
 use crate::iam::source::Origin;
 use crate::iam::{self, SessionPolicy};
 
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/imds-broker/config.toml";
 pub const DEFAULT_LISTEN: &str = "169.254.169.254:80";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/imds-broker";
 
@@ -268,57 +270,6 @@ fn policy_field(index: usize, inline: bool, file: bool) -> String {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{}: cannot read: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{}: refusing config file: {reason}", path.display())]
-    Permissions { path: PathBuf, reason: String },
-    #[error("{}", Problems(problems))]
-    Invalid { problems: Vec<Problem> },
-}
-
-/// One validation failure, positioned in the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub path: PathBuf,
-    pub line: usize,
-    pub column: usize,
-    pub field: String,
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}: {}",
-            self.path.display(),
-            self.line,
-            self.column,
-            self.field,
-            self.message
-        )
-    }
-}
-
-struct Problems<'a>(&'a [Problem]);
-
-impl fmt::Display for Problems<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, p) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{p}")?;
-        }
-        Ok(())
-    }
-}
-
 impl Config {
     /// Reads, permission-checks and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -357,38 +308,6 @@ impl Config {
             })
         }
     }
-}
-
-/// The file must not be writable by anyone but root or the daemon's own user: whoever can write
-/// it decides which app gets which role.
-fn check_permissions(path: &Path) -> Result<(), ConfigError> {
-    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let me = nix::unistd::geteuid().as_raw();
-    let refuse = |reason: String| ConfigError::Permissions {
-        path: path.to_owned(),
-        reason,
-    };
-    let mode = meta.mode();
-    if meta.uid() != 0 && meta.uid() != me {
-        return Err(refuse(format!(
-            "owned by uid {}, not by root or the daemon's user (uid {me})",
-            meta.uid()
-        )));
-    }
-    if mode & 0o002 != 0 {
-        return Err(refuse(format!("world-writable (mode {:o})", mode & 0o7777)));
-    }
-    if mode & 0o020 != 0 && meta.gid() != 0 {
-        return Err(refuse(format!(
-            "writable by group {} (mode {:o})",
-            meta.gid(),
-            mode & 0o7777
-        )));
-    }
-    Ok(())
 }
 
 /// What every app inherits from the sections above it.
