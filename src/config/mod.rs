@@ -5,6 +5,7 @@ mod container;
 mod error;
 mod load;
 mod raw;
+mod server;
 
 mod admin_listen;
 mod assume_role;
@@ -14,13 +15,12 @@ pub use admin_listen::AdminListen;
 pub use assume_role::AssumeRoleInput;
 pub use matcher::Matcher;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 pub use container::{AppContainer, ContainerConfig};
@@ -29,17 +29,19 @@ pub use load::DEFAULT_CONFIG_PATH;
 use load::check_permissions;
 pub use raw::ImdsV1;
 use raw::{RawApp, RawConfig, RawDuration, RawMatch};
+pub use server::{
+    AuditConfig, DEFAULT_EXE_HASH_MAX_MIB, DEFAULT_EXE_HASH_MIB_PER_SECOND, DEFAULT_HOP_LIMIT,
+    DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CALLER,
+    DEFAULT_REQUEST_BURST, DEFAULT_REQUESTS_PER_SECOND, DEFAULT_SEAL_EPOCH,
+    DEFAULT_SEAL_EPOCH_EVENTS, DEFAULT_STATE_DIR, InstanceInfo, Limits, MAX_TOKEN_TTL,
+    ServerConfig,
+};
 
 use crate::arn::RoleArn;
 use crate::glob::Glob;
 use crate::iam::source::Origin;
 use crate::iam::{self, SessionPolicy};
 
-pub const DEFAULT_LISTEN: &str = "169.254.169.254:80";
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/imds-broker";
-
-/// IMDS token TTL bounds (EC2: 1 s to 6 h).
-pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(21_600);
 /// STS AssumeRole `DurationSeconds` bounds.
 pub const MIN_SESSION: Duration = Duration::from_secs(900);
 pub const MAX_SESSION: Duration = Duration::from_secs(43_200);
@@ -56,20 +58,6 @@ pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(60 * 60);
 /// Global AssumeRole budget: sustained calls per second, and the burst above it.
 pub const DEFAULT_STS_CALLS_PER_SECOND: u32 = 10;
 pub const DEFAULT_STS_BURST: u32 = 50;
-/// IP TTL / IPv6 hop limit of everything the daemon sends: 1 keeps it from crossing a router
-/// (a container behind NAT cannot reach it unless the operator raises this).
-pub const DEFAULT_HOP_LIMIT: u32 = 1;
-/// Per-caller request rate: SDKs make a few requests per credential load, so these are never
-/// met in normal use (aws-sdk-rust treats a 429 from IMDS as a hard failure).
-pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 20;
-pub const DEFAULT_REQUEST_BURST: u32 = 100;
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
-pub const DEFAULT_MAX_CONNECTIONS_PER_CALLER: u32 = 128;
-/// Interpreters and most service binaries are well under this; a large Go or Java bundle may
-/// need it raised.
-pub const DEFAULT_EXE_HASH_MAX_MIB: u32 = 256;
-/// About a tenth of a second of one core per second at SHA-256's pace, per uid.
-pub const DEFAULT_EXE_HASH_MIB_PER_SECOND: u32 = 64;
 /// STS accepts at most this many session tags per AssumeRole.
 pub const MAX_SESSION_TAGS: usize = 50;
 /// STS accepts at most this many managed session policies (`PolicyArns`) per AssumeRole.
@@ -96,51 +84,6 @@ pub struct Config {
     /// What the daemon will refuse when it gets there, though the file is valid (a token
     /// file's directory others control): `check` prints them.
     pub warnings: Vec<Problem>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditConfig {
-    /// The hash-chained audit file (mode 0600).
-    pub path: PathBuf,
-    /// Forward-secure sealing of the file, keys in the state dir (default on).
-    pub seal: bool,
-    /// A sealing epoch ends this long after its first line...
-    pub seal_epoch: Duration,
-    /// ...or after this many lines, whichever comes first.
-    pub seal_epoch_events: u64,
-}
-
-/// Sealing epochs: how long (from its first line) and how many lines at most, by default; the
-/// key of an ended epoch is erased, so these bound what a later intruder could re-seal.
-pub const DEFAULT_SEAL_EPOCH: Duration = Duration::from_secs(15 * 60);
-pub const DEFAULT_SEAL_EPOCH_EVENTS: u64 = 10_000;
-const SEAL_EPOCH_RANGE: std::ops::RangeInclusive<Duration> =
-    Duration::from_secs(60)..=Duration::from_secs(24 * 3600);
-const SEAL_EPOCH_EVENTS_RANGE: std::ops::RangeInclusive<u64> = 1..=10_000_000;
-
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    pub listen: Vec<SocketAddr>,
-    pub imdsv1: ImdsV1,
-    pub token_max_ttl: Duration,
-    pub state_dir: PathBuf,
-    pub hop_limit: u32,
-    /// Host header names accepted besides the daemon's own addresses.
-    pub allowed_hosts: Vec<String>,
-}
-
-/// Request and connection limits, per caller (resolved identity) and in total.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    pub requests_per_second: u32,
-    pub burst: u32,
-    pub max_connections: u32,
-    pub max_connections_per_caller: u32,
-    /// An executable larger than this is never hashed, so never matches an `exe_sha256` rule.
-    pub exe_hash_max_mib: u32,
-    /// How much of executables not hashed before each uid may have hashed, per second (the
-    /// burst is one file of `exe_hash_max_mib`).
-    pub exe_hash_mib_per_second: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -172,17 +115,6 @@ impl Default for CredentialPolicy {
             idle_after: DEFAULT_IDLE_AFTER,
         }
     }
-}
-
-/// The values IMDS reports about "the instance"; synthesized where the operator gave none.
-#[derive(Debug, Clone)]
-pub struct InstanceInfo {
-    pub region: String,
-    pub availability_zone: String,
-    pub instance_id: String,
-    pub instance_type: String,
-    pub ami_id: String,
-    pub hostname: String,
 }
 
 /// One `[[app]]`: who it is and which role it gets.
@@ -359,13 +291,7 @@ impl Validator<'_> {
     fn validate(&mut self, raw: RawConfig) -> Config {
         let server = self.server(raw.server);
         let container = self.container(raw.container, &server.listen);
-        let admin = match raw.admin.listen {
-            None => AdminListen::Unix(server.state_dir.join("admin.sock")),
-            Some(l) => l.get_ref().parse().unwrap_or_else(|e: String| {
-                self.push(l.span(), "admin.listen", e);
-                AdminListen::Unix(server.state_dir.join("admin.sock"))
-            }),
-        };
+        let admin = self.admin(raw.admin, &server.state_dir);
         let audit = self.audit(raw.audit, &server.state_dir);
         let sts_duration = self.duration(
             raw.sts.default_duration.as_ref(),
@@ -447,38 +373,7 @@ impl Validator<'_> {
         );
         let burst = self.positive(raw.sts.burst.as_ref(), "sts.burst", DEFAULT_STS_BURST);
         let instance = self.instance(raw.instance, &region);
-        let limits = Limits {
-            requests_per_second: self.positive(
-                raw.limits.requests_per_second.as_ref(),
-                "limits.requests_per_second",
-                DEFAULT_REQUESTS_PER_SECOND,
-            ),
-            burst: self.positive(
-                raw.limits.burst.as_ref(),
-                "limits.burst",
-                DEFAULT_REQUEST_BURST,
-            ),
-            max_connections: self.positive(
-                raw.limits.max_connections.as_ref(),
-                "limits.max_connections",
-                DEFAULT_MAX_CONNECTIONS,
-            ),
-            max_connections_per_caller: self.positive(
-                raw.limits.max_connections_per_caller.as_ref(),
-                "limits.max_connections_per_caller",
-                DEFAULT_MAX_CONNECTIONS_PER_CALLER,
-            ),
-            exe_hash_max_mib: self.positive(
-                raw.limits.exe_hash_max_mib.as_ref(),
-                "limits.exe_hash_max_mib",
-                DEFAULT_EXE_HASH_MAX_MIB,
-            ),
-            exe_hash_mib_per_second: self.positive(
-                raw.limits.exe_hash_mib_per_second.as_ref(),
-                "limits.exe_hash_mib_per_second",
-                DEFAULT_EXE_HASH_MIB_PER_SECOND,
-            ),
-        };
+        let limits = self.limits(raw.limits);
         let sts = StsConfig {
             region,
             endpoint_url,
@@ -518,102 +413,6 @@ impl Validator<'_> {
             container,
             apps,
             warnings: std::mem::take(&mut self.warnings),
-        }
-    }
-
-    fn server(&mut self, raw: raw::RawServer) -> ServerConfig {
-        let mut listen = Vec::new();
-        match raw.listen {
-            None => listen.push(DEFAULT_LISTEN.parse().expect("constant address parses")),
-            Some(list) => {
-                if list.get_ref().is_empty() {
-                    self.push(list.span(), "server.listen", "needs at least one address");
-                }
-                for entry in list.get_ref() {
-                    match entry.get_ref().parse::<SocketAddr>() {
-                        Ok(addr) => listen.push(addr),
-                        Err(_) => self.push(
-                            entry.span(),
-                            "server.listen",
-                            format!(
-                                "{:?} is not an IP:port address (e.g. 169.254.169.254:80, [fd00:ec2::254]:80)",
-                                entry.get_ref()
-                            ),
-                        ),
-                    }
-                }
-            }
-        }
-        let token_max_ttl = self.duration(
-            raw.token_max_ttl.as_ref(),
-            "server.token_max_ttl",
-            MAX_TOKEN_TTL,
-        );
-        if let Some(t) = &raw.token_max_ttl
-            && (token_max_ttl < Duration::from_secs(1) || token_max_ttl > MAX_TOKEN_TTL)
-        {
-            self.push(
-                t.span(),
-                "server.token_max_ttl",
-                "must be between 1 and 21600 seconds",
-            );
-        }
-        let hop_limit = match raw.hop_limit {
-            None => DEFAULT_HOP_LIMIT,
-            Some(h) if (1..=64).contains(h.get_ref()) => *h.get_ref(),
-            Some(h) => {
-                self.push(h.span(), "server.hop_limit", "must be between 1 and 64");
-                DEFAULT_HOP_LIMIT
-            }
-        };
-        ServerConfig {
-            listen,
-            hop_limit,
-            allowed_hosts: raw
-                .allowed_hosts
-                .unwrap_or_default()
-                .into_iter()
-                .map(|h| h.to_ascii_lowercase())
-                .collect(),
-            imdsv1: raw.imdsv1.unwrap_or_default(),
-            token_max_ttl,
-            state_dir: raw
-                .state_dir
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-        }
-    }
-
-    fn instance(&mut self, raw: raw::RawInstance, sts_region: &str) -> InstanceInfo {
-        let hostname = raw.hostname.unwrap_or_else(local_hostname);
-        let region = raw.region.unwrap_or_else(|| sts_region.to_owned());
-        let availability_zone = match raw.availability_zone {
-            // botocore derives the region by dropping the zone's last character.
-            Some(az)
-                if !az.get_ref().starts_with(&region) || az.get_ref().len() != region.len() + 1 =>
-            {
-                self.push(
-                    az.span(),
-                    "instance.availability_zone",
-                    format!("must be the region {region:?} plus one letter (SDKs derive the region from it)"),
-                );
-                az.into_inner()
-            }
-            Some(az) => az.into_inner(),
-            None => format!("{region}a"),
-        };
-        let seed = host_seed(&hostname);
-        InstanceInfo {
-            region,
-            availability_zone,
-            instance_id: raw
-                .instance_id
-                .unwrap_or_else(|| format!("i-{}", &seed[..17])),
-            instance_type: raw.instance_type.unwrap_or_else(|| "imds-broker".into()),
-            ami_id: raw
-                .ami_id
-                .unwrap_or_else(|| format!("ami-{}", &seed[17..34])),
-            hostname,
         }
     }
 
@@ -1033,40 +832,6 @@ impl Validator<'_> {
         }
     }
 
-    fn audit(&mut self, raw: raw::RawAudit, state_dir: &Path) -> AuditConfig {
-        let seal_epoch = self.duration(
-            raw.seal_epoch.as_ref(),
-            "audit.seal_epoch",
-            DEFAULT_SEAL_EPOCH,
-        );
-        if let Some(r) = &raw.seal_epoch
-            && !SEAL_EPOCH_RANGE.contains(&seal_epoch)
-        {
-            self.push(r.span(), "audit.seal_epoch", "must be between 1m and 24h");
-        }
-        let seal_epoch_events = match &raw.seal_epoch_events {
-            Some(n) if !SEAL_EPOCH_EVENTS_RANGE.contains(n.get_ref()) => {
-                self.push(
-                    n.span(),
-                    "audit.seal_epoch_events",
-                    "must be between 1 and 10000000",
-                );
-                DEFAULT_SEAL_EPOCH_EVENTS
-            }
-            Some(n) => *n.get_ref(),
-            None => DEFAULT_SEAL_EPOCH_EVENTS,
-        };
-        AuditConfig {
-            path: raw
-                .path
-                .map(PathBuf::from)
-                .unwrap_or_else(|| state_dir.join("audit.log")),
-            seal: raw.seal.unwrap_or(true),
-            seal_epoch,
-            seal_epoch_events,
-        }
-    }
-
     fn duration(
         &mut self,
         raw: Option<&Spanned<RawDuration>>,
@@ -1161,21 +926,6 @@ pub fn default_session_name(app: &str, hostname: &str) -> String {
         name.push('-');
     }
     name
-}
-
-fn local_hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
-
-/// A stable per-host hex string for synthesized ids, from the machine id when there is one.
-fn host_seed(hostname: &str) -> String {
-    let machine_id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
-    let digest = Sha256::digest(format!("{}|{hostname}", machine_id.trim()));
-    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
