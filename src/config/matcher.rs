@@ -1,5 +1,5 @@
-//! An app's `match` table as data: which criteria a caller must meet. What they mean for a
-//! caller is `policy`'s to say.
+//! An app's `match` table as data: which criteria a caller must meet, checked when the
+//! config is loaded. What they mean for a caller is `policy`'s to say.
 
 use std::net::IpAddr;
 
