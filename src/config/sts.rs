@@ -1,0 +1,197 @@
+//! The STS side: `[sts]` (region, endpoint, default session length, the call budget) and
+//! `[credentials]` (when cached credentials stop being served and are refreshed).
+
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::Validator;
+use super::raw::{self, RawDuration};
+
+/// STS AssumeRole `DurationSeconds` bounds.
+pub const MIN_SESSION: Duration = Duration::from_secs(900);
+pub const MAX_SESSION: Duration = Duration::from_secs(43_200);
+pub const DEFAULT_SESSION: Duration = Duration::from_secs(3_600);
+/// botocore rewrites the expiry of credentials with less than this left, and the Java SDKs refetch
+/// on every call, so nothing below it is ever served.
+pub const MIN_REMAINING_FLOOR: Duration = Duration::from_secs(25 * 60);
+pub const DEFAULT_MIN_REMAINING: Duration = Duration::from_secs(30 * 60);
+/// Refreshes start at a random point of this window before `min_remaining` is reached, so apps
+/// and hosts spread their STS calls.
+pub const DEFAULT_REFRESH_WINDOW: Duration = Duration::from_secs(10 * 60);
+/// An app nobody asked for in this long is no longer refreshed in the background.
+pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(60 * 60);
+/// Global AssumeRole budget: sustained calls per second, and the burst above it.
+pub const DEFAULT_STS_CALLS_PER_SECOND: u32 = 10;
+pub const DEFAULT_STS_BURST: u32 = 50;
+/// A session must stay servable for at least this long after issue, or the broker would spend
+/// its time calling STS: `duration >= min_remaining + MIN_SERVABLE`.
+pub const MIN_SERVABLE: Duration = Duration::from_secs(15 * 60);
+
+#[derive(Debug, Clone)]
+pub struct StsConfig {
+    pub region: String,
+    pub endpoint_url: Option<String>,
+    pub default_duration: Duration,
+    /// Global AssumeRole budget shared by every app.
+    pub max_calls_per_second: u32,
+    pub burst: u32,
+}
+
+/// When cached credentials stop being served and when their refresh starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CredentialPolicy {
+    /// Credentials with less validity than this are never served.
+    pub min_remaining: Duration,
+    /// Background refresh starts at a random point within this window before `min_remaining`.
+    pub refresh_window: Duration,
+    /// Apps not asked for in this long are not refreshed in the background.
+    pub idle_after: Duration,
+}
+
+impl Default for CredentialPolicy {
+    fn default() -> Self {
+        Self {
+            min_remaining: DEFAULT_MIN_REMAINING,
+            refresh_window: DEFAULT_REFRESH_WINDOW,
+            idle_after: DEFAULT_IDLE_AFTER,
+        }
+    }
+}
+
+impl Validator<'_> {
+    /// `[sts]` and `[credentials]`. The credentials section is read between the region and the
+    /// call budget, where it always was, so problems keep their order.
+    pub(super) fn sts(
+        &mut self,
+        raw: &raw::RawSts,
+        credentials: raw::RawCredentials,
+    ) -> (StsConfig, CredentialPolicy) {
+        let sts_duration = self.duration(
+            raw.default_duration.as_ref(),
+            "sts.default_duration",
+            DEFAULT_SESSION,
+        );
+        let endpoint_url = raw.endpoint_url.as_ref().map(|u| {
+            let url = u.get_ref().trim().to_owned();
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                self.push(
+                    u.span(),
+                    "sts.endpoint_url",
+                    "must start with http:// or https://",
+                );
+            }
+            url
+        });
+        let region = raw.region.get_ref().clone();
+        if !is_region(&region) {
+            self.push(
+                raw.region.span(),
+                "sts.region",
+                format!("{region:?} is not an AWS region name"),
+            );
+        }
+        let credentials = self.credentials(credentials);
+        let max_calls_per_second = self.positive(
+            raw.max_calls_per_second.as_ref(),
+            "sts.max_calls_per_second",
+            DEFAULT_STS_CALLS_PER_SECOND,
+        );
+        let burst = self.positive(raw.burst.as_ref(), "sts.burst", DEFAULT_STS_BURST);
+        let sts = StsConfig {
+            region,
+            endpoint_url,
+            default_duration: sts_duration,
+            max_calls_per_second,
+            burst,
+        };
+        (sts, credentials)
+    }
+
+    fn credentials(&mut self, raw: raw::RawCredentials) -> CredentialPolicy {
+        let min_remaining = self.duration(
+            raw.min_remaining.as_ref(),
+            "credentials.min_remaining",
+            DEFAULT_MIN_REMAINING,
+        );
+        if let Some(m) = &raw.min_remaining
+            && min_remaining < MIN_REMAINING_FLOOR
+        {
+            self.push(
+                m.span(),
+                "credentials.min_remaining",
+                format!(
+                    "must be at least {} (SDKs treat credentials with less left as expired)",
+                    humantime::format_duration(MIN_REMAINING_FLOOR)
+                ),
+            );
+        }
+        let refresh_window = self.duration(
+            raw.refresh_window.as_ref(),
+            "credentials.refresh_window",
+            DEFAULT_REFRESH_WINDOW,
+        );
+        if let Some(w) = &raw.refresh_window
+            && !(Duration::from_secs(60)..=MIN_SERVABLE).contains(&refresh_window)
+        {
+            self.push(
+                w.span(),
+                "credentials.refresh_window",
+                format!(
+                    "must be between 1m and {} (it must fit in the servable part of a session)",
+                    humantime::format_duration(MIN_SERVABLE)
+                ),
+            );
+        }
+        let idle_after = self.duration(
+            raw.idle_after.as_ref(),
+            "credentials.idle_after",
+            DEFAULT_IDLE_AFTER,
+        );
+        if let Some(i) = &raw.idle_after
+            && idle_after < Duration::from_secs(60)
+        {
+            self.push(i.span(), "credentials.idle_after", "must be at least 1m");
+        }
+        CredentialPolicy {
+            min_remaining,
+            refresh_window,
+            idle_after,
+        }
+    }
+
+    /// A session must be a legal STS duration and leave time to serve it before `min_remaining`.
+    pub(super) fn check_servable(
+        &mut self,
+        raw: Option<&Spanned<RawDuration>>,
+        field: &str,
+        duration: Duration,
+        policy: CredentialPolicy,
+    ) {
+        let Some(raw) = raw else { return };
+        if !(MIN_SESSION..=MAX_SESSION).contains(&duration) {
+            self.push(
+                raw.span(),
+                field,
+                "must be between 900 and 43200 seconds (STS DurationSeconds)",
+            );
+        } else if duration < policy.min_remaining + MIN_SERVABLE {
+            self.push(
+                raw.span(),
+                field,
+                format!(
+                    "must be at least credentials.min_remaining ({}) + {}, or credentials would be refreshed as soon as they are issued",
+                    humantime::format_duration(policy.min_remaining),
+                    humantime::format_duration(MIN_SERVABLE)
+                ),
+            );
+        }
+    }
+}
+
+fn is_region(s: &str) -> bool {
+    (4..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.contains('-')
+}
