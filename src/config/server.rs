@@ -271,5 +271,5 @@ fn local_hostname() -> String {
 fn host_seed(hostname: &str) -> String {
     let machine_id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
     let digest = Sha256::digest(format!("{}|{hostname}", machine_id.trim()));
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(digest)
 }
