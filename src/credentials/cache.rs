@@ -495,7 +495,7 @@ async fn worker(
         let now = inner.clock.now();
         let policy = inner.policy();
         let result = result.and_then(|creds| usable(creds, now, policy.min_remaining));
-        audited_call(&input, &result, started.elapsed());
+        super::audit::sts_call(&input, &result, started.elapsed());
         let retry_in = {
             let mut st = entry.lock();
             st.attempt = None;
@@ -693,50 +693,5 @@ impl Inner {
             entry.cancel.cancel();
         }
         dead
-    }
-}
-
-/// One STS AssumeRole call and how it went (no caller: the daemon makes these calls itself).
-fn audited_call(
-    input: &AssumeRoleInput,
-    result: &Result<Arc<Credentials>, CacheError>,
-    latency: Duration,
-) {
-    let (outcome, code) = match result {
-        Ok(_) => ("ok", String::new()),
-        Err(CacheError::Sts(StsError::Throttled { code })) => ("throttled", code.clone()),
-        Err(CacheError::Sts(StsError::Refused { code, .. })) => ("refused", code.clone()),
-        Err(CacheError::Sts(StsError::Unavailable(_))) => ("unavailable", String::new()),
-        Err(CacheError::Sts(StsError::Unusable(_)) | CacheError::TaskFailed) => {
-            ("unusable", String::new())
-        }
-    };
-    metrics::counter!(crate::metrics::STS_CALLS, "outcome" => outcome, "code" => code.clone())
-        .increment(1);
-    metrics::histogram!(crate::metrics::STS_LATENCY).record(latency.as_secs_f64());
-    let latency_ms = latency.as_millis() as u64;
-    match result {
-        Ok(creds) => tracing::info!(
-            target: "audit",
-            event = "sts.assume_role",
-            outcome,
-            role_arn = %input.role_arn,
-            session_name = %input.session_name,
-            latency_ms,
-            access_key_id = %creds.access_key_id,
-            expiration = %crate::time::imds_time(creds.expiration),
-            "AssumeRole succeeded"
-        ),
-        Err(e) => tracing::warn!(
-            target: "audit",
-            event = "sts.assume_role",
-            outcome,
-            role_arn = %input.role_arn,
-            session_name = %input.session_name,
-            latency_ms,
-            code,
-            error = %e,
-            "AssumeRole failed"
-        ),
     }
 }

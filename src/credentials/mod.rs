@@ -8,6 +8,7 @@
 //! - `budget`: the global AssumeRole rate every STS call draws from.
 //! - `refresh`: the background task that starts scheduled refreshes and drops idle entries.
 
+mod audit;
 mod budget;
 mod cache;
 mod refresh;
