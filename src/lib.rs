@@ -34,6 +34,7 @@ pub mod reload;
 pub mod safe_dir;
 pub mod secret;
 pub mod server;
+pub mod shutdown;
 pub mod signal;
 pub mod state;
 pub mod systemd;

@@ -15,6 +15,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "helpers: plain data and pure functions",
         &[
             "arn", "glob", "secret", "time", "safe_dir", "iam", "metrics", "signal", "systemd",
+            "shutdown",
         ],
     ),
     ("configuration", &["config"]),
