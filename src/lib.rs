@@ -10,8 +10,10 @@
 //!   app's cached role credentials, calling STS AssumeRole when they need renewing.
 //! - [`container`] serves the same credentials on the ECS-style container endpoint, to callers
 //!   that present the token the daemon wrote to their app's token file.
-//! - [`cli`] is the binary's entry point; [`signal`] turns signals into shutdown, and into a
-//!   [`reload`] of the config on SIGHUP.
+//! - [`daemon`] wires it all: [`daemon::run`] takes the config, the bound listeners and a
+//!   shutdown future, and runs every background task under one [`shutdown`] tree.
+//! - [`cli`] is the binary's entry point (one file per subcommand); [`signal`] turns signals
+//!   into shutdown, and into a [`reload`] of the config on SIGHUP.
 
 pub mod admin;
 pub mod arn;
@@ -20,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod container;
 pub mod credentials;
+pub mod daemon;
 pub mod exec;
 pub mod explain;
 pub mod glob;

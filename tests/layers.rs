@@ -29,7 +29,8 @@ const LAYERS: &[(&str, &[&str])] = &[
         "surfaces",
         &["imds", "container", "admin", "exec", "explain"],
     ),
-    ("listeners and wiring", &["server"]),
+    ("listeners", &["server"]),
+    ("wiring: run and the shutdown tree's drain", &["daemon"]),
     ("the binary's commands", &["cli"]),
 ];
 
