@@ -83,37 +83,53 @@ pub async fn serve(listener: AdminListener, router: Router, stop: CancellationTo
     }
 }
 
-/// Fetches `path` from a running daemon's admin listener (HTTP/1.0, so the body ends at EOF).
+/// Fetches `path` from a running daemon's admin listener.
 pub async fn fetch(listen: &AdminListen, path: &str) -> io::Result<(u16, String)> {
     request(listen, "GET", path).await
 }
 
-/// Sends a body-less `method` request for `path` to a running daemon's admin listener.
+/// Sends a body-less `method` request for `path` to a running daemon's admin listener, on a
+/// connection of its own; returns the status and the body.
 pub async fn request(listen: &AdminListen, method: &str, path: &str) -> io::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let request = format!("{method} {path} HTTP/1.0\r\nHost: admin\r\nContent-Length: 0\r\n\r\n");
-    let mut raw = Vec::new();
+    let request = axum::http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, "admin")
+        .header(header::CONTENT_LENGTH, "0")
+        .header(header::CONNECTION, "close")
+        .body(axum::body::Body::empty())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     match listen {
-        AdminListen::Unix(p) => {
-            let mut s = tokio::net::UnixStream::connect(p).await?;
-            s.write_all(request.as_bytes()).await?;
-            s.read_to_end(&mut raw).await?;
-        }
-        AdminListen::Tcp(a) => {
-            let mut s = tokio::net::TcpStream::connect(a).await?;
-            s.write_all(request.as_bytes()).await?;
-            s.read_to_end(&mut raw).await?;
-        }
+        AdminListen::Unix(p) => exchange(tokio::net::UnixStream::connect(p).await?, request).await,
+        AdminListen::Tcp(a) => exchange(tokio::net::TcpStream::connect(a).await?, request).await,
     }
-    let text = String::from_utf8_lossy(&raw);
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "not an HTTP response");
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(bad)?;
-    Ok((status, body.to_owned()))
+}
+
+/// One request and its response over `stream`, with hyper's HTTP/1 client.
+async fn exchange<S>(
+    stream: S,
+    request: axum::http::Request<axum::body::Body>,
+) -> io::Result<(u16, String)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let invalid = |e: hyper::Error| io::Error::new(io::ErrorKind::InvalidData, e);
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(invalid)?;
+    // The connection is driven alongside the exchange, and ends once the exchange (which owns
+    // the sender) is done.
+    let exchange = async move {
+        let response = sender.send_request(request).await.map_err(invalid)?;
+        let status = response.status().as_u16();
+        let body = axum::body::to_bytes(axum::body::Body::new(response.into_body()), usize::MAX)
+            .await
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    let (result, _) = tokio::join!(exchange, connection);
+    result
 }
 
 fn remove_stale_socket(path: &Path) -> io::Result<()> {

@@ -7,7 +7,8 @@
 //! | layer | modules |
 //! |---|---|
 //! | binary's commands | [`cli`] |
-//! | listeners and wiring | [`server`] |
+//! | the daemon's wiring and shutdown | [`daemon`] |
+//! | listeners | [`server`] |
 //! | surfaces | [`imds`], [`container`], [`admin`], [`exec`], [`explain`] |
 //! | what every surface shares | [`state`], [`admit`], [`failure`], [`reload`] |
 //! | credentials | [`credentials`] (cache, refresh, STS) |
@@ -16,7 +17,7 @@
 //! | which app | [`policy`] |
 //! | who is calling | [`identity`] (`sock_diag`, `cgroup`, `process`, `exe_digest`) |
 //! | configuration | [`config`] |
-//! | helpers | [`arn`], [`glob`], [`secret`], [`time`], [`safe_dir`], [`iam`], [`metrics`], [`signal`], [`systemd`] |
+//! | helpers | [`arn`], [`glob`], [`secret`], [`time`], [`safe_dir`], [`iam`], [`metrics`], [`signal`], [`systemd`], [`shutdown`] |
 //!
 //! How a request flows through them:
 //! - [`server`] accepts a connection and asks [`identity`] who owns the other end (netlink
@@ -28,8 +29,11 @@
 //!   they need renewing; [`audit`] records the issuance; the surface renders the document.
 //! - [`container`] serves the same credentials on the ECS-style endpoint, after the same
 //!   [`admit`], to callers that present the token the daemon wrote to their app's file.
-//! - Failures become statuses in [`failure`]; [`signal`] turns signals into shutdown, and
-//!   into a [`reload`] of the config on SIGHUP.
+//! - Failures become statuses in [`failure`].
+//! - [`daemon`] wires it all: [`daemon::run`] takes the config, the bound listeners and a
+//!   shutdown future, and runs every background task under one [`shutdown`] tree.
+//! - [`cli`] is the binary's entry point (one file per subcommand); [`signal`] turns signals
+//!   into shutdown, and into a [`reload`] of the config on SIGHUP.
 
 pub mod admin;
 pub mod admit;
@@ -39,6 +43,7 @@ pub mod cli;
 pub mod config;
 pub mod container;
 pub mod credentials;
+pub mod daemon;
 pub mod exec;
 pub mod explain;
 pub mod failure;
@@ -53,6 +58,7 @@ pub mod reload;
 pub mod safe_dir;
 pub mod secret;
 pub mod server;
+pub mod shutdown;
 pub mod signal;
 pub mod state;
 pub mod systemd;

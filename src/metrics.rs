@@ -39,13 +39,20 @@ pub const AUDIT_EPOCH: &str = "imds_broker_audit_epoch";
 const STS_LATENCY_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Installs the process-wide recorder and returns the handle that renders the exposition.
+/// Later calls (a second daemon in one test process) get the same handle.
 pub fn install() -> Result<PrometheusHandle, String> {
+    static INSTALLED: std::sync::Mutex<Option<PrometheusHandle>> = std::sync::Mutex::new(None);
+    let mut installed = INSTALLED.lock().map_err(|e| e.to_string())?;
+    if let Some(handle) = &*installed {
+        return Ok(handle.clone());
+    }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(STS_LATENCY.into()), STS_LATENCY_BUCKETS)
         .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| e.to_string())?;
     describe();
+    *installed = Some(handle.clone());
     Ok(handle)
 }
 

@@ -20,7 +20,7 @@ pub fn spawn_reloader(
     audit_file: Option<AuditSink>,
 ) {
     let task_state = state.clone();
-    state.spawn_background(move |stop| async move {
+    state.spawn_background("config reloader", move |stop| async move {
         loop {
             tokio::select! {
                 biased;

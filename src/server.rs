@@ -1,7 +1,8 @@
 //! Listeners and connections: binds the configured addresses, resolves each accepted
 //! connection's caller once, serves HTTP/1.1 on it with tight limits, and drains on shutdown.
+//! Accept loops run in the shutdown tree; connections are watched by a graceful-shutdown
+//! counter, so the drain can give them a deadline.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +19,6 @@ use std::sync::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::audit;
@@ -26,6 +26,7 @@ use crate::config::Limits;
 use crate::identity::exe_digest::ExeDigests;
 use crate::identity::{self, Caller, ConnectionInfo, Resolver};
 use crate::policy;
+use crate::shutdown::Tasks;
 use crate::state::AppState;
 
 /// A client must send a complete request head within this time, and an idle keep-alive
@@ -160,52 +161,69 @@ impl Identify {
 const REFUSED_CONNECTION: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nServer: EC2ws\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
-/// Serves each listener's router (IMDS, the container endpoint) until `shutdown` completes,
-/// then stops accepting and gives in-flight requests [`SHUTDOWN_GRACE`] to finish. Every connection is identified the same way, and the connection limits
-/// are shared: a caller cannot double its share by using both endpoints.
-pub async fn serve(
-    state: AppState,
+/// The accept loops, running; [`Serving::drain`] stops them.
+pub struct Serving {
+    accepting: Tasks,
+    graceful: Arc<GracefulShutdown>,
+}
+
+/// Starts serving each listener's router (IMDS, the container endpoint): one accept loop per
+/// listener, under a child of `tasks`. Every connection is identified the same way, and the
+/// connection limits are shared: a caller cannot double its share by using both endpoints.
+pub fn start(
+    state: &AppState,
     endpoints: Vec<(TcpListener, axum::Router)>,
-    shutdown: impl Future<Output = ()>,
-) {
+    tasks: &Tasks,
+) -> Serving {
     let identify = Arc::new(Identify {
         resolver: Arc::new(Resolver::new()),
         digests: Arc::new(ExeDigests::from_limits(&state.config().limits)),
     });
     let limits = Arc::new(ConnectionLimits::new(state.config().limits));
-    let stop = CancellationToken::new();
     let graceful = Arc::new(GracefulShutdown::new());
-    let accept_loops = TaskTracker::new();
+    let accepting = tasks.child();
     for (listener, router) in endpoints {
-        accept_loops.spawn(accept_loop(
-            listener,
-            state.clone(),
-            identify.clone(),
-            limits.clone(),
-            router,
-            graceful.clone(),
-            stop.clone(),
-        ));
-    }
-    accept_loops.close();
-
-    shutdown.await;
-    tracing::info!("shutting down: no new connections");
-    stop.cancel();
-    accept_loops.wait().await;
-    let graceful = Arc::into_inner(graceful).expect("accept loops have ended");
-    let open = graceful.count();
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open_connections = open,
-            grace_secs = SHUTDOWN_GRACE.as_secs(),
-            "connections still open after the shutdown grace period; closing them"
+        accepting.spawn(
+            "accept loop",
+            accept_loop(
+                listener,
+                state.clone(),
+                identify.clone(),
+                limits.clone(),
+                router,
+                graceful.clone(),
+                accepting.token().clone(),
+            ),
         );
     }
-    tracing::info!("stopped");
+    Serving {
+        accepting,
+        graceful,
+    }
+}
+
+impl Serving {
+    /// Stops accepting (the listeners close), then gives in-flight requests until `deadline`
+    /// to finish. Returns how many connections were still open then (they are left to end on
+    /// their own).
+    pub async fn drain(self, deadline: tokio::time::Instant) -> usize {
+        tracing::info!("shutting down: no new connections");
+        self.accepting.stop().await;
+        let graceful = Arc::into_inner(self.graceful).expect("accept loops have ended");
+        let open = graceful.count();
+        if tokio::time::timeout_at(deadline, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open_connections = open,
+                grace_secs = SHUTDOWN_GRACE.as_secs(),
+                "connections still open after the shutdown grace period; closing them"
+            );
+            return open;
+        }
+        0
+    }
 }
 
 async fn accept_loop(

@@ -21,20 +21,37 @@ pub fn shutdown() -> io::Result<impl Future<Output = ()>> {
     })
 }
 
-/// SIGHUP, installed now (from then on a hangup no longer terminates the process): each
-/// [`Hangups::recv`] completes on the next one.
-pub struct Hangups(tokio::signal::unix::Signal);
+/// Reload requests: SIGHUP, installed now (from then on a hangup no longer terminates the
+/// process), or a channel an in-process caller (a test) sends on. Each [`Hangups::recv`]
+/// completes on the next one; `None` once none can come.
+pub struct Hangups(Source);
+
+enum Source {
+    Signal(tokio::signal::unix::Signal),
+    Channel(tokio::sync::mpsc::Receiver<()>),
+}
 
 impl Hangups {
     pub async fn recv(&mut self) -> Option<()> {
-        let got = self.0.recv().await;
-        if got.is_some() {
-            tracing::info!(signal = "SIGHUP", "configuration reload requested");
+        match &mut self.0 {
+            Source::Signal(signal) => {
+                let got = signal.recv().await;
+                if got.is_some() {
+                    tracing::info!(signal = "SIGHUP", "configuration reload requested");
+                }
+                got
+            }
+            Source::Channel(requests) => requests.recv().await,
         }
-        got
+    }
+
+    /// Reload requests sent on the returned channel instead of by signal.
+    pub fn channel() -> (tokio::sync::mpsc::Sender<()>, Hangups) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        (tx, Hangups(Source::Channel(rx)))
     }
 }
 
 pub fn hangups() -> io::Result<Hangups> {
-    Ok(Hangups(signal(SignalKind::hangup())?))
+    Ok(Hangups(Source::Signal(signal(SignalKind::hangup())?)))
 }

@@ -8,11 +8,11 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::credentials::{Clock, CredentialCache, CredentialSource, StsBudget, TokioTime};
 use crate::metrics::Counters;
+use crate::shutdown::Tasks;
 use crate::token::TokenKey;
 use crate::token::container::TokenStore;
 
@@ -30,9 +30,9 @@ struct Shared {
     started_at: SystemTime,
     /// The container endpoint's tokens, when it is on.
     container_tokens: OnceLock<Arc<TokenStore>>,
-    /// Background tasks other than the cache's own (the reloader).
-    stop: CancellationToken,
-    tasks: TaskTracker,
+    /// Background work: the reloader and token rotation here, the cache's refresher and STS
+    /// workers in a child node.
+    tasks: Tasks,
 }
 
 /// What a config reload changed.
@@ -47,14 +47,32 @@ pub struct ReloadSummary {
 }
 
 impl AppState {
+    /// A state with a shutdown tree of its own ([`AppState::stop_background`] stops it).
     pub fn new(
         config: Config,
         token_key: TokenKey,
         source: Arc<dyn CredentialSource>,
         clock: Arc<dyn Clock>,
     ) -> Self {
+        Self::under(config, token_key, source, clock, Tasks::new())
+    }
+
+    /// A state whose background work runs under `tasks` (a node of the daemon's tree).
+    pub fn under(
+        config: Config,
+        token_key: TokenKey,
+        source: Arc<dyn CredentialSource>,
+        clock: Arc<dyn Clock>,
+        tasks: Tasks,
+    ) -> Self {
         let budget = StsBudget::new(config.sts.max_calls_per_second, config.sts.burst, TokioTime);
-        let cache = CredentialCache::with_budget(source, clock.clone(), config.credentials, budget);
+        let cache = CredentialCache::under(
+            source,
+            clock.clone(),
+            config.credentials,
+            budget,
+            tasks.child(),
+        );
         Self {
             inner: Arc::new(Shared {
                 started_at: clock.now(),
@@ -64,8 +82,7 @@ impl AppState {
                 counters: Counters::default(),
                 clock,
                 container_tokens: OnceLock::new(),
-                stop: CancellationToken::new(),
-                tasks: TaskTracker::new(),
+                tasks,
             }),
         }
     }
@@ -161,22 +178,21 @@ impl AppState {
         }
     }
 
-    /// Runs `task` as background work that [`AppState::stop_background`] cancels (through the
-    /// token it is given) and waits for.
-    pub fn spawn_background<F, Fut>(&self, task: F)
+    /// Runs `task`, named `name`, as background work that [`AppState::stop_background`]
+    /// cancels (through the token it is given) and waits for.
+    pub fn spawn_background<F, Fut>(&self, name: &'static str, task: F)
     where
         F: FnOnce(CancellationToken) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.inner.tasks.spawn(task(self.inner.stop.clone()));
+        self.inner
+            .tasks
+            .spawn(name, task(self.inner.tasks.token().clone()));
     }
 
     /// Stops the refresher, every STS worker and the other background tasks, and waits for them.
     pub async fn stop_background(&self) {
-        self.inner.stop.cancel();
-        self.inner.tasks.close();
-        self.cache().shutdown().await;
-        self.inner.tasks.wait().await;
+        self.inner.tasks.stop().await;
     }
 }
 

@@ -15,6 +15,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "helpers: plain data and pure functions",
         &[
             "arn", "glob", "secret", "time", "safe_dir", "iam", "metrics", "signal", "systemd",
+            "shutdown",
         ],
     ),
     ("configuration", &["config"]),
@@ -31,7 +32,8 @@ const LAYERS: &[(&str, &[&str])] = &[
         "surfaces",
         &["imds", "container", "admin", "exec", "explain"],
     ),
-    ("listeners and wiring", &["server"]),
+    ("listeners", &["server"]),
+    ("wiring: run and the shutdown tree's drain", &["daemon"]),
     ("the binary's commands", &["cli"]),
 ];
 

@@ -260,7 +260,9 @@ pub fn start(state: &AppState, tokens: Arc<TokenStore>) -> Router {
     tokens::record(&tokens.reconcile(&state.config().apps, state.now()));
     let task_state = state.clone();
     let task_tokens = tokens.clone();
-    state.spawn_background(move |stop| rotate_on_schedule(task_state, task_tokens, stop));
+    state.spawn_background("container token rotation", move |stop| {
+        rotate_on_schedule(task_state, task_tokens, stop)
+    });
     router(state.clone(), tokens)
 }
 

@@ -19,12 +19,12 @@ use futures_util::future::{BoxFuture, Shared};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::budget::StsBudget;
 use super::schedule::{self, Phase};
 use super::{AssumeRoleInput, CredentialSource, Credentials, StsError, refresh, retry};
 use crate::config::{CredentialPolicy, DEFAULT_STS_BURST, DEFAULT_STS_CALLS_PER_SECOND};
+use crate::shutdown::Tasks;
 
 /// While STS is failing, the last good credentials are served until they have this little left
 /// (EC2 itself rotates "at least five minutes before the expiration"); after that, a 5xx.
@@ -108,8 +108,11 @@ pub(super) struct Inner {
     entries: Mutex<HashMap<AssumeRoleInput, Arc<Entry>, foldhash::fast::RandomState>>,
     /// Wakes the refresher when a schedule changed.
     pub(super) wake: Notify,
+    /// The refresher and the STS workers: cancelled and waited for by [`CredentialCache::shutdown`]
+    /// or by a node above (the daemon's shutdown tree).
+    tasks: Tasks,
+    /// `tasks`' token: the refresher's, and the parent of every entry's.
     pub(super) stop: CancellationToken,
-    tasks: TaskTracker,
     degraded_serves: AtomicU64,
 }
 
@@ -189,6 +192,18 @@ impl CredentialCache {
         policy: CredentialPolicy,
         budget: StsBudget,
     ) -> Self {
+        Self::under(source, clock, policy, budget, Tasks::new())
+    }
+
+    /// A cache whose refresher and STS workers run under `tasks`: cancelling it (or a node
+    /// above it) stops them, and each entry's token is a child of it.
+    pub fn under(
+        source: Arc<dyn CredentialSource>,
+        clock: Arc<dyn Clock>,
+        policy: CredentialPolicy,
+        budget: StsBudget,
+        tasks: Tasks,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 source,
@@ -197,8 +212,8 @@ impl CredentialCache {
                 budget,
                 entries: Mutex::new(HashMap::default()),
                 wake: Notify::new(),
-                stop: CancellationToken::new(),
-                tasks: TaskTracker::new(),
+                stop: tasks.token().clone(),
+                tasks,
                 degraded_serves: AtomicU64::new(0),
             }),
         }
@@ -346,14 +361,14 @@ impl CredentialCache {
     /// Starts the background refresher (see the `refresh` module) until [`Self::shutdown`].
     pub fn start_refresher(&self) {
         let inner = self.inner.clone();
-        self.inner.tasks.spawn(refresh::run(inner));
+        self.inner
+            .tasks
+            .spawn("credential refresher", refresh::run(inner));
     }
 
     /// Stops the refresher and every STS worker, and waits for them to end.
     pub async fn shutdown(&self) {
-        self.inner.stop.cancel();
-        self.inner.tasks.close();
-        self.inner.tasks.wait().await;
+        self.inner.tasks.stop().await;
     }
 }
 
@@ -405,8 +420,10 @@ impl Inner {
         }
         st.worker = true;
         let (tx, attempt) = new_attempt(st);
-        self.tasks
-            .spawn(worker(self.clone(), entry.clone(), input.clone(), tx));
+        self.tasks.spawn(
+            "sts worker",
+            worker(self.clone(), entry.clone(), input.clone(), tx),
+        );
         attempt
     }
 

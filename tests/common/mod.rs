@@ -11,14 +11,17 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
+use imds_broker::audit::sink::AuditSink;
 use imds_broker::config::Config;
 use imds_broker::credentials::{AssumeRoleInput, Clock, CredentialSource, Credentials, StsError};
+use imds_broker::daemon::{self, Stopped};
 use imds_broker::secret::Secret;
+use imds_broker::shutdown::Tasks;
+use imds_broker::signal::Hangups;
 use imds_broker::state::AppState;
-use imds_broker::token::TokenKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub const ROLE_A: &str = "arn:aws:iam::111122223333:role/app-a";
@@ -220,7 +223,9 @@ pub fn unmapped_config_text(state_dir: &Path) -> String {
     )
 }
 
-/// A running in-process daemon.
+/// A running in-process daemon, wired by the same [`imds_broker::daemon::run`] as the binary
+/// (refresher, reloader, container token rotation, admin listener, audit file), with a fake STS
+/// and a hand-moved clock.
 pub struct TestDaemon {
     pub addr: SocketAddr,
     /// The container endpoint, when the config has `[container]`.
@@ -229,8 +234,12 @@ pub struct TestDaemon {
     pub sts: Arc<FakeSts>,
     pub clock: ManualClock,
     pub dir: Arc<tempfile::TempDir>,
+    /// The root of the daemon's shutdown tree.
+    pub tasks: Tasks,
+    /// Sends a reload request (what SIGHUP is to the binary).
+    pub reload: mpsc::Sender<()>,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    task: Option<JoinHandle<Stopped>>,
 }
 
 impl TestDaemon {
@@ -250,41 +259,30 @@ impl TestDaemon {
         let state_dir = dir.path().join("state");
         let text = config(&state_dir);
         let config = Config::parse(&text, &PathBuf::from("test.toml")).expect("valid test config");
-        let key = TokenKey::load_or_create(&config.server.state_dir).unwrap();
-        let listeners = imds_broker::server::bind(&config.server.listen, config.server.hop_limit)
-            .await
-            .unwrap();
-        let addr = listeners[0].local_addr().unwrap();
-        let container = match &config.container {
-            None => None,
-            Some(c) => {
-                imds_broker::token::file::ensure_token_dir(&c.token_dir).unwrap();
-                let store =
-                    imds_broker::token::container::TokenStore::open(&config.server.state_dir)
-                        .unwrap();
-                let bound = imds_broker::server::bind(&c.listen, config.server.hop_limit)
-                    .await
-                    .unwrap();
-                Some((Arc::new(store), bound))
-            }
+        // The audit layer is not installed (tests share one process): the file is opened,
+        // reopened on reload and closed on stop, but receives no events.
+        let (unstarted, _layer) = AuditSink::prepare("test-host".into());
+        let audit = daemon::open_audit(&config, unstarted).unwrap();
+        let listeners = daemon::Listeners::bind(&config).await.unwrap();
+        let (reload, hangups) = Hangups::channel();
+        let services = daemon::Services {
+            source: sts.clone(),
+            clock: Arc::new(clock.clone()),
+            hangups,
+            audit: Some(audit),
+            announce: false,
+            watchdog: None,
         };
-        let state = AppState::new(config, key, sts.clone(), Arc::new(clock.clone()));
-        let router = imds_broker::imds::router(state.clone());
-        let mut endpoints: Vec<_> = listeners.into_iter().map(|l| (l, router.clone())).collect();
-        let mut container_addr = None;
-        if let Some((store, bound)) = container {
-            let router = imds_broker::container::start(&state, store);
-            container_addr = Some(bound[0].local_addr().unwrap());
-            endpoints.extend(bound.into_iter().map(|l| (l, router.clone())));
-        }
+        let daemon = daemon::start(config, listeners, services).await.unwrap();
+        let imds_count = daemon.state().config().server.listen.len();
+        let addr = daemon.local_addrs()[0];
+        let container_addr = daemon.local_addrs().get(imds_count).copied();
+        let state = daemon.state().clone();
+        let tasks = daemon.tasks().clone();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(imds_broker::server::serve(
-            state.clone(),
-            endpoints,
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let task = tokio::spawn(daemon.run(async {
+            let _ = stopped.await;
+        }));
         Self {
             addr,
             container_addr,
@@ -292,16 +290,20 @@ impl TestDaemon {
             sts,
             clock,
             dir,
+            tasks,
+            reload,
             stop: Some(stop),
             task: Some(task),
         }
     }
 
-    /// Stops the daemon and waits until it has drained, background work included.
+    /// Stops the daemon and waits until it has drained, background work included: nothing of
+    /// its shutdown tree may be left.
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap();
-        self.state.stop_background().await;
+        let stopped = self.task.take().unwrap().await.unwrap();
+        assert_eq!(stopped, Stopped::default(), "the daemon drained");
+        assert!(self.tasks.is_empty(), "{:?}", self.tasks.running());
     }
 
     pub async fn send(&self, raw: &str) -> RawResponse {

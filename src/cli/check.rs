@@ -1,0 +1,83 @@
+//! `imds-broker check`: validates a config file and prints what it sets up, with warnings
+//! about rules that are shadowed or reach further than they seem.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::config::Config;
+use crate::policy;
+
+/// This host as `check` judges the rules against it: its addresses in this network namespace
+/// and its cgroup subtrees that someone other than root controls.
+fn host_view() -> policy::HostView {
+    let addresses = nix::ifaddrs::getifaddrs()
+        .map(|interfaces| {
+            interfaces
+                .filter_map(|i| i.address)
+                .filter_map(|a| {
+                    a.as_sockaddr_in()
+                        .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                        .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    policy::HostView {
+        addresses,
+        foreign_subtrees: crate::identity::cgroup::CgroupIndex::new().foreign_subtrees(),
+    }
+}
+
+pub(super) fn check(path: PathBuf) -> ExitCode {
+    match Config::load(&path) {
+        Ok(config) => {
+            outln!("{}: OK, {} app(s)", path.display(), config.apps.len());
+            for warning in &config.warnings {
+                outln!("warning: {warning}");
+            }
+            for (i, j) in policy::shadowed(&config.apps) {
+                outln!(
+                    "warning: app[{j}] {:?} is shadowed by app[{i}] {:?}: every caller it matches is matched earlier",
+                    config.apps[j].name,
+                    config.apps[i].name
+                );
+            }
+            for warning in policy::rule_warnings(&config.apps, &host_view()) {
+                outln!("{warning}");
+            }
+            for app in &config.apps {
+                outln!(
+                    "  {}: {} -> {} ({}s, session {})",
+                    app.name,
+                    app.matcher
+                        .as_ref()
+                        .map_or_else(|| "container endpoint only".into(), |m| m.to_string()),
+                    app.role_arn(),
+                    app.assume_role_input().duration.as_secs(),
+                    app.assume_role_input().session_name
+                );
+                if let Some(c) = &app.container {
+                    outln!(
+                        "    container endpoint: token {} (owner {}:{}, 0400)",
+                        c.token_file.display(),
+                        c.uid,
+                        c.gid
+                    );
+                }
+            }
+            if let Some(c) = &config.container {
+                let listen: Vec<String> = c.listen.iter().map(|a| a.to_string()).collect();
+                outln!(
+                    "container endpoint on {}, tokens rotated every {}",
+                    listen.join(", "),
+                    humantime::format_duration(c.rotate_every)
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! `imds-broker explain`: which rule a process (or uid, cgroup, source address) matches and
+//! why; with `--app`, whether that app's session policy allows an action on a resource.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::{EXIT_CONFIG, load_config};
+use crate::explain::{self, PolicyOutcome, Subject};
+
+pub(super) fn rule(path: PathBuf, subject: Subject) -> ExitCode {
+    let config = match load_config(&path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let caller = match explain::caller_for(&subject, &config) {
+        Ok(caller) => caller,
+        Err(e) => {
+            eprintln!("cannot read {subject:?}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let (report, matched) = explain::report(&config, &caller);
+    out!("{report}");
+    if matched {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `explain --app` when only IAM can decide.
+const EXPLAIN_UNDECIDED: u8 = 3;
+
+pub(super) fn policy(path: PathBuf, app: &str, action: &str, resource: &str) -> ExitCode {
+    let config = match load_config(&path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let Some(app) = config.apps.iter().find(|a| a.name == app) else {
+        eprintln!("{}: no app named {app:?}", path.display());
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    if !action.contains(':') {
+        eprintln!("--action must be service:Action, e.g. s3:GetObject");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let (report, outcome) = explain::policy_report(app, action, resource);
+    out!("{report}");
+    match outcome {
+        PolicyOutcome::Allowed | PolicyOutcome::NoPolicy => ExitCode::SUCCESS,
+        PolicyOutcome::Denied => ExitCode::FAILURE,
+        PolicyOutcome::Undecided => ExitCode::from(EXPLAIN_UNDECIDED),
+    }
+}
