@@ -1,30 +1,27 @@
 //! Credential rotation over (virtual) hours: the background refresher, STS outages, refusals and
 //! throttling, the global STS budget, prefetch and idle apps, and config reload.
 //!
-//! The fake STS here issues credentials on a wall clock that follows tokio's paused clock, so
+//! The fake STS issues credentials on a wall clock that follows tokio's paused clock, so
 //! `tokio::time` drives the cache, its refresher, its retries and its budget together, and no
 //! test sleeps for real.
 
 mod common;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
-use common::{Behavior, FakeSts, ManualClock, TestDaemon, input};
-use futures_util::FutureExt;
-use futures_util::future::BoxFuture;
+use common::{Behavior, FakeSts, ManualClock, TestDaemon, TokioWall, input};
 use imds_broker::config::{
     Config, CredentialPolicy, DEFAULT_IDLE_AFTER, DEFAULT_MIN_REMAINING, DEFAULT_REFRESH_WINDOW,
 };
 use imds_broker::credentials::{
-    AssumeRoleInput, CacheError, Clock, CredentialCache, CredentialSource, Credentials,
-    DEGRADED_MIN_REMAINING, MIN_NAP, REFRESH_MARGIN, REFUSAL_HOLD, RETRY_BASE, RETRY_CAP,
-    RETRY_JITTER, StsBudget, StsError, TokioTime,
+    CacheError, Clock, CredentialCache, CredentialSource, Credentials, DEGRADED_MIN_REMAINING,
+    MIN_NAP, REFRESH_MARGIN, REFUSAL_HOLD, RETRY_BASE, RETRY_CAP, RETRY_JITTER, StsBudget,
+    StsError, TokioTime,
 };
 use imds_broker::imds::ImdsError;
-use imds_broker::secret::Secret;
 use imds_broker::state::AppState;
 use imds_broker::token::TokenKey;
 use imds_broker::{reload, signal};
@@ -32,117 +29,9 @@ use imds_broker::{reload, signal};
 const MIN: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
 
-/// A wall clock that follows tokio's clock (paused in these tests).
-#[derive(Clone)]
-struct TokioWall {
-    base: SystemTime,
-    start: tokio::time::Instant,
-}
-
-impl TokioWall {
-    fn new() -> Self {
-        Self {
-            base: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
-            start: tokio::time::Instant::now(),
-        }
-    }
-}
-
-impl Clock for TokioWall {
-    fn now(&self) -> SystemTime {
-        self.base + self.start.elapsed()
-    }
-}
-
-/// A fake STS on the [`TokioWall`] clock: a default behaviour, a queue of one-off behaviours
-/// for the next calls, a fixed latency, and a log of when each call was made.
-struct Sts {
-    clock: TokioWall,
-    latency: Duration,
-    default: Mutex<Behavior>,
-    script: Mutex<VecDeque<Behavior>>,
-    calls: Mutex<Vec<(SystemTime, AssumeRoleInput)>>,
-}
-
-impl Sts {
-    fn new(clock: TokioWall, latency: Duration) -> Arc<Self> {
-        Arc::new(Self {
-            clock,
-            latency,
-            default: Mutex::new(Behavior::Issue { lifetime: None }),
-            script: Mutex::new(VecDeque::new()),
-            calls: Mutex::new(Vec::new()),
-        })
-    }
-
-    fn set(&self, behavior: Behavior) {
-        *self.default.lock().unwrap() = behavior;
-    }
-
-    fn then(&self, behavior: Behavior) {
-        self.script.lock().unwrap().push_back(behavior);
-    }
-
-    fn calls(&self) -> usize {
-        self.calls.lock().unwrap().len()
-    }
-
-    fn call_times(&self) -> Vec<SystemTime> {
-        self.calls.lock().unwrap().iter().map(|(t, _)| *t).collect()
-    }
-
-    fn calls_for(&self, role: &str) -> usize {
-        self.calls
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, i)| i.role_arn.role_name() == role)
-            .count()
-    }
-}
-
-impl CredentialSource for Sts {
-    fn assume_role(
-        &self,
-        input: AssumeRoleInput,
-    ) -> BoxFuture<'static, Result<Credentials, StsError>> {
-        let n = {
-            let mut calls = self.calls.lock().unwrap();
-            calls.push((self.clock.now(), input.clone()));
-            calls.len()
-        };
-        let behavior = self
-            .script
-            .lock()
-            .unwrap()
-            .pop_front()
-            .unwrap_or_else(|| self.default.lock().unwrap().clone());
-        let clock = self.clock.clone();
-        let latency = self.latency;
-        async move {
-            tokio::time::sleep(latency).await;
-            match behavior {
-                Behavior::Fail(e) => Err(e),
-                Behavior::Issue { lifetime } => {
-                    let now = clock.now();
-                    Ok(Credentials {
-                        access_key_id: format!("ASIAROT{n:013}"),
-                        secret_access_key: Secret::new(format!("rotation-secret-{n}")),
-                        session_token: Secret::new(format!("rotation-token-{n}")),
-                        expiration: now + lifetime.unwrap_or(input.duration),
-                        issued_at: now,
-                        rendered: Default::default(),
-                    })
-                }
-            }
-        }
-        .boxed()
-    }
-}
-
-fn rig(latency: Duration) -> (CredentialCache, Arc<Sts>, TokioWall) {
+fn rig(latency: Duration) -> (CredentialCache, Arc<FakeSts>, TokioWall) {
     let clock = TokioWall::new();
-    let sts = Sts::new(clock.clone(), latency);
+    let sts = FakeSts::with_clock(Arc::new(clock.clone()), latency);
     let cache = CredentialCache::new(
         sts.clone(),
         Arc::new(clock.clone()),
@@ -427,7 +316,7 @@ async fn throttling_is_retried_with_growing_delays() {
 #[tokio::test(start_paused = true)]
 async fn a_burst_of_cold_apps_stays_within_the_sts_budget() {
     let clock = TokioWall::new();
-    let sts = Sts::new(clock.clone(), Duration::ZERO);
+    let sts = FakeSts::with_clock(Arc::new(clock.clone()), Duration::ZERO);
     let (rate, burst) = (10, 50);
     let cache = CredentialCache::with_budget(
         sts.clone(),
@@ -588,7 +477,7 @@ async fn sighup_reloads_the_config_file() {
 async fn prefetch_warms_at_start_and_idle_apps_stop_being_refreshed() {
     let dir = tempfile::tempdir().unwrap();
     let clock = TokioWall::new();
-    let sts = Sts::new(clock.clone(), Duration::from_millis(100));
+    let sts = FakeSts::with_clock(Arc::new(clock.clone()), Duration::from_millis(100));
     let config =
         Config::parse(&two_apps(dir.path(), "app-b", true), Path::new("test.toml")).unwrap();
     assert_eq!(config.credentials.idle_after, DEFAULT_IDLE_AFTER);

@@ -3,9 +3,9 @@
 //! that sends exactly the bytes a test writes.
 #![allow(dead_code)]
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -94,13 +94,40 @@ pub enum Behavior {
     Fail(StsError),
 }
 
-/// An in-process STS stand-in: counts calls, can hold every call until released, and issues
-/// unique credentials whose expiry follows the shared [`ManualClock`].
+/// A wall clock that follows tokio's clock (paused in the tests that use it), so `tokio::time`
+/// drives the cache, its refresher, its retries and the credentials' expiry together.
+#[derive(Clone)]
+pub struct TokioWall {
+    /// The wall-clock time at the tokio instant the clock was made.
+    pub base: SystemTime,
+    start: tokio::time::Instant,
+}
+
+impl TokioWall {
+    pub fn new() -> Self {
+        Self {
+            base: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioWall {
+    fn now(&self) -> SystemTime {
+        self.base + self.start.elapsed()
+    }
+}
+
+/// An in-process STS stand-in: a default behaviour and a queue of one-off behaviours for the
+/// next calls, an optional latency (in tokio time), a log of every call and when it was made;
+/// it can hold every call until released, and issues unique credentials whose expiry follows
+/// its clock.
 pub struct FakeSts {
-    clock: ManualClock,
+    clock: Arc<dyn Clock>,
+    latency: Duration,
     behavior: Mutex<Behavior>,
-    calls: AtomicUsize,
-    inputs: Mutex<Vec<AssumeRoleInput>>,
+    script: Mutex<VecDeque<Behavior>>,
+    calls: Mutex<Vec<(SystemTime, AssumeRoleInput)>>,
     /// Level-triggered, so a call that starts after `open` never waits.
     gate: watch::Sender<bool>,
     called: Notify,
@@ -108,26 +135,55 @@ pub struct FakeSts {
 
 impl FakeSts {
     pub fn new(clock: ManualClock) -> Arc<Self> {
+        Self::with_clock(Arc::new(clock), Duration::ZERO)
+    }
+
+    pub fn with_clock(clock: Arc<dyn Clock>, latency: Duration) -> Arc<Self> {
         Arc::new(Self {
             clock,
+            latency,
             behavior: Mutex::new(Behavior::Issue { lifetime: None }),
-            calls: AtomicUsize::new(0),
-            inputs: Mutex::new(Vec::new()),
+            script: Mutex::new(VecDeque::new()),
+            calls: Mutex::new(Vec::new()),
             gate: watch::Sender::new(true),
             called: Notify::new(),
         })
     }
 
+    /// What every call does from now on, unless [`FakeSts::then`] queued something.
     pub fn set(&self, behavior: Behavior) {
         *self.behavior.lock().unwrap() = behavior;
     }
 
+    /// What the next call does (queued, once).
+    pub fn then(&self, behavior: Behavior) {
+        self.script.lock().unwrap().push_back(behavior);
+    }
+
     pub fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
+        self.calls.lock().unwrap().len()
     }
 
     pub fn inputs(&self) -> Vec<AssumeRoleInput> {
-        self.inputs.lock().unwrap().clone()
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, i)| i.clone())
+            .collect()
+    }
+
+    pub fn call_times(&self) -> Vec<SystemTime> {
+        self.calls.lock().unwrap().iter().map(|(t, _)| *t).collect()
+    }
+
+    pub fn calls_for(&self, role: &str) -> usize {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, i)| i.role_arn.role_name() == role)
+            .count()
     }
 
     /// Makes calls wait (including ones already started) until [`FakeSts::open`].
@@ -160,13 +216,25 @@ impl CredentialSource for FakeSts {
         &self,
         input: AssumeRoleInput,
     ) -> BoxFuture<'static, Result<Credentials, StsError>> {
-        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        self.inputs.lock().unwrap().push(input.clone());
+        let n = {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push((self.clock.now(), input.clone()));
+            calls.len()
+        };
         self.called.notify_waiters();
-        let behavior = self.behavior.lock().unwrap().clone();
+        let behavior = self
+            .script
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or_else(|| self.behavior.lock().unwrap().clone());
         let mut gate = self.gate.subscribe();
         let clock = self.clock.clone();
+        let latency = self.latency;
         async move {
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
             // Err only if the fake is gone; then nobody is waiting for the answer anyway.
             let _ = gate.wait_for(|open| *open).await;
             match behavior {
