@@ -9,8 +9,12 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::credentials::{Clock, CredentialCache, CredentialSource, StsBudget, TokioTime};
+use crate::audit;
+use crate::config::{App, Config};
+use crate::credentials::{
+    CacheError, Clock, CredentialCache, CredentialSource, Credentials, StsBudget, TokioTime,
+};
+use crate::identity::Caller;
 use crate::metrics::Counters;
 use crate::shutdown::Tasks;
 use crate::token::TokenKey;
@@ -95,6 +99,32 @@ impl AppState {
 
     pub fn token_key(&self) -> &TokenKey {
         &self.inner.token_key
+    }
+
+    /// `app`'s credentials for `caller` on `endpoint` (`imds`, `container`): from the cache,
+    /// fetched if need be, and audited either way. The one path both surfaces issue through.
+    pub async fn issue(
+        &self,
+        caller: &Caller,
+        endpoint: &'static str,
+        app: &App,
+    ) -> Result<Arc<Credentials>, CacheError> {
+        match self.cache().get(app.assume_role_input()).await {
+            Ok(creds) => {
+                audit::credentials_issued(
+                    caller,
+                    endpoint,
+                    app,
+                    (&creds.access_key_id, creds.expiration),
+                    self.counters(),
+                );
+                Ok(creds)
+            }
+            Err(e) => {
+                audit::credentials_unavailable(caller, endpoint, app, &e.to_string());
+                Err(e)
+            }
+        }
     }
 
     pub fn cache(&self) -> &CredentialCache {

@@ -119,6 +119,19 @@ pub fn credentials_issued(
     });
 }
 
+/// An app's credentials could not be had from STS for `caller` on `endpoint`.
+pub fn credentials_unavailable(caller: &Caller, endpoint: &'static str, app: &App, detail: &str) {
+    let reason = DenyReason::Upstream.as_str();
+    metrics::counter!(crate::metrics::DENIALS, "reason" => reason).increment(1);
+    audit_event!(warn, "credentials.denied", caller,
+        endpoint,
+        app = %app.name,
+        reason,
+        detail,
+        "credentials denied"
+    );
+}
+
 pub fn credentials_denied(caller: &Caller, reason: DenyReason, detail: &str) {
     metrics::counter!(crate::metrics::DENIALS, "reason" => reason.as_str()).increment(1);
     let why = match caller {

@@ -7,21 +7,6 @@
 use crate::audit::{DenyReason, audit_event};
 use crate::identity::Caller;
 
-pub fn credentials_denied(caller: &Caller, app: &str, detail: &str) {
-    metrics::counter!(crate::metrics::DENIALS, "reason" => DenyReason::Upstream.as_str())
-        .increment(1);
-    audit_event!(
-        warn,
-        "credentials.denied",
-        caller,
-        endpoint = "container",
-        app,
-        reason = DenyReason::Upstream.as_str(),
-        detail,
-        "credentials denied"
-    );
-}
-
 /// Why a request's token was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenRefusal {

@@ -198,20 +198,7 @@ async fn serve(
             ContainerError::BadToken("the token's app is no longer served here"),
         );
     };
-    let creds = match state.cache().get(app.assume_role_input()).await {
-        Ok(creds) => creds,
-        Err(e) => {
-            audit::credentials_denied(conn, &app.name, &e.to_string());
-            return Err(e.into());
-        }
-    };
-    crate::audit::credentials_issued(
-        conn,
-        "container",
-        app,
-        (&creds.access_key_id, creds.expiration),
-        state.counters(),
-    );
+    let creds = state.issue(conn, "container", app).await?;
     let body = creds.body(BodyKind::Container, |creds| {
         document(
             creds,

@@ -184,20 +184,7 @@ async fn tree(State(state): State<AppState>, request: Request) -> Result<Respons
         Node::Text(body) => Ok(text(body)),
         Node::Credentials => {
             let app = app.ok_or(ImdsError::NotFound)?;
-            let creds = match state.cache().get(app.assume_role_input()).await {
-                Ok(creds) => creds,
-                Err(e) => {
-                    audit::credentials_denied(conn, DenyReason::Upstream, &e.to_string());
-                    return Err(e.into());
-                }
-            };
-            audit::credentials_issued(
-                conn,
-                "imds",
-                app,
-                (&creds.access_key_id, creds.expiration),
-                state.counters(),
-            );
+            let creds = state.issue(conn, "imds", app).await?;
             let body = creds.body(BodyKind::Imds, |creds| {
                 credential_document(creds, app.role_arn().account_id())
             });
