@@ -295,6 +295,22 @@ pub fn http1_builder() -> http1::Builder {
     builder
 }
 
+/// `//latest/api/token` → `/latest/api/token`: the AWS SDK for JavaScript v2 doubles the slash
+/// when its configured endpoint ends in `/`, which AWS CLI v2 needs. Only the leading run of
+/// slashes: the rest of the path is the routes' to judge.
+fn single_leading_slash(uri: &mut axum::http::Uri) {
+    let path = uri.path();
+    if !path.starts_with("//") {
+        return;
+    }
+    let rest = path.trim_start_matches('/');
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    // Still an origin-form target (a path), so this cannot fail; keep the original if it did.
+    if let Ok(single) = format!("/{rest}{query}").parse() {
+        *uri = single;
+    }
+}
+
 async fn refuse(mut stream: TcpStream) {
     use tokio::io::AsyncWriteExt;
     let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.write_all(REFUSED_CONNECTION)).await;
@@ -331,11 +347,32 @@ async fn serve_connection(
     };
     let service = router.map_request(move |mut request: axum::http::Request<Incoming>| {
         request.extensions_mut().insert(info.clone());
+        single_leading_slash(request.uri_mut());
         request
     });
     let connection =
         http1_builder().serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
     if let Err(e) = watcher.watch(connection).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::single_leading_slash;
+
+    #[test]
+    fn leading_slashes_collapse_to_one_and_nothing_else_changes() {
+        for (from, to) in [
+            ("//latest/api/token", "/latest/api/token"),
+            ("///latest/meta-data/", "/latest/meta-data/"),
+            ("//latest/meta-data/?x=1", "/latest/meta-data/?x=1"),
+            ("/latest//meta-data/", "/latest//meta-data/"),
+            ("/latest/api/token", "/latest/api/token"),
+        ] {
+            let mut uri: axum::http::Uri = from.parse().unwrap();
+            single_leading_slash(&mut uri);
+            assert_eq!(uri, to, "{from}");
+        }
     }
 }

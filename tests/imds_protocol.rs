@@ -164,6 +164,25 @@ async fn tokens_survive_a_daemon_restart() {
     assert_eq!(other.get(CREDS, &token).await.status, 401);
 }
 
+/// The AWS SDK for JavaScript v2 sends `//latest/api/token` when its endpoint ends in `/`.
+#[tokio::test]
+async fn a_doubled_leading_slash_is_the_same_path() {
+    let d = TestDaemon::start(|s| config_text(s, "")).await;
+    let put = d
+        .request(
+            "PUT",
+            "//latest/api/token",
+            &[("X-aws-ec2-metadata-token-ttl-seconds", "60")],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{put:?}");
+    let listing = d.get(&format!("/{CREDS}"), &put.body).await;
+    assert_eq!((listing.status, listing.body.as_str()), (200, "app-a"));
+    // Without a token the doubled path is still a metadata read: IMDSv1 stays off.
+    let r = d.request("GET", &format!("/{CREDS}"), &[]).await;
+    assert_eq!(r.status, 401);
+}
+
 #[tokio::test]
 async fn role_listing_is_the_role_name_without_newline() {
     // I-2.1.1, I-1.4.4
