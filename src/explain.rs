@@ -106,7 +106,12 @@ pub fn report(config: &Config, caller: &Caller) -> (String, bool) {
             (true, true) => "match (not reached: an earlier rule won)",
             (false, _) => "no match",
         };
-        let _ = writeln!(out, "rule app[{i}] {:?}: {verdict}", app.name);
+        let _ = writeln!(
+            out,
+            "rule app[{i}] {:?}{}: {verdict}",
+            app.name,
+            from(config, app)
+        );
         for c in checks {
             let got = c.got.as_deref().unwrap_or("(unknown for this caller)");
             let mark = if c.ok { "yes" } else { "no" };
@@ -122,13 +127,28 @@ pub fn report(config: &Config, caller: &Caller) -> (String, bool) {
     }
     match winner {
         Some(app) => {
-            let _ = writeln!(out, "result: app {:?} -> {}", app.name, app.role_arn());
+            let _ = writeln!(
+                out,
+                "result: app {:?} -> {}{}",
+                app.name,
+                app.role_arn(),
+                from(config, app)
+            );
         }
         None => {
             let _ = writeln!(out, "result: no rule matched");
         }
     }
     (out, winner.is_some())
+}
+
+/// ` (from FILE)` for an app of a drop-in file; nothing for one of the main file.
+fn from(config: &Config, app: &App) -> String {
+    if app.source == config.path {
+        String::new()
+    } else {
+        format!(" (from {})", app.source.display())
+    }
 }
 
 fn describe(caller: &Caller) -> String {

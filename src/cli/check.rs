@@ -56,6 +56,9 @@ pub(super) fn check(path: PathBuf) -> ExitCode {
                     app.assume_role_input().duration.as_secs(),
                     app.assume_role_input().session_name
                 );
+                if app.source != config.path {
+                    outln!("    from {}", app.source.display());
+                }
                 if let Some(c) = &app.container {
                     outln!(
                         "    container endpoint: token {} (owner {}:{}, 0400)",

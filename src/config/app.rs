@@ -1,6 +1,7 @@
 //! One `[[app]]` turned into an [`App`]: its name, role, session name and duration,
 //! SourceIdentity, session tags and policies, and the AssumeRole input they make.
 
+use std::path::PathBuf;
 use toml::Spanned;
 
 use super::raw::RawApp;
@@ -18,6 +19,8 @@ pub const MAX_SESSION_TAGS: usize = 50;
 #[derive(Debug, Clone)]
 pub struct App {
     pub name: String,
+    /// The file the `[[app]]` is in: the config file or one of its drop-ins.
+    pub source: PathBuf,
     /// Who gets this app over IMDS; `None` for an app served on the container endpoint only.
     pub matcher: Option<Matcher>,
     /// Obtain credentials at start-up and keep them warm, so the first request is a cache hit.
@@ -216,6 +219,7 @@ impl Validator<'_> {
         };
         Some(App {
             name,
+            source: self.path.to_owned(),
             matcher: matcher?,
             prefetch: raw.prefetch,
             policy,

@@ -10,6 +10,7 @@
 //! - `app`: one `[[app]]`, its session name, SourceIdentity and tags; `matcher` its `match`.
 //! - `session_policy`: `policy`, `policy_file`, `policy_arns`, and the texts `lint` reads.
 //! - `container`: `[container]` and `[app.container]`.
+//! - `include`: the drop-in files of `[server] include` (`apps.d/*.toml`), more `[[app]]`s.
 //! - `admin_listen`, `assume_role`: the types [`AdminListen`] and [`AssumeRoleInput`].
 
 mod admin_listen;
@@ -17,6 +18,7 @@ mod app;
 mod assume_role;
 mod container;
 mod error;
+mod include;
 mod load;
 mod matcher;
 mod raw;
@@ -40,7 +42,7 @@ pub use raw::ImdsV1;
 use raw::RawConfig;
 pub use server::{
     AuditConfig, DEFAULT_EXE_HASH_MAX_MIB, DEFAULT_EXE_HASH_MIB_PER_SECOND, DEFAULT_HOP_LIMIT,
-    DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CALLER,
+    DEFAULT_INCLUDE, DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CALLER,
     DEFAULT_REQUEST_BURST, DEFAULT_REQUESTS_PER_SECOND, DEFAULT_SEAL_EPOCH,
     DEFAULT_SEAL_EPOCH_EVENTS, DEFAULT_STATE_DIR, InstanceInfo, Limits, MAX_TOKEN_TTL,
     ServerConfig,
@@ -74,17 +76,19 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads, permission-checks and validates the file at `path`.
+    /// Reads, permission-checks and validates the file at `path` and its drop-in files.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         check_permissions(path)?;
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, path)
+        let mut config = Self::parse(&text, path)?;
+        config.add_drop_ins()?;
+        Ok(config)
     }
 
-    /// Validates config text; `path` is only used in messages.
+    /// Validates config text, without its drop-ins; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let mut v = Validator {
             text,

@@ -35,6 +35,16 @@ pub struct RawServer {
     pub state_dir: Option<String>,
     pub hop_limit: Option<Spanned<u32>>,
     pub allowed_hosts: Option<Vec<String>>,
+    /// Drop-in files with more `[[app]]`s: globs relative to the config file's directory.
+    pub include: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// A drop-in file (`[server] include`): `[[app]]` entries and nothing else.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDropIn {
+    #[serde(default, rename = "app")]
+    pub apps: Vec<Spanned<RawApp>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -11,6 +11,8 @@ use super::raw;
 use super::{AdminListen, ImdsV1, Validator};
 
 pub const DEFAULT_LISTEN: &str = "169.254.169.254:80";
+/// Where packages and configuration-management tools drop one file per app.
+pub const DEFAULT_INCLUDE: &str = "apps.d/*.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/imds-broker";
 
 /// IMDS token TTL bounds (EC2: 1 s to 6 h).
@@ -39,6 +41,8 @@ pub struct ServerConfig {
     pub hop_limit: u32,
     /// Host header names accepted besides the daemon's own addresses.
     pub allowed_hosts: Vec<String>,
+    /// Drop-in globs (`apps.d/*.toml`), relative to the config file's directory.
+    pub include: Vec<String>,
 }
 
 /// Request and connection limits, per caller (resolved identity) and in total.
@@ -132,8 +136,26 @@ impl Validator<'_> {
                 DEFAULT_HOP_LIMIT
             }
         };
+        let include = match raw.include {
+            None => vec![DEFAULT_INCLUDE.to_owned()],
+            Some(list) => list
+                .into_inner()
+                .into_iter()
+                .filter_map(|pattern| {
+                    let problem = super::include::pattern_problem(pattern.get_ref());
+                    match problem {
+                        Some(problem) => {
+                            self.push(pattern.span(), "server.include", problem);
+                            None
+                        }
+                        None => Some(pattern.into_inner()),
+                    }
+                })
+                .collect(),
+        };
         ServerConfig {
             listen,
+            include,
             hop_limit,
             allowed_hosts: raw
                 .allowed_hosts

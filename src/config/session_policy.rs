@@ -6,7 +6,7 @@ use std::path::Path;
 use toml::Spanned;
 
 use super::load::check_permissions;
-use super::raw::RawConfig;
+use super::raw::{RawApp, RawConfig, RawDropIn};
 use super::{ConfigError, Problem, Validator};
 use crate::iam::source::Origin;
 use crate::iam::{self, SessionPolicy};
@@ -27,27 +27,67 @@ pub struct PolicyText {
 /// The session policy text of every app of the config file at `path`, and the problems met
 /// reaching them (a missing or writable policy file). Nothing else is validated.
 pub fn policy_texts(path: &Path) -> Result<(Vec<PolicyText>, Vec<Problem>), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = read(path)?;
+    let raw: RawConfig = parse(&text, path)?;
+    let include = raw
+        .server
+        .include
+        .map(|list| {
+            list.into_inner()
+                .into_iter()
+                .map(|p| p.into_inner())
+                .collect()
+        })
+        .unwrap_or_else(|| vec![super::DEFAULT_INCLUDE.to_owned()]);
+    let (mut texts, mut problems) = texts_of(&text, path, raw.apps);
+    // The drop-ins' apps too, each under its own file's name.
+    let base = path.parent().unwrap_or(Path::new("."));
+    for file in super::include::files(base, &include)? {
+        let text = read(&file)?;
+        let raw: RawDropIn = parse(&text, &file)?;
+        let (more, more_problems) = texts_of(&text, &file, raw.apps);
+        texts.extend(more);
+        problems.extend(more_problems);
+    }
+    Ok((texts, problems))
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
-    })?;
+    })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let mut v = Validator {
+            text,
+            path,
+            problems: Vec::new(),
+            warnings: Vec::new(),
+        };
+        v.push(e.span().unwrap_or(0..0), "(file)", e.message().trim_end());
+        ConfigError::Invalid {
+            problems: v.problems,
+        }
+    })
+}
+
+/// The session policies of `apps`, written in the file `path` with `text`.
+fn texts_of(
+    text: &str,
+    path: &Path,
+    apps: Vec<Spanned<RawApp>>,
+) -> (Vec<PolicyText>, Vec<Problem>) {
     let mut v = Validator {
-        text: &text,
+        text,
         path,
         problems: Vec::new(),
         warnings: Vec::new(),
     };
-    let raw: RawConfig = match toml::from_str(&text) {
-        Ok(raw) => raw,
-        Err(e) => {
-            v.push(e.span().unwrap_or(0..0), "(file)", e.message().trim_end());
-            return Err(ConfigError::Invalid {
-                problems: v.problems,
-            });
-        }
-    };
     let mut texts = Vec::new();
-    for (i, app) in raw.apps.into_iter().enumerate() {
+    for (i, app) in apps.into_iter().enumerate() {
         let app = app.into_inner();
         let field = policy_field(i, app.policy.is_some(), app.policy_file.is_some());
         if let Some((text, origin)) = v.policy_text(i, app.policy, app.policy_file) {
@@ -58,7 +98,7 @@ pub fn policy_texts(path: &Path) -> Result<(Vec<PolicyText>, Vec<Problem>), Conf
             });
         }
     }
-    Ok((texts, v.problems))
+    (texts, v.problems)
 }
 
 /// The field a session policy's problems are reported under.
