@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::checkpoint::{self, Checkpoint};
 use crate::config::AdminListen;
+use crate::http_client;
 use crate::state::AppState;
 use crate::time::imds_time;
 
@@ -100,36 +101,13 @@ pub async fn request(listen: &AdminListen, method: &str, path: &str) -> io::Resu
         .body(axum::body::Body::empty())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     match listen {
-        AdminListen::Unix(p) => exchange(tokio::net::UnixStream::connect(p).await?, request).await,
-        AdminListen::Tcp(a) => exchange(tokio::net::TcpStream::connect(a).await?, request).await,
+        AdminListen::Unix(p) => {
+            http_client::exchange(tokio::net::UnixStream::connect(p).await?, request).await
+        }
+        AdminListen::Tcp(a) => {
+            http_client::exchange(tokio::net::TcpStream::connect(a).await?, request).await
+        }
     }
-}
-
-/// One request and its response over `stream`, with hyper's HTTP/1 client.
-async fn exchange<S>(
-    stream: S,
-    request: axum::http::Request<axum::body::Body>,
-) -> io::Result<(u16, String)>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-{
-    let invalid = |e: hyper::Error| io::Error::new(io::ErrorKind::InvalidData, e);
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(invalid)?;
-    // The connection is driven alongside the exchange, and ends once the exchange (which owns
-    // the sender) is done.
-    let exchange = async move {
-        let response = sender.send_request(request).await.map_err(invalid)?;
-        let status = response.status().as_u16();
-        let body = axum::body::to_bytes(axum::body::Body::new(response.into_body()), usize::MAX)
-            .await
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
-    };
-    let (result, _) = tokio::join!(exchange, connection);
-    result
 }
 
 fn remove_stale_socket(path: &Path) -> io::Result<()> {

@@ -9,7 +9,7 @@
 //! | binary's commands | [`cli`] |
 //! | the daemon's wiring and shutdown | [`daemon`] |
 //! | listeners | [`server`] |
-//! | surfaces | [`imds`], [`container`], [`admin`], [`exec`], [`explain`] |
+//! | surfaces | [`imds`], [`container`], [`admin`], [`exec`], [`explain`], [`doctor`] |
 //! | what every surface shares | [`state`], [`admit`], [`failure`], [`reload`] |
 //! | credentials | [`credentials`] (cache, refresh, STS) |
 //! | tokens and limits | [`token`] (session and container tokens), [`rate_limit`] |
@@ -17,7 +17,7 @@
 //! | which app | [`policy`] |
 //! | who is calling | [`identity`] (`sock_diag`, `cgroup`, `process`, `exe_digest`) |
 //! | configuration | [`config`] |
-//! | helpers | [`arn`], [`glob`], [`secret`], [`time`], [`safe_dir`], [`iam`], [`metrics`], [`signal`], [`systemd`], [`shutdown`] |
+//! | helpers | [`arn`], [`glob`], [`secret`], [`time`], [`safe_dir`], [`iam`], [`metrics`], [`signal`], [`systemd`], [`shutdown`], [`http_client`] |
 //!
 //! How a request flows through them:
 //! - [`server`] accepts a connection and asks [`identity`] who owns the other end (netlink
@@ -44,10 +44,12 @@ pub mod config;
 pub mod container;
 pub mod credentials;
 pub mod daemon;
+pub mod doctor;
 pub mod exec;
 pub mod explain;
 pub mod failure;
 pub mod glob;
+pub mod http_client;
 pub mod iam;
 pub mod identity;
 pub mod imds;

@@ -14,8 +14,17 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "helpers: plain data and pure functions",
         &[
-            "arn", "glob", "secret", "time", "safe_dir", "iam", "metrics", "signal", "systemd",
+            "arn",
+            "glob",
+            "secret",
+            "time",
+            "safe_dir",
+            "iam",
+            "metrics",
+            "signal",
+            "systemd",
             "shutdown",
+            "http_client",
         ],
     ),
     ("configuration", &["config"]),
@@ -30,7 +39,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "surfaces",
-        &["imds", "container", "admin", "exec", "explain"],
+        &["imds", "container", "admin", "exec", "explain", "doctor"],
     ),
     ("listeners", &["server"]),
     ("wiring: run and the shutdown tree's drain", &["daemon"]),

@@ -10,20 +10,8 @@ use crate::policy;
 /// This host as `check` judges the rules against it: its addresses in this network namespace
 /// and its cgroup subtrees that someone other than root controls.
 fn host_view() -> policy::HostView {
-    let addresses = nix::ifaddrs::getifaddrs()
-        .map(|interfaces| {
-            interfaces
-                .filter_map(|i| i.address)
-                .filter_map(|a| {
-                    a.as_sockaddr_in()
-                        .map(|v4| std::net::IpAddr::V4(v4.ip()))
-                        .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
     policy::HostView {
-        addresses,
+        addresses: crate::identity::host_addresses(),
         foreign_subtrees: crate::identity::cgroup::CgroupIndex::new().foreign_subtrees(),
     }
 }

@@ -1,11 +1,13 @@
 //! The `imds-broker` command line: one file per subcommand, each a thin adapter over the
 //! library. `serve` runs the daemon ([`crate::daemon::run`]), `check` validates a config file,
 //! `lint` reviews session policies, `explain` shows which rule (or policy statement) decides,
-//! `status` and `token` talk to a running daemon's admin listener, `exec` runs a command with
+//! `status` and `token` talk to a running daemon's admin listener, `doctor` diagnoses from the
+//! app's seat, `exec` runs a command with
 //! an app's container credentials, `audit` makes the sealing key and verifies audit files.
 
 use std::ffi::OsString;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -41,6 +43,7 @@ const EXIT_CONFIG: u8 = 64;
 
 mod audit;
 mod check;
+mod doctor;
 mod exec;
 mod explain;
 mod lint;
@@ -85,6 +88,22 @@ enum Command {
     Status {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+    },
+    /// From the app's seat: is the endpoint on this host, does it answer, which identity and
+    /// role does the daemon give this caller, are credentials served, and would an SDK in this
+    /// environment ask IMDS at all. One line per step, a fix for the first failure; exit 0
+    /// only when an SDK here would get its credentials.
+    Doctor {
+        /// The endpoint, instead of AWS_EC2_METADATA_SERVICE_ENDPOINT or 169.254.169.254:80.
+        #[arg(long)]
+        endpoint: Option<SocketAddr>,
+        /// As root: check as this uid (its group, its home directory, none of this
+        /// environment's AWS_* variables).
+        #[arg(long)]
+        uid: Option<u32>,
+        /// The role (by name) the caller should get.
+        #[arg(long)]
+        expect_role: Option<String>,
     },
     /// Container-endpoint token tools.
     Token {
@@ -206,6 +225,11 @@ pub async fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve { config, log_format } => serve::serve(config, log_format).await,
         Command::Check { config } => check::check(config),
+        Command::Doctor {
+            endpoint,
+            uid,
+            expect_role,
+        } => doctor::doctor(endpoint, uid, expect_role).await,
         Command::Status { config } => status::status(config).await,
         Command::Token {
             command: TokenCommand::Rotate { app, config },

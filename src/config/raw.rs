@@ -37,6 +37,9 @@ pub struct RawServer {
     pub allowed_hosts: Option<Vec<String>>,
     /// Drop-in files with more `[[app]]`s: globs relative to the config file's directory.
     pub include: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Answer `GET /imds-broker/whoami` (for `imds-broker doctor`): a caller's own identity.
+    #[serde(default)]
+    pub debug_whoami: bool,
 }
 
 /// A drop-in file (`[server] include`): `[[app]]` entries and nothing else.

@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub allowed_hosts: Vec<String>,
     /// Drop-in globs (`apps.d/*.toml`), relative to the config file's directory.
     pub include: Vec<String>,
+    /// Whether `GET /imds-broker/whoami` tells a caller who the daemon takes it for.
+    pub debug_whoami: bool,
 }
 
 /// Request and connection limits, per caller (resolved identity) and in total.
@@ -156,6 +158,7 @@ impl Validator<'_> {
         ServerConfig {
             listen,
             include,
+            debug_whoami: raw.debug_whoami,
             hop_limit,
             allowed_hosts: raw
                 .allowed_hosts

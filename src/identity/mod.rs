@@ -226,6 +226,23 @@ impl Resolver {
     }
 }
 
+/// Every address of this host's interfaces in this network namespace (for `check` and
+/// `doctor`; not on any request path).
+pub fn host_addresses() -> Vec<std::net::IpAddr> {
+    nix::ifaddrs::getifaddrs()
+        .map(|interfaces| {
+            interfaces
+                .filter_map(|i| i.address)
+                .filter_map(|a| {
+                    a.as_sockaddr_in()
+                        .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                        .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The socket at the other end of `peer -> local`, or the caller that its absence makes.
 /// (Boxed: a caller is large, and this is the less common way out.)
 fn socket_owner(peer: SocketAddr, local: SocketAddr) -> Result<SocketOwner, Box<Caller>> {

@@ -22,7 +22,7 @@ pub use error::ImdsError;
 use crate::audit::{self, DenyReason};
 use crate::config::MAX_TOKEN_TTL;
 use crate::credentials::{BodyKind, Credentials};
-use crate::identity::ConnectionInfo;
+use crate::identity::{Caller, ConnectionInfo};
 use crate::rate_limit::CallerLimiter;
 use crate::state::AppState;
 use metadata::{Node, View};
@@ -70,6 +70,7 @@ pub fn router(state: AppState) -> Router {
             "/{version}/api/token",
             any(|| async { ImdsError::Forbidden("tokens are only issued at /latest/api/token") }),
         )
+        .route(WHOAMI_PATH, get(whoami))
         .route("/", get(|| async { text("latest") }))
         .route("/latest", get(|| async { text("dynamic\nmeta-data") }))
         .route("/latest/", get(|| async { text("dynamic\nmeta-data") }))
@@ -88,6 +89,51 @@ pub fn router(state: AppState) -> Router {
             limiter,
         }))
         .with_state(state)
+}
+
+/// Where a caller may ask who the daemon takes it for (`server.debug_whoami`).
+pub const WHOAMI_PATH: &str = "/imds-broker/whoami";
+
+/// `GET /imds-broker/whoami`, for `imds-broker doctor`: the caller's own resolved identity and
+/// the app it is, as JSON. Off unless `server.debug_whoami`: then a 404 like any unknown path.
+/// It only ever describes the connection's own caller, after the same token check as metadata.
+async fn whoami(request: Request) -> Result<Response, ImdsError> {
+    let conn = caller_of(request.extensions())?;
+    let matched = matched_of(request.extensions())?;
+    if !matched.config.server.debug_whoami {
+        return Err(ImdsError::NotFound);
+    }
+    let app = matched.app();
+    let caller = &conn.caller;
+    let kind = match &**caller {
+        Caller::Local(_) => "local",
+        Caller::Remote { .. } => "remote",
+        Caller::Unresolved { .. } => "unresolved",
+    };
+    let body = serde_json::json!({
+        "kind": kind,
+        "peer": caller.peer().to_string(),
+        "uid": caller.uid(),
+        "pid": caller.pid(),
+        "exe": caller.exe().map(|e| e.display().to_string()),
+        "cgroup": caller.cgroup(),
+        "unit": caller.unit(),
+        "user_unit": caller.user_unit().map(|(_, unit)| unit),
+        "reason": match &**caller {
+            Caller::Unresolved { reason, .. } => Some(reason.as_str()),
+            _ => None,
+        },
+        "app": app.map(|a| a.name.as_str()),
+        "role_arn": app.map(|a| a.role_arn().to_string()),
+    });
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body.to_string(),
+    )
+        .into_response())
 }
 
 fn text(body: impl Into<axum::body::Body>) -> Response {
