@@ -13,6 +13,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
+use metrics::Gauge;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -82,6 +83,20 @@ struct ConnectionLimits {
     total: Arc<Semaphore>,
     per_caller: Mutex<HashMap<Arc<str>, u32>>,
     max_per_caller: u32,
+    /// [`crate::metrics::OPEN_CONNECTIONS`], its handle kept (one atomic add per connection).
+    open: Gauge,
+}
+
+/// A connection's place under the total limit, counted as open while it is held.
+struct OpenSlot {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.open.decrement(1.0);
+    }
 }
 
 /// Holds one caller's connection slot; gives it back when the connection ends.
@@ -96,7 +111,18 @@ impl ConnectionLimits {
             total: Arc::new(Semaphore::new(limits.max_connections as usize)),
             per_caller: Mutex::new(HashMap::new()),
             max_per_caller: limits.max_connections_per_caller,
+            open: metrics::gauge!(crate::metrics::OPEN_CONNECTIONS),
         }
+    }
+
+    /// A place under the total limit, if one is free.
+    fn open(&self) -> Option<OpenSlot> {
+        let permit = self.total.clone().try_acquire_owned().ok()?;
+        self.open.increment(1.0);
+        Some(OpenSlot {
+            _permit: permit,
+            open: self.open.clone(),
+        })
     }
 
     fn claim(self: &Arc<Self>, key: Arc<str>) -> Option<CallerSlot> {
@@ -242,7 +268,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let Ok(permit) = limits.total.clone().try_acquire_owned() else {
+                let Some(slot) = limits.open() else {
                     tracing::warn!(%peer, "connection refused: total connection limit reached");
                     tokio::spawn(refuse(stream));
                     continue;
@@ -250,7 +276,7 @@ async fn accept_loop(
                 tokio::spawn(serve_connection(
                     stream,
                     peer,
-                    (permit, limits.clone()),
+                    (slot, limits.clone()),
                     state.clone(),
                     identify.clone(),
                     router.clone(),
@@ -303,7 +329,7 @@ async fn refuse(mut stream: TcpStream) {
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    (_permit, limits): (OwnedSemaphorePermit, Arc<ConnectionLimits>),
+    (_slot, limits): (OpenSlot, Arc<ConnectionLimits>),
     state: AppState,
     identify: Arc<Identify>,
     router: axum::Router,
