@@ -365,3 +365,39 @@ async fn serve_connection(
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_connections_are_counted_while_their_slot_is_held_and_stop_at_the_limit() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let limits = ConnectionLimits::new(Limits {
+            requests_per_second: 1,
+            burst: 1,
+            max_connections: 2,
+            max_connections_per_caller: 2,
+            exe_hash_max_mib: 1,
+            exe_hash_mib_per_second: 1,
+        });
+        let open = || {
+            let line = format!("{} ", crate::metrics::OPEN_CONNECTIONS);
+            let text = metrics.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix(&line).map(str::to_owned))
+                .unwrap_or_else(|| panic!("{line}not in\n{text}"))
+        };
+        assert_eq!(open(), "0");
+        let first = limits.open().unwrap();
+        let second = limits.open().unwrap();
+        assert!(limits.open().is_none(), "over max_connections");
+        assert_eq!(open(), "2");
+        drop(first);
+        assert_eq!(open(), "1");
+        drop(second);
+        assert_eq!(open(), "0");
+    }
+}
