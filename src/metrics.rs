@@ -34,6 +34,14 @@ pub const DEGRADED_SERVES: &str = "imds_broker_degraded_serves_total";
 pub const AUDIT_LAST_SEQ: &str = "imds_broker_audit_last_seq";
 /// The audit file's current sealing epoch.
 pub const AUDIT_EPOCH: &str = "imds_broker_audit_epoch";
+/// Audit file operations that failed, by `op` ([`AUDIT_FAILED_OPS`]): lines lost from the
+/// file (`write`, `fsync`) or a rotation that kept writing the old file (`reopen`).
+pub const AUDIT_WRITE_FAILURES: &str = "imds_broker_audit_write_failures_total";
+/// The `op` labels of [`AUDIT_WRITE_FAILURES`], each exported from the start (at zero).
+pub const AUDIT_FAILED_OPS: &[&str] = &["write", "fsync", "reopen"];
+
+/// IMDS and container-endpoint connections open now (under `limits.max_connections`).
+pub const OPEN_CONNECTIONS: &str = "imds_broker_open_connections";
 
 /// STS latency buckets, in seconds: from a fast regional endpoint to a timing-out one.
 const STS_LATENCY_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -84,6 +92,21 @@ fn describe() {
         "Sequence number of the audit file's last line"
     );
     metrics::describe_gauge!(AUDIT_EPOCH, "Current sealing epoch of the audit file");
+    metrics::describe_counter!(
+        AUDIT_WRITE_FAILURES,
+        "Failed audit file operations, by op (write, fsync, reopen)"
+    );
+    metrics::describe_gauge!(OPEN_CONNECTIONS, "IMDS and container connections open");
+    // Exported at zero before the first failure, so an alert on its increase sees the first one.
+    for op in AUDIT_FAILED_OPS {
+        metrics::counter!(AUDIT_WRITE_FAILURES, "op" => *op).increment(0);
+    }
+}
+
+/// Counts one failed audit file operation (`op` is one of [`AUDIT_FAILED_OPS`]); called by the
+/// audit writer thread, never on the request path.
+pub fn audit_write_failed(op: &'static str) {
+    metrics::counter!(AUDIT_WRITE_FAILURES, "op" => op).increment(1);
 }
 
 /// The kind of IMDS path, a bounded label set (raw paths would let callers create series).

@@ -13,6 +13,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
+use metrics::Gauge;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -82,6 +83,20 @@ struct ConnectionLimits {
     total: Arc<Semaphore>,
     per_caller: Mutex<HashMap<Arc<str>, u32>>,
     max_per_caller: u32,
+    /// [`crate::metrics::OPEN_CONNECTIONS`], its handle kept (one atomic add per connection).
+    open: Gauge,
+}
+
+/// A connection's place under the total limit, counted as open while it is held.
+struct OpenSlot {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.open.decrement(1.0);
+    }
 }
 
 /// Holds one caller's connection slot; gives it back when the connection ends.
@@ -96,7 +111,18 @@ impl ConnectionLimits {
             total: Arc::new(Semaphore::new(limits.max_connections as usize)),
             per_caller: Mutex::new(HashMap::new()),
             max_per_caller: limits.max_connections_per_caller,
+            open: metrics::gauge!(crate::metrics::OPEN_CONNECTIONS),
         }
+    }
+
+    /// A place under the total limit, if one is free.
+    fn open(&self) -> Option<OpenSlot> {
+        let permit = self.total.clone().try_acquire_owned().ok()?;
+        self.open.increment(1.0);
+        Some(OpenSlot {
+            _permit: permit,
+            open: self.open.clone(),
+        })
     }
 
     fn claim(self: &Arc<Self>, key: Arc<str>) -> Option<CallerSlot> {
@@ -242,7 +268,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let Ok(permit) = limits.total.clone().try_acquire_owned() else {
+                let Some(slot) = limits.open() else {
                     tracing::warn!(%peer, "connection refused: total connection limit reached");
                     tokio::spawn(refuse(stream));
                     continue;
@@ -250,7 +276,7 @@ async fn accept_loop(
                 tokio::spawn(serve_connection(
                     stream,
                     peer,
-                    (permit, limits.clone()),
+                    (slot, limits.clone()),
                     state.clone(),
                     identify.clone(),
                     router.clone(),
@@ -319,7 +345,7 @@ async fn refuse(mut stream: TcpStream) {
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    (_permit, limits): (OwnedSemaphorePermit, Arc<ConnectionLimits>),
+    (_slot, limits): (OpenSlot, Arc<ConnectionLimits>),
     state: AppState,
     identify: Arc<Identify>,
     router: axum::Router,
@@ -359,7 +385,7 @@ async fn serve_connection(
 
 #[cfg(test)]
 mod tests {
-    use super::single_leading_slash;
+    use super::*;
 
     #[test]
     fn leading_slashes_collapse_to_one_and_nothing_else_changes() {
@@ -374,5 +400,36 @@ mod tests {
             single_leading_slash(&mut uri);
             assert_eq!(uri, to, "{from}");
         }
+    }
+
+    #[test]
+    fn open_connections_are_counted_while_their_slot_is_held_and_stop_at_the_limit() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let limits = ConnectionLimits::new(Limits {
+            requests_per_second: 1,
+            burst: 1,
+            max_connections: 2,
+            max_connections_per_caller: 2,
+            exe_hash_max_mib: 1,
+            exe_hash_mib_per_second: 1,
+        });
+        let open = || {
+            let line = format!("{} ", crate::metrics::OPEN_CONNECTIONS);
+            let text = metrics.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix(&line).map(str::to_owned))
+                .unwrap_or_else(|| panic!("{line}not in\n{text}"))
+        };
+        assert_eq!(open(), "0");
+        let first = limits.open().unwrap();
+        let second = limits.open().unwrap();
+        assert!(limits.open().is_none(), "over max_connections");
+        assert_eq!(open(), "2");
+        drop(first);
+        assert_eq!(open(), "1");
+        drop(second);
+        assert_eq!(open(), "0");
     }
 }

@@ -380,18 +380,19 @@ impl Writer {
         if buf.is_empty() {
             return true;
         }
-        let result = self
-            .file
-            .write_all(buf.as_bytes())
-            .and_then(|()| self.file.sync_data());
+        let result = match self.file.write_all(buf.as_bytes()) {
+            Ok(()) => self.file.sync_data().map_err(|e| ("fsync", e)),
+            Err(e) => Err(("write", e)),
+        };
         buf.clear();
         match result {
             Ok(()) => {
                 self.written = self.head.clone();
                 true
             }
-            Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, "cannot write the audit file");
+            Err((op, e)) => {
+                crate::metrics::audit_write_failed(op);
+                tracing::error!(path = %self.path.display(), error = %e, op, "cannot write the audit file");
                 false
             }
         }
@@ -410,6 +411,7 @@ impl Writer {
                 tracing::info!(path = %self.path.display(), "audit file reopened");
             }
             Err(e) => {
+                crate::metrics::audit_write_failed("reopen");
                 tracing::error!(path = %self.path.display(), error = %e, "cannot reopen the audit file; still writing the old one");
             }
         }
@@ -632,6 +634,37 @@ mod tests {
         assert_eq!(w.logged.map(|(seq, _)| seq), Some(8));
         assert_eq!(w.log_due, Some(t0 + checkpoint::LOG_EVERY));
         assert_eq!((w.written.seq, &w.written), (9, &w.head));
+    }
+
+    #[test]
+    fn failed_writes_fsyncs_and_reopens_are_counted_by_op_and_leave_the_written_head() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let t0 = Instant::now();
+        let mut w = Writer::open(path.clone(), "h".into(), None, t0).unwrap();
+        w.handle(vec![event(1)], t0);
+        let good = w.written.clone();
+        assert_eq!(good.seq, 1);
+        // A file opened read-only refuses the write.
+        w.file = File::open(&path).unwrap();
+        w.handle(vec![event(2)], t0);
+        // A pipe takes the write but cannot be fsync-ed.
+        let (_reader, pipe) = io::pipe().unwrap();
+        w.file = File::from(std::os::fd::OwnedFd::from(pipe));
+        w.handle(vec![event(3)], t0);
+        assert_eq!(w.written, good, "nothing counts as written");
+        // A rotation whose new file cannot be created.
+        fs::write(dir.path().join("not-a-dir"), "").unwrap();
+        w.path = dir.path().join("not-a-dir/audit.log");
+        w.reopen();
+        let text = metrics.render();
+        for op in ["write", "fsync", "reopen"] {
+            let line = format!("{}{{op=\"{op}\"}} 1", crate::metrics::AUDIT_WRITE_FAILURES);
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
     }
 
     #[test]
