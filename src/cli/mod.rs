@@ -72,9 +72,10 @@ enum Command {
     Serve {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
-        /// Log line format on stderr.
-        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-        log_format: LogFormat,
+        /// Log format. Default: journal when stderr is the journal ($JOURNAL_STREAM names
+        /// it, as under systemd), text otherwise.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
     },
     /// Validate a config file: exit 0 if it is valid, 1 with one line per problem if not.
     Check {
