@@ -2,7 +2,8 @@
 //! library. `serve` runs the daemon ([`crate::daemon::run`]), `check` validates a config file,
 //! `lint` reviews session policies, `explain` shows which rule (or policy statement) decides,
 //! `status` and `token` talk to a running daemon's admin listener, `exec` runs a command with
-//! an app's container credentials, `audit` makes the sealing key and verifies audit files.
+//! an app's container credentials, `audit` makes the sealing key and verifies audit files;
+//! the hidden `generate` writes the manual pages and shell completions from these definitions.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -43,6 +44,7 @@ mod audit;
 mod check;
 mod exec;
 mod explain;
+mod generate;
 mod lint;
 mod serve;
 mod status;
@@ -156,6 +158,20 @@ enum Command {
         #[arg(long)]
         source: Option<std::net::IpAddr>,
     },
+    /// Write the manual pages or the shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: GenerateCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GenerateCommand {
+    /// imds-broker.8 and one page per subcommand (imds-broker-serve.8, ...).
+    Man { dir: PathBuf },
+    /// imds-broker.bash, _imds-broker (zsh) and imds-broker.fish.
+    Completions { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -243,6 +259,12 @@ pub async fn main() -> ExitCode {
                 },
         } => audit::keygen(config, state_dir, &out),
         Command::Lint { config, policy } => lint::lint(config, policy),
+        Command::Generate {
+            what: GenerateCommand::Man { dir },
+        } => generate::man(&dir),
+        Command::Generate {
+            what: GenerateCommand::Completions { dir },
+        } => generate::completions(&dir),
         Command::Explain {
             config,
             app: Some(app),
