@@ -15,6 +15,7 @@ mod binary;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -75,11 +76,16 @@ fn with_run_at(run: &Path, program: &Path) -> Command {
 
 /// The daemon, logging to the journal of the namespace whose `/run` is `run`.
 fn serve_journal(run: &Path, config: &Path) -> (std::process::Child, String) {
+    let mut command = serve_in(run, config);
+    command.args(["--log-format", "journal"]);
+    binary::start(command)
+}
+
+/// `serve` in the namespace whose `/run` is `run`, without `$JOURNAL_STREAM`.
+fn serve_in(run: &Path, config: &Path) -> Command {
     let inner = binary::serve_command(config);
     let mut command = with_run_at(run, Path::new(inner.get_program()));
-    command
-        .args(inner.get_args())
-        .args(["--log-format", "journal"]);
+    command.args(inner.get_args());
     for (key, value) in inner.get_envs() {
         match value {
             Some(value) => command.env(key, value),
@@ -87,7 +93,15 @@ fn serve_journal(run: &Path, config: &Path) -> (std::process::Child, String) {
         };
     }
     command.env_remove("JOURNAL_STREAM").stdout(Stdio::piped());
-    binary::start(command)
+    command
+}
+
+/// A journal socket at `run`'s `systemd/journal/socket`, as the daemon in the namespace sees it.
+fn bind_journal(run: &Path) -> UnixDatagram {
+    std::fs::create_dir_all(run.join("systemd/journal")).unwrap();
+    let journal = UnixDatagram::bind(run.join("systemd/journal/socket")).unwrap();
+    journal.set_read_timeout(Some(DEADLINE)).unwrap();
+    journal
 }
 
 /// A config with app `billing` for this process's uid and an STS that cannot be reached, so a
@@ -189,9 +203,7 @@ fn audit_fields_are_native_journal_fields() {
     }
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    std::fs::create_dir_all(run.join("systemd/journal")).unwrap();
-    let journal = UnixDatagram::bind(run.join("systemd/journal/socket")).unwrap();
-    journal.set_read_timeout(Some(DEADLINE)).unwrap();
+    let journal = bind_journal(&run);
 
     let (child, addr) = serve_journal(&run, &config(dir.path()));
     ask_for_credentials(&addr);
@@ -324,6 +336,51 @@ fn journalctl_finds_denials_by_event_and_app() {
     assert_eq!(entry["_PID"], broker_pid.as_str(), "{entry:#}");
     assert_eq!(entry["_TRANSPORT"], "journal", "{entry:#}");
     assert!(!line.contains(SOURCE_SECRET));
+}
+
+/// Without `--log-format`, the journal is chosen only when `$JOURNAL_STREAM` is stderr's own
+/// device and inode: a stale or inherited value (another file's) leaves the log on stderr.
+#[test]
+fn journal_stream_picks_the_journal_only_when_it_is_stderr() {
+    if !can_unshare() {
+        return;
+    }
+    for matches in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let journal = bind_journal(&run);
+        let stderr_path = dir.path().join("stderr");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let other = std::fs::File::create(dir.path().join("other")).unwrap();
+        let named = if matches { &stderr } else { &other }.metadata().unwrap();
+        let stream = format!("{}:{}", named.dev(), named.ino());
+
+        let mut command = serve_in(&run, &config(dir.path()));
+        command.env("JOURNAL_STREAM", &stream).stderr(stderr);
+        let (child, addr) = binary::start(command);
+        ask_for_credentials(&addr);
+        // Stopped: everything it logged is in the file or queued on the socket.
+        binary::stop(child);
+
+        let text = std::fs::read_to_string(&stderr_path).unwrap();
+        journal.set_nonblocking(true).unwrap();
+        let mut buf = vec![0; 1 << 16];
+        let mut denial_in_journal = false;
+        while let Ok(n) = journal.recv(&mut buf) {
+            denial_in_journal |= parse_native(&buf[..n])
+                .iter()
+                .any(|(k, v)| k == "EVENT" && v == b"credentials.denied");
+        }
+        assert_eq!(
+            denial_in_journal, matches,
+            "JOURNAL_STREAM={stream}, stderr's: {matches}; stderr:\n{text}"
+        );
+        assert_eq!(
+            text.contains("credentials.denied"),
+            !matches,
+            "stderr:\n{text}"
+        );
+    }
 }
 
 fn which(program: &str) -> bool {
