@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs imds-broker on a systemd host without a package manager (the .deb does the same):
-# binary, units, network script, an example config that is never overwritten, a system user.
+# binary, units, network script, manual pages, shell completions (bash, zsh, fish), an example
+# config that is never overwritten, a system user.
 #
 #   deploy/install.sh [--binary PATH]     (default: target/release/imds-broker)
 #
@@ -25,7 +26,23 @@ install -D -m 0644 "$repo/systemd/imds-broker.service" "$root/lib/systemd/system
 install -D -m 0644 "$repo/systemd/imds-broker-network.service" \
     "$root/lib/systemd/system/imds-broker-network.service"
 install -D -m 0644 "$repo/README.md" "$root/usr/share/doc/imds-broker/README.md"
+# Manual pages (compressed, as man-db finds them) and completions, made by the binary itself.
+docs="$(mktemp -d)"
+trap 'rm -rf "$docs"' EXIT
+bash "$repo/deploy/gen-docs.sh" --binary "$binary" "$docs"
+install -d -m 0755 "$root/usr/share/man/man8"
+for page in "$docs"/man/*.8; do
+    gzip -9n <"$page" >"$docs/page.gz"
+    install -m 0644 "$docs/page.gz" "$root/usr/share/man/man8/$(basename "$page").gz"
+done
+install -D -m 0644 "$docs/completions/imds-broker" \
+    "$root/usr/share/bash-completion/completions/imds-broker"
+install -D -m 0644 "$docs/completions/_imds-broker" "$root/usr/share/zsh/vendor-completions/_imds-broker"
+install -D -m 0644 "$docs/completions/imds-broker.fish" \
+    "$root/usr/share/fish/vendor_completions.d/imds-broker.fish"
 install -d -m 0755 "$root/etc/imds-broker"
+# One [[app]] file per package or configuration-management role ([server] include).
+install -d -m 0755 "$root/etc/imds-broker/apps.d"
 # The config decides which app gets which role: root-owned, not world-readable, and an
 # operator's existing file is never replaced.
 if [[ ! -e "$root/etc/imds-broker/config.toml" ]]; then

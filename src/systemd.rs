@@ -1,6 +1,6 @@
 //! systemd integration: `sd_notify` state messages (READY, RELOADING, STOPPING, STATUS) and the
-//! watchdog keep-alive, sent as datagrams to `$NOTIFY_SOCKET`. Outside systemd (no
-//! `NOTIFY_SOCKET`) every call is a no-op.
+//! watchdog keep-alive, sent as datagrams to `$NOTIFY_SOCKET`, and whether stderr is the
+//! journal (`$JOURNAL_STREAM`). Outside systemd (no `NOTIFY_SOCKET`) every call is a no-op.
 
 use std::io;
 use std::os::linux::net::SocketAddrExt;
@@ -70,5 +70,42 @@ pub async fn watchdog(interval: Duration, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => notify_or_log("WATCHDOG=1"),
         }
+    }
+}
+
+/// Whether stderr is connected to the journal: `$JOURNAL_STREAM` is `DEVICE:INODE` of the
+/// stream systemd connected, and it counts only if stderr's own `fstat` says the same (a child
+/// that inherited the variable but not the stream, or whose stderr was redirected, is not).
+pub fn stderr_is_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stat) = rustix::fs::fstat(std::io::stderr()) else {
+        return false;
+    };
+    journal_stream_matches(&value.to_string_lossy(), stat.st_dev, stat.st_ino)
+}
+
+/// `value` (`DEVICE:INODE`, both decimal) names the file with this device and inode.
+fn journal_stream_matches(value: &str, dev: u64, ino: u64) -> bool {
+    let Some((d, i)) = value.split_once(':') else {
+        return false;
+    };
+    d.parse() == Ok(dev) && i.parse() == Ok(ino)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_stream_matches_only_the_same_device_and_inode() {
+        assert!(journal_stream_matches("8:12345", 8, 12345));
+        assert!(!journal_stream_matches("8:12345", 8, 12346));
+        assert!(!journal_stream_matches("9:12345", 8, 12345));
+        assert!(!journal_stream_matches("8", 8, 12345));
+        assert!(!journal_stream_matches("", 0, 0));
+        assert!(!journal_stream_matches("8:12345:1", 8, 12345));
+        assert!(!journal_stream_matches(" 8:12345", 8, 12345));
     }
 }

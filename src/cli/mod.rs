@@ -2,8 +2,9 @@
 //! library. `serve` runs the daemon ([`crate::daemon::run`]), `check` validates a config file,
 //! `lint` reviews session policies, `explain` shows which rule (or policy statement) decides,
 //! `status` and `token` talk to a running daemon's admin listener, `doctor` diagnoses from the
-//! app's seat, `exec` runs a command with
-//! an app's container credentials, `audit` makes the sealing key and verifies audit files.
+//! app's seat, `exec` runs a command with an app's container credentials, `audit` makes the
+//! sealing key and verifies audit files; the hidden `generate` writes the manual pages and
+//! shell completions from these definitions.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -46,6 +47,7 @@ mod check;
 mod doctor;
 mod exec;
 mod explain;
+mod generate;
 mod lint;
 mod serve;
 mod status;
@@ -75,9 +77,10 @@ enum Command {
     Serve {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
-        /// Log line format on stderr.
-        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-        log_format: LogFormat,
+        /// Log format. Default: journal when stderr is the journal ($JOURNAL_STREAM names
+        /// it, as under systemd), text otherwise.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
     },
     /// Validate a config file: exit 0 if it is valid, 1 with one line per problem if not.
     Check {
@@ -174,6 +177,20 @@ enum Command {
         #[arg(long)]
         source: Option<std::net::IpAddr>,
     },
+    /// Write the manual pages or the shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: GenerateCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GenerateCommand {
+    /// imds-broker.8 and one page per subcommand (imds-broker-serve.8, ...).
+    Man { dir: PathBuf },
+    /// imds-broker.bash, _imds-broker (zsh) and imds-broker.fish.
+    Completions { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -266,6 +283,12 @@ pub async fn main() -> ExitCode {
                 },
         } => audit::keygen(config, state_dir, &out),
         Command::Lint { config, policy } => lint::lint(config, policy),
+        Command::Generate {
+            what: GenerateCommand::Man { dir },
+        } => generate::man(&dir),
+        Command::Generate {
+            what: GenerateCommand::Completions { dir },
+        } => generate::completions(&dir),
         Command::Explain {
             config,
             app: Some(app),

@@ -19,13 +19,30 @@ use crate::credentials::{self, ProcessSettings, StsSource, SystemClock};
 use crate::daemon::{self, Listeners, Services};
 use crate::{signal, systemd};
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(super) enum LogFormat {
+    /// Human-readable lines on stderr.
     Text,
+    /// One JSON object a line on stderr.
     Json,
+    /// Native journal entries, one journal field per event field (EVENT=, APP=, UID=, ...).
+    Journal,
 }
 
-pub(super) async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
+impl LogFormat {
+    /// The format asked for, or without one: `journal` when stderr is the journal (a systemd
+    /// service's default), `text` otherwise.
+    fn resolve(asked: Option<LogFormat>) -> LogFormat {
+        asked.unwrap_or(if systemd::stderr_is_journal() {
+            LogFormat::Journal
+        } else {
+            LogFormat::Text
+        })
+    }
+}
+
+pub(super) async fn serve(path: PathBuf, log_format: Option<LogFormat>) -> ExitCode {
+    let log_format = LogFormat::resolve(log_format);
     let config = match Config::load(&path) {
         Ok(config) => config,
         Err(e) => {
@@ -82,24 +99,50 @@ pub(super) async fn serve(path: PathBuf, log_format: LogFormat) -> ExitCode {
     }
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG`; audit events also go to the audit file whatever
-/// the log level, so a quiet log never silences the audit trail.
+/// What journal entries are tagged with (`SYSLOG_IDENTIFIER=`), whatever the binary is called.
+const SYSLOG_IDENTIFIER: &str = "imds-broker";
+
+/// Logs go to stderr or the journal, filtered by `RUST_LOG`; audit events also go to the audit
+/// file whatever the log level, so a quiet log never silences the audit trail. Without a
+/// journal to write to, `journal` falls back to text on stderr and says so.
 fn init_tracing(format: LogFormat, audit: Option<AuditLayer>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::stderr().is_terminal();
-    let log = match format {
-        LogFormat::Text => fmt::layer()
+    let text = || {
+        fmt::layer()
             .with_ansi(ansi)
             .with_writer(std::io::stderr)
-            .with_filter(filter)
-            .boxed(),
-        LogFormat::Json => fmt::layer()
-            .json()
-            .with_writer(std::io::stderr)
-            .with_filter(filter)
-            .boxed(),
+            .boxed()
+    };
+    let mut journal_error = None;
+    let log = match format {
+        LogFormat::Text => text(),
+        LogFormat::Json => fmt::layer().json().with_writer(std::io::stderr).boxed(),
+        LogFormat::Journal => match journal_layer() {
+            Ok(layer) => layer.boxed(),
+            Err(e) => {
+                journal_error = Some(e);
+                text()
+            }
+        },
     };
     let audit =
         audit.map(|layer| layer.with_filter(filter::filter_fn(|meta| meta.target() == "audit")));
-    tracing_subscriber::registry().with(log).with(audit).init();
+    tracing_subscriber::registry()
+        .with(log.with_filter(filter))
+        .with(audit)
+        .init();
+    if let Some(e) = journal_error {
+        tracing::warn!(error = %e, "cannot write to the journal; logging text to stderr");
+    }
+}
+
+/// Journal entries with each event field as a journal field of its own, named as the field in
+/// upper case (`event` -> `EVENT`, `access_key_id` -> `ACCESS_KEY_ID`): no prefix, so
+/// `journalctl EVENT=credentials.denied APP=billing` finds them. The crate drops leading `_`
+/// and characters journald refuses, so no field can pose as a trusted one (`_UID`, `_PID`).
+fn journal_layer() -> std::io::Result<tracing_journald::Layer> {
+    Ok(tracing_journald::layer()?
+        .with_field_prefix(None)
+        .with_syslog_identifier(SYSLOG_IDENTIFIER.to_owned()))
 }

@@ -38,6 +38,11 @@ pub fn serve_logging(config: &Path, extra_env: &[(&str, &str)], log: Stdio) -> (
     for (k, v) in extra_env {
         command.env(k, v);
     }
+    start(command)
+}
+
+/// Spawns a `serve` command (stdout piped); returns the child and the address it announced.
+pub fn start(mut command: Command) -> (Child, String) {
     let mut child = command.spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())

@@ -9,6 +9,7 @@ the tests create:
   "connection refused", never the real IMDS.
 """
 
+import gzip
 import re
 import shutil
 import subprocess
@@ -38,6 +39,17 @@ from harness import (
 )
 
 SCRIPT = REPO_ROOT / "deploy" / "imds-network.sh"
+# imds-broker(8) and one page per subcommand, as deploy/install.sh installs them.
+MAN_PAGES = [
+    "imds-broker",
+    *(
+        f"imds-broker-{sub}"
+        for sub in (
+            "audit", "audit-keygen", "audit-verify", "check", "doctor", "exec", "explain", "lint", "serve",
+            "status", "token", "token-rotate",
+        )
+    ),
+]
 IMDS = "169.254.169.254"
 CLI_CLIENTS = [c for c in CLIENTS if c.name in ("boto3", "awscli")]
 
@@ -170,11 +182,21 @@ def test_install_script_stages_every_file_and_keeps_an_existing_config(built, tm
         "lib/systemd/system/imds-broker.service": 0o644,
         "lib/systemd/system/imds-broker-network.service": 0o644,
         "etc/imds-broker/config.toml": 0o640,
+        "etc/imds-broker/apps.d": 0o755,
         "usr/share/doc/imds-broker/README.md": 0o644,
         "usr/share/doc/imds-broker/config.example.toml": 0o644,
+        "usr/share/bash-completion/completions/imds-broker": 0o644,
+        "usr/share/zsh/vendor-completions/_imds-broker": 0o644,
+        "usr/share/fish/vendor_completions.d/imds-broker.fish": 0o644,
+        **{f"usr/share/man/man8/{page}.8.gz": 0o644 for page in MAN_PAGES},
     }
     for path, mode in expected.items():
         assert (tmp_path / path).stat().st_mode & 0o777 == mode, path
+    man8 = tmp_path / "usr/share/man/man8"
+    assert sorted(p.name for p in man8.iterdir()) == sorted(f"{page}.8.gz" for page in MAN_PAGES)
+    for page in MAN_PAGES:
+        text = gzip.decompress((man8 / f"{page}.8.gz").read_bytes()).decode()
+        assert f".TH {page} 8" in text, page
     config = tmp_path / "etc/imds-broker/config.toml"
     # The shipped example is a valid config, so the unit's ExecStartPre check passes as is.
     check = subprocess.run(
