@@ -105,6 +105,7 @@ else
     echo "cargo-deb missing: cargo install cargo-deb --locked --root $tools"
     (cd /tmp && CARGO_TARGET_DIR="$target/tools-build" timeout 1800 \
         cargo install cargo-deb --locked --root "$tools") || fail "cargo install cargo-deb"
+    rm -rf "$target/tools-build"   # its intermediate build, ~150 MB
     cargo_deb="$tools/bin/cargo-deb"
 fi
 ok "$("$cargo_deb" --version 2>&1 | head -n1) ($cargo_deb)"
