@@ -31,10 +31,7 @@ docs="$(mktemp -d)"
 trap 'rm -rf "$docs"' EXIT
 bash "$repo/deploy/gen-docs.sh" --binary "$binary" "$docs"
 install -d -m 0755 "$root/usr/share/man/man8"
-for page in "$docs"/man/*.8; do
-    gzip -9n <"$page" >"$docs/page.gz"
-    install -m 0644 "$docs/page.gz" "$root/usr/share/man/man8/$(basename "$page").gz"
-done
+install -m 0644 "$docs"/man-gz/*.8.gz "$root/usr/share/man/man8/"
 install -D -m 0644 "$docs/completions/imds-broker" \
     "$root/usr/share/bash-completion/completions/imds-broker"
 install -D -m 0644 "$docs/completions/_imds-broker" "$root/usr/share/zsh/vendor-completions/_imds-broker"
