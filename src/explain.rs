@@ -46,7 +46,7 @@ pub fn caller_for(subject: &Subject, config: &Config) -> io::Result<Caller> {
             };
             let units = cgroup
                 .as_deref()
-                .map(|path| cgroup::CgroupIndex::new().units_on_disk(path))
+                .map(|path| cgroup::CgroupIndex::new().info_on_disk(path).units)
                 .unwrap_or_default();
             Caller::Local(LocalCaller {
                 peer: peer(loopback),

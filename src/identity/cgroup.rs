@@ -7,6 +7,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use super::container::{self, ContainerRef};
+
 /// Resolves cgroup ids to paths by walking the cgroup2 hierarchy. The id of a cgroup is the
 /// inode number of its directory, so one walk indexes every cgroup; a miss (a cgroup created
 /// since) triggers one more walk.
@@ -24,6 +26,9 @@ pub struct CgroupInfo {
     /// Relative to the cgroup2 mount, e.g. `/system.slice/billing.service`.
     pub path: String,
     pub units: Units,
+    /// The container this cgroup is (or is inside), when root made it (see
+    /// [`crate::identity::container`]).
+    pub container: Option<ContainerRef>,
 }
 
 /// The systemd units a cgroup belongs to, as far as the managers that named them are trusted.
@@ -138,25 +143,34 @@ impl CgroupIndex {
         out
     }
 
-    /// The units of the cgroup at `path` (relative to the mount), checked on disk from the
-    /// root down; for a path read from `/proc/<pid>/cgroup` rather than found by id.
-    pub fn units_on_disk(&self, path: &str) -> Units {
+    /// What the cgroup at `path` (relative to the mount) is, checked on disk from the root
+    /// down; for a path read from `/proc/<pid>/cgroup` rather than found by id.
+    pub fn info_on_disk(&self, path: &str) -> CgroupInfo {
+        let unknown = || CgroupInfo {
+            path: path.to_owned(),
+            units: Units::default(),
+            container: None,
+        };
         let Some(root) = &self.root else {
-            return Units::default();
+            return unknown();
         };
         let Ok(meta) = fs::symlink_metadata(root) else {
-            return Units::default();
+            return unknown();
         };
         let mut node = Node::root(root, &meta);
         let mut dir = root.clone();
         for name in path.split('/').filter(|c| !c.is_empty()) {
             dir.push(name);
             let Ok(meta) = fs::symlink_metadata(&dir) else {
-                return Units::default();
+                return unknown();
             };
             node = node.child(name, &dir, &meta);
         }
-        node.units
+        CgroupInfo {
+            path: node.path,
+            units: node.units,
+            container: node.container,
+        }
     }
 }
 
@@ -172,6 +186,7 @@ struct Node {
     path: String,
     root_only: bool,
     units: Units,
+    container: Option<ContainerRef>,
 }
 
 impl Node {
@@ -180,6 +195,7 @@ impl Node {
             path: "/".into(),
             root_only: root_only(dir, meta),
             units: Units::default(),
+            container: None,
         }
     }
 
@@ -189,10 +205,23 @@ impl Node {
         } else {
             format!("{}/{name}", self.path)
         };
+        // The shallowest container wins: what runs inside one may make cgroups of its own.
+        let container = match &self.container {
+            Some(outer) => Some(outer.clone()),
+            None if self.root_only => {
+                container::recognise(&self.path, name).map(|(engine, id)| ContainerRef {
+                    engine,
+                    id: id.into(),
+                    cgroup: path.as_str().into(),
+                })
+            }
+            None => None,
+        };
         Node {
-            path,
             root_only: self.root_only && root_only(dir, meta),
             units: self.units.below(self.root_only, name),
+            container,
+            path,
         }
     }
 }
@@ -285,6 +314,7 @@ fn walk(root: &Path, node: Node, depth: usize, out: &mut HashMap<u64, Arc<Cgroup
         Arc::new(CgroupInfo {
             path: node.path,
             units: node.units,
+            container: node.container,
         }),
     );
 }
@@ -385,7 +415,8 @@ mod tests {
         mkdirs(root, "system.slice/billing.service");
         assert_eq!(
             index
-                .units_on_disk("/system.slice/billing.service")
+                .info_on_disk("/system.slice/billing.service")
+                .units
                 .system
                 .as_deref(),
             Some("billing.service")
@@ -408,7 +439,7 @@ mod tests {
             "/open.slice/billing.service",
             "/deleg/billing.service",
         ] {
-            assert_eq!(index.units_on_disk(path), Units::default(), "{path}");
+            assert_eq!(index.info_on_disk(path).units, Units::default(), "{path}");
         }
         // The index built by the walk agrees with the path-by-path check.
         for (dir, path) in [

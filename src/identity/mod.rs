@@ -11,6 +11,7 @@
 //! - `source`: the peer address only.
 
 pub mod cgroup;
+pub mod container;
 pub mod exe_digest;
 pub mod process;
 pub mod sock_diag;
