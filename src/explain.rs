@@ -11,6 +11,7 @@ use crate::config::{App, Config};
 use crate::iam::document::Effect;
 use crate::iam::evaluate::{self, Applies, Decision};
 use crate::identity::cgroup::{self, Units};
+use crate::identity::container::{Container, Meta};
 use crate::identity::process::{self, ProcessInfo};
 use crate::identity::{Caller, LocalCaller};
 
@@ -44,10 +45,18 @@ pub fn caller_for(subject: &Subject, config: &Config) -> io::Result<Caller> {
             } else {
                 None
             };
-            let units = cgroup
+            let found = cgroup
                 .as_deref()
-                .map(|path| cgroup::CgroupIndex::new().info_on_disk(path).units)
-                .unwrap_or_default();
+                .map(|path| cgroup::CgroupIndex::new().info_on_disk(path));
+            let units = found.as_ref().map(|f| f.units.clone()).unwrap_or_default();
+            // As the daemon sees it: a container only with `[containers]`.
+            let container = found
+                .and_then(|f| f.container)
+                .filter(|_| config.containers.is_some())
+                .map(|reference| Container {
+                    reference,
+                    meta: Meta::NotAsked,
+                });
             Caller::Local(LocalCaller {
                 peer: peer(loopback),
                 uid: info.uid,
@@ -56,6 +65,8 @@ pub fn caller_for(subject: &Subject, config: &Config) -> io::Result<Caller> {
                 cgroup,
                 process: Some(info),
                 exe_sha256,
+                netns: None,
+                container,
             })
         }
         Subject::Local {
@@ -80,6 +91,8 @@ pub fn caller_for(subject: &Subject, config: &Config) -> io::Result<Caller> {
                 cgroup: cgroup.clone(),
                 process,
                 exe_sha256: None,
+                netns: None,
+                container: None,
             })
         }
     })

@@ -2,14 +2,17 @@
 //! wins, and a caller that matches nothing gets nothing. One evaluation serves both the request
 //! path and `explain`, so what `explain` prints is what the daemon does.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
 use crate::config::App;
 pub use crate::config::Matcher;
 use crate::glob::Glob;
+use crate::identity::container::{ContainerMeta, Meta};
 use crate::identity::{Caller, Needs};
 
 /// The outcome of one criterion of one rule, for a caller.
@@ -35,6 +38,9 @@ enum Criterion<'a> {
     Cgroup(&'a Glob),
     /// `local_too`: the rule pins a local identity as well, so the address narrows it.
     Source(&'a [IpNet], bool),
+    ContainerLabel(&'a BTreeMap<String, Glob>),
+    ContainerImage(&'a Glob),
+    ContainerName(&'a Glob),
 }
 
 impl Criterion<'_> {
@@ -48,7 +54,20 @@ impl Criterion<'_> {
             Criterion::SystemdUserUnit(..) => "systemd_user_unit",
             Criterion::Cgroup(_) => "cgroup",
             Criterion::Source(..) => "source",
+            Criterion::ContainerLabel(_) => "container_label",
+            Criterion::ContainerImage(_) => "container_image",
+            Criterion::ContainerName(_) => "container_name",
         }
+    }
+
+    /// Whether only the container runtime can say if it holds.
+    fn needs_runtime(self) -> bool {
+        matches!(
+            self,
+            Criterion::ContainerLabel(_)
+                | Criterion::ContainerImage(_)
+                | Criterion::ContainerName(_)
+        )
     }
 
     /// Whether it holds for `caller`; allocation-free, it runs on every request.
@@ -69,14 +88,22 @@ impl Criterion<'_> {
                 .user_unit()
                 .is_some_and(|(owner, unit)| owner == uid && glob.matches(unit)),
             Criterion::Cgroup(glob) => caller.cgroup().is_some_and(|c| glob.matches(c)),
-            // A local caller's address is the host's own (e.g. docker0's 172.17.0.1 when the
-            // daemon listens there): it says nothing about who is calling.
+            // A host process's address is the host's own (e.g. docker0's 172.17.0.1 when the
+            // daemon listens there): it says nothing about who is calling. A socket found in
+            // another namespace connects from that namespace's own address.
             Criterion::Source(nets, local_too) => {
-                (local_too || matches!(caller, Caller::Remote { .. }))
+                (local_too || caller.address_is_its_own())
                     && nets
                         .iter()
                         .any(|n| n.contains(&caller.peer().ip().to_canonical()))
             }
+            Criterion::ContainerLabel(labels) => meta(caller).is_some_and(|m| {
+                labels
+                    .iter()
+                    .all(|(key, glob)| m.labels.get(key).is_some_and(|v| glob.matches(v)))
+            }),
+            Criterion::ContainerImage(glob) => meta(caller).is_some_and(|m| glob.matches(&m.image)),
+            Criterion::ContainerName(glob) => meta(caller).is_some_and(|m| glob.matches(&m.name)),
         }
     }
 
@@ -92,6 +119,12 @@ impl Criterion<'_> {
                 let nets: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
                 nets.join(", ")
             }
+            Criterion::ContainerLabel(labels) => labels
+                .iter()
+                .map(|(k, g)| format!("{k}={}", g.as_str()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Criterion::ContainerImage(g) | Criterion::ContainerName(g) => g.as_str().into(),
         }
     }
 
@@ -111,11 +144,53 @@ impl Criterion<'_> {
                 let ip = caller.peer().ip().to_canonical();
                 Some(match caller {
                     Caller::Remote { .. } => ip.to_string(),
+                    Caller::Local(l) if l.netns.is_some() => {
+                        format!("{ip} (its own, in another network namespace of this host)")
+                    }
                     _ => format!("{ip} (a socket of this host)"),
                 })
             }
+            Criterion::ContainerLabel(labels) => runtime_says(caller, |m| {
+                labels
+                    .keys()
+                    .map(|k| match m.labels.get(k) {
+                        Some(v) => format!("{k}={v}"),
+                        None => format!("{k} unset"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }),
+            Criterion::ContainerImage(_) => runtime_says(caller, |m| m.image.clone()),
+            Criterion::ContainerName(_) => runtime_says(caller, |m| m.name.clone()),
         }
     }
+}
+
+/// What the runtime said about the caller's container, if it did.
+fn meta(caller: &Caller) -> Option<&ContainerMeta> {
+    caller.container().and_then(|c| c.known())
+}
+
+/// `what` of the caller's container, or why it is not known.
+fn runtime_says(caller: &Caller, what: impl Fn(&ContainerMeta) -> String) -> Option<String> {
+    let container = caller.container()?;
+    match &container.meta {
+        Meta::Known(m) => Some(what(m)),
+        Meta::Unavailable(reason) => Some(format!("(the runtime could not say: {reason})")),
+        Meta::NotAsked => None,
+    }
+}
+
+/// What [`decide`] concluded for a caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The first app whose rule matches.
+    App(usize),
+    /// No rule matches.
+    NoMatch,
+    /// Rule `app` needs what the container runtime could not say (`reason`), and would match
+    /// otherwise: the caller is refused, since a later rule might hand it another role.
+    Undecided { app: usize, reason: Arc<str> },
 }
 
 impl Matcher {
@@ -140,9 +215,44 @@ impl Matcher {
                 .as_ref()
                 .map(|(uid, glob)| Criterion::SystemdUserUnit(*uid, glob)),
             self.cgroup.as_ref().map(Criterion::Cgroup),
+            (!self.container_label.is_empty())
+                .then_some(Criterion::ContainerLabel(&self.container_label)),
+            self.container_image.as_ref().map(Criterion::ContainerImage),
+            self.container_name.as_ref().map(Criterion::ContainerName),
         ]
         .into_iter()
         .flatten()
+    }
+
+    /// Whether the rule was written with containers in mind: it names a container, a cgroup or
+    /// an address. A rule of host keys alone (uid, exe, unit…) never matches a container: a
+    /// container's root is uid 0 too, and `uid = 0` was not written for it.
+    pub fn serves_containers(&self) -> bool {
+        !self.container_label.is_empty()
+            || self.container_image.is_some()
+            || self.container_name.is_some()
+            || self.cgroup.is_some()
+            || !self.source.is_empty()
+    }
+
+    /// Whether some criterion needs the container runtime's answer.
+    pub fn needs_runtime(&self) -> bool {
+        self.criteria().any(Criterion::needs_runtime)
+    }
+
+    /// Why the rule cannot be decided for `caller`: it would match but for criteria only the
+    /// container runtime can answer, and the runtime did not.
+    pub fn undecided<'c>(&self, caller: &'c Caller) -> Option<&'c Arc<str>> {
+        let Meta::Unavailable(reason) = &caller.container()?.meta else {
+            return None;
+        };
+        (self.needs_runtime()
+            && !matches!(caller, Caller::Unresolved { .. })
+            && self
+                .criteria()
+                .filter(|c| !c.needs_runtime())
+                .all(|c| c.holds(caller)))
+        .then_some(reason)
     }
 
     /// Every criterion that is set, in one fixed order.
@@ -159,16 +269,27 @@ impl Matcher {
         }
     }
 
-    /// Every criterion, checked against `caller`.
+    /// Every criterion, checked against `caller`; and for a container that a rule of host
+    /// keys alone cannot serve, that as one more failed check.
     pub fn evaluate(&self, caller: &Caller) -> Vec<Check> {
-        self.criteria()
+        let mut checks: Vec<Check> = self
+            .criteria()
             .map(|c| Check {
                 criterion: c.name(),
                 wanted: c.wanted(),
                 got: c.got(caller),
                 ok: c.holds(caller),
             })
-            .collect()
+            .collect();
+        if let Some(container) = caller.container().filter(|_| !self.serves_containers()) {
+            checks.push(Check {
+                criterion: "container",
+                wanted: "a rule with container_label, container_image, container_name, cgroup or source (rules of host keys alone never match a container)".into(),
+                got: Some(container.reference.to_string()),
+                ok: false,
+            });
+        }
+        checks
     }
 
     /// Whether every criterion holds: the verdict of [`Self::evaluate`], without its report.
@@ -177,6 +298,7 @@ impl Matcher {
         // no rule at all.
         !self.is_empty()
             && !matches!(caller, Caller::Unresolved { .. })
+            && (caller.container().is_none() || self.serves_containers())
             && self.criteria().all(|c| c.holds(caller))
     }
 
@@ -186,6 +308,7 @@ impl Matcher {
     pub fn wants_exe_hash(&self, caller: &Caller) -> bool {
         self.exe_sha256.is_some()
             && !matches!(caller, Caller::Unresolved { .. })
+            && (caller.container().is_none() || self.serves_containers())
             && self
                 .criteria()
                 .filter(|c| !matches!(c, Criterion::ExeSha256(_)))
@@ -218,6 +341,13 @@ impl Matcher {
             && glob_covers(self.systemd_unit.as_ref(), later.systemd_unit.as_ref())
             && user_unit_covers
             && glob_covers(self.cgroup.as_ref(), later.cgroup.as_ref())
+            && glob_covers(self.container_image.as_ref(), later.container_image.as_ref())
+            && glob_covers(self.container_name.as_ref(), later.container_name.as_ref())
+            && self.container_label.iter().all(|(key, glob)| {
+                glob_covers(Some(glob), later.container_label.get(key))
+            })
+            // A rule of host keys alone does not match the containers a later one may serve.
+            && (self.serves_containers() || !later.serves_containers())
             && (self.source.is_empty()
                 || (!later.source.is_empty()
                     // A source-only rule matches remote callers only; a later rule that also
@@ -262,10 +392,39 @@ pub fn find_app<'a>(apps: &'a [App], caller: &Caller) -> Option<&'a App> {
     find_app_index(apps, caller).map(|i| &apps[i])
 }
 
-/// The position of the first app whose rule matches `caller`, if any.
+/// The position of the first app whose rule matches `caller`, if any (and none before it is
+/// undecided, see [`decide`]).
 pub fn find_app_index(apps: &[App], caller: &Caller) -> Option<usize> {
-    apps.iter()
-        .position(|app| app.matcher.as_ref().is_some_and(|m| m.matches(caller)))
+    match decide(apps, caller) {
+        Verdict::App(i) => Some(i),
+        Verdict::NoMatch | Verdict::Undecided { .. } => None,
+    }
+}
+
+/// Which app `caller` is: rules in order, first match wins; a rule that cannot be decided
+/// (the container runtime did not answer) stops the search, refusing the caller.
+pub fn decide(apps: &[App], caller: &Caller) -> Verdict {
+    for (i, app) in apps.iter().enumerate() {
+        let Some(rule) = &app.matcher else { continue };
+        if rule.matches(caller) {
+            return Verdict::App(i);
+        }
+        if let Some(reason) = rule.undecided(caller) {
+            return Verdict::Undecided {
+                app: i,
+                reason: reason.clone(),
+            };
+        }
+    }
+    Verdict::NoMatch
+}
+
+/// Whether `caller` is a container that some rule would ask the runtime about.
+pub fn wants_container_meta(apps: &[App], caller: &Caller) -> bool {
+    caller.container().is_some_and(|c| c.meta == Meta::NotAsked)
+        && apps
+            .iter()
+            .any(|app| app.matcher.as_ref().is_some_and(Matcher::needs_runtime))
 }
 
 /// Whether some rule would match `caller` if its executable's digest were known (see
@@ -397,6 +556,8 @@ mod tests {
                 start_time: 1,
             }),
             exe_sha256: Some("ab".repeat(32)),
+            netns: None,
+            container: None,
         })
     }
 
@@ -640,6 +801,8 @@ mod tests {
                 user_unit: units.user,
                 process: None,
                 exe_sha256: None,
+                netns: None,
+                container: None,
             })
         };
         let in_user_manager =
@@ -705,6 +868,8 @@ mod tests {
                                     start_time: 1,
                                 }),
                                 exe_sha256: sha,
+                                netns: None,
+                                container: None,
                             }));
                         }
                     }
@@ -762,6 +927,7 @@ mod tests {
                                         systemd_user_unit: None,
                                         cgroup: cgroup.clone(),
                                         source,
+                                        ..Matcher::default()
                                     };
                                     for caller in &callers {
                                         let expected = !m.is_empty()
@@ -832,5 +998,201 @@ mod tests {
         };
         assert!(wide.covers(&narrow));
         assert!(!narrow.covers(&wide));
+    }
+}
+
+#[cfg(test)]
+mod container_tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::identity::LocalCaller;
+    use crate::identity::container::{Container, ContainerRef, Engine};
+
+    const ID: &str = "6ca462c7f0b71316d0a1291dd88368860d3c56bb5d1e7c324d8b506ddfd312ac";
+
+    fn config(rules: &str) -> Config {
+        let text = format!(
+            "[sts]\nregion = \"us-east-1\"\n[containers]\nruntime_socket = \"/run/x.sock\"\n{rules}"
+        );
+        Config::parse(&text, std::path::Path::new("test.toml")).unwrap()
+    }
+
+    fn rule(name: &str, matcher: &str) -> String {
+        format!(
+            "[[app]]\nname = \"{name}\"\nrole_arn = \"arn:aws:iam::111122223333:role/{name}\"\n[app.match]\n{matcher}\n"
+        )
+    }
+
+    fn container(uid: u32, meta: Meta) -> Caller {
+        let cgroup = format!("/libpod_parent/libpod-{ID}");
+        Caller::Local(LocalCaller {
+            peer: "10.88.0.7:40000".parse().unwrap(),
+            uid,
+            cgroup: Some(cgroup.clone()),
+            unit: None,
+            user_unit: None,
+            process: None,
+            exe_sha256: None,
+            netns: Some(4026532383),
+            container: Some(Container {
+                reference: ContainerRef {
+                    engine: Engine::Podman,
+                    id: ID.into(),
+                    cgroup: cgroup.into(),
+                },
+                meta,
+            }),
+        })
+    }
+
+    fn billing() -> Meta {
+        Meta::Known(Arc::new(ContainerMeta {
+            id: ID.into(),
+            name: "billing-1".into(),
+            image: "registry.example/billing:1.4".into(),
+            labels: [("com.example.app".into(), "billing".into())].into(),
+        }))
+    }
+
+    fn name_of(config: &Config, verdict: &Verdict) -> String {
+        match verdict {
+            Verdict::App(i) => config.apps[*i].name.clone(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn container_keys_match_what_the_runtime_said() {
+        let config = config(
+            &[
+                rule("wrong-label", "container_label = { \"com.example.app\" = \"web\" }"),
+                rule("two-labels", "container_label = { \"com.example.app\" = \"billing\", \"tier\" = \"*\" }"),
+                rule("image", "container_image = \"registry.example/billing:*\"\ncontainer_name = \"billing-*\""),
+            ]
+            .concat(),
+        );
+        let caller = container(0, billing());
+        assert_eq!(name_of(&config, &decide(&config.apps, &caller)), "image");
+        // Not for a host process, nor a container the runtime said nothing about.
+        let host = Caller::local_uid(0, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(decide(&config.apps, &host), Verdict::NoMatch);
+        assert_eq!(
+            decide(&config.apps, &container(0, Meta::NotAsked)),
+            Verdict::NoMatch
+        );
+    }
+
+    /// `uid = 0` was written for the host's root: a container's root is not it.
+    #[test]
+    fn rules_of_host_keys_alone_never_match_a_container() {
+        let config = config(
+            &[
+                rule("host-root", "uid = 0"),
+                rule("pods", "cgroup = \"/libpod_parent/libpod-*\""),
+            ]
+            .concat(),
+        );
+        let caller = container(0, Meta::NotAsked);
+        assert_eq!(name_of(&config, &decide(&config.apps, &caller)), "pods");
+        let checks = config.apps[0].matcher.as_ref().unwrap().evaluate(&caller);
+        assert!(
+            checks.iter().any(|c| c.criterion == "container" && !c.ok),
+            "{checks:?}"
+        );
+        // A rule that names containers is not shadowed by one of host keys.
+        assert_eq!(shadowed(&config.apps), vec![]);
+    }
+
+    /// The runtime is down: the rule that would decide cannot be, and a later rule must not
+    /// hand the caller another role; earlier rules still decide.
+    #[test]
+    fn an_unanswered_runtime_stops_the_search() {
+        let down = Meta::Unavailable("runtime unreachable at /run/x.sock".into());
+        let labels_first = config(
+            &[
+                rule(
+                    "billing",
+                    "container_label = { \"com.example.app\" = \"billing\" }",
+                ),
+                rule("any-pod", "cgroup = \"/libpod_parent/*\""),
+            ]
+            .concat(),
+        );
+        match decide(&labels_first.apps, &container(0, down.clone())) {
+            Verdict::Undecided { app: 0, reason } => assert!(reason.contains("unreachable")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            find_app_index(&labels_first.apps, &container(0, down.clone())),
+            None
+        );
+        let cgroup_first = config(
+            &[
+                rule("any-pod", "cgroup = \"/libpod_parent/*\""),
+                rule(
+                    "billing",
+                    "container_label = { \"com.example.app\" = \"billing\" }",
+                ),
+            ]
+            .concat(),
+        );
+        assert_eq!(
+            decide(&cgroup_first.apps, &container(0, down.clone())),
+            Verdict::App(0)
+        );
+        // A rule whose other keys already fail is not undecided: it cannot match anyway.
+        let pinned = config(&rule(
+            "billing",
+            "uid = 1000\ncontainer_label = { \"com.example.app\" = \"billing\" }",
+        ));
+        assert_eq!(decide(&pinned.apps, &container(0, down)), Verdict::NoMatch);
+        assert!(wants_container_meta(
+            &pinned.apps,
+            &container(0, Meta::NotAsked)
+        ));
+        assert!(!wants_container_meta(
+            &cgroup_first.apps[..1],
+            &container(0, Meta::NotAsked)
+        ));
+    }
+
+    /// In its own namespace a container's address is its own: `source` rules see it, as they
+    /// did when such callers were remote.
+    #[test]
+    fn source_rules_match_a_container_by_its_own_address() {
+        let config = config(&rule("bridge", "source = [\"10.88.0.0/16\"]"));
+        assert_eq!(
+            decide(&config.apps, &container(0, Meta::NotAsked)),
+            Verdict::App(0)
+        );
+    }
+
+    #[test]
+    fn label_rules_cover_narrower_label_rules() {
+        let config = config(
+            &[
+                rule(
+                    "broad",
+                    "container_label = { \"com.example.app\" = \"b*\" }",
+                ),
+                rule(
+                    "narrow",
+                    "container_label = { \"com.example.app\" = \"billing\", \"tier\" = \"x\" }",
+                ),
+                rule("other", "container_label = { \"tier\" = \"x\" }"),
+            ]
+            .concat(),
+        );
+        assert_eq!(shadowed(&config.apps), vec![(0, 1)]);
+    }
+
+    #[test]
+    fn container_keys_need_the_containers_section() {
+        let text = format!(
+            "[sts]\nregion = \"us-east-1\"\n{}",
+            rule("b", "container_name = \"x\"")
+        );
+        let err = Config::parse(&text, std::path::Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("[containers]"), "{err}");
     }
 }

@@ -25,6 +25,7 @@ use tower::ServiceExt;
 use crate::audit;
 use crate::config::Limits;
 use crate::identity::exe_digest::ExeDigests;
+use crate::identity::netns::Namespaces;
 use crate::identity::{self, Caller, ConnectionInfo, Resolver};
 use crate::policy;
 use crate::shutdown::Tasks;
@@ -183,6 +184,21 @@ impl Identify {
     }
 }
 
+/// The resolver `config` asks for: with `[containers]`, one that also looks in the host's other
+/// network namespaces and recognises containers.
+fn resolver(config: &crate::config::Config) -> Resolver {
+    if config.containers.is_none() {
+        return Resolver::new();
+    }
+    match Namespaces::new() {
+        Ok(namespaces) => Resolver::with_containers(Arc::new(namespaces)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the daemon's own network namespace: callers in other namespaces are treated as remote");
+            Resolver::new()
+        }
+    }
+}
+
 /// What a refused connection gets before it is closed: it never reached HTTP routing.
 const REFUSED_CONNECTION: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nServer: EC2ws\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
@@ -202,7 +218,7 @@ pub fn start(
     tasks: &Tasks,
 ) -> Serving {
     let identify = Arc::new(Identify {
-        resolver: Arc::new(Resolver::new()),
+        resolver: Arc::new(resolver(&state.config())),
         digests: Arc::new(ExeDigests::from_limits(&state.config().limits)),
     });
     let limits = Arc::new(ConnectionLimits::new(state.config().limits));

@@ -178,6 +178,7 @@ impl AppState {
             || old.limits != config.limits
             || old.admin != config.admin
             || old.audit != config.audit
+            || old.containers != config.containers
             || old.container.as_ref().map(|c| &c.listen)
                 != config.container.as_ref().map(|c| &c.listen);
         let cache = self.cache();

@@ -59,6 +59,8 @@ fn caller(uid: u32, pid: u32, port: u16) -> Caller {
             start_time: 1_000,
         }),
         exe_sha256: None,
+        netns: None,
+        container: None,
     })
 }
 

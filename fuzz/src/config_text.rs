@@ -76,6 +76,8 @@ fn callers() -> [Caller; 3] {
             start_time: 1,
         }),
         exe_sha256: Some("0".repeat(64)),
+        netns: None,
+        container: None,
     };
     [
         Caller::Local(local),

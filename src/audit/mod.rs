@@ -45,6 +45,8 @@ pub enum DenyReason {
     BadToken,
     /// STS could not provide credentials.
     Upstream,
+    /// The rule that decides needs the container runtime's answer, and it did not give one.
+    ContainerRuntime,
 }
 
 impl DenyReason {
@@ -61,6 +63,7 @@ impl DenyReason {
             DenyReason::ConnectionLimit => "connection_limit",
             DenyReason::BadToken => "bad_token",
             DenyReason::Upstream => "upstream",
+            DenyReason::ContainerRuntime => "container_runtime",
         }
     }
 
@@ -88,6 +91,10 @@ macro_rules! audit_event {
             cgroup = caller.cgroup(),
             unit = caller.unit(),
             user_unit = caller.user_unit().map(|(_, unit)| unit),
+            container_engine = caller.container().map(|c| c.reference.engine.as_str()),
+            container_id = caller.container().map(|c| &*c.reference.id),
+            container_name = caller.container().and_then(|c| c.known()).map(|m| m.name.as_str()),
+            container_image = caller.container().and_then(|c| c.known()).map(|m| m.image.as_str()),
             $($rest)*
         )
     }};

@@ -135,6 +135,8 @@ mod tests {
                 start_time: 100,
             }),
             exe_sha256: None,
+            netns: None,
+            container: None,
         })
     }
 

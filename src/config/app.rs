@@ -53,6 +53,8 @@ pub(super) struct AppDefaults<'a> {
     pub(super) policy: CredentialPolicy,
     pub(super) hostname: &'a str,
     pub(super) container: Option<&'a ContainerConfig>,
+    /// `[containers]` is present: the `container_*` match keys can mean something.
+    pub(super) containers: bool,
 }
 
 impl Validator<'_> {
@@ -68,6 +70,7 @@ impl Validator<'_> {
             policy,
             hostname,
             container: endpoint,
+            containers,
         } = defaults;
         let raw = raw.into_inner();
         let field = |f: &str| format!("app[{index}].{f}");
@@ -121,7 +124,7 @@ impl Validator<'_> {
             None => default_session_name(&name, hostname),
         };
         let matcher = match raw.matcher {
-            Some(m) => self.matcher(m, &field("match")).map(Some),
+            Some(m) => self.matcher(m, &field("match"), containers).map(Some),
             None if raw.container.is_some() => Some(None),
             None => {
                 self.push(

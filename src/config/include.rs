@@ -95,6 +95,7 @@ impl Config {
                             policy: self.credentials,
                             hostname: &self.instance.hostname,
                             container: self.container.as_ref(),
+                            containers: self.containers.is_some(),
                         };
                         if let Some(app) = v.app(i, raw_app, defaults, &self.apps) {
                             self.apps.push(app);

@@ -1,6 +1,7 @@
 //! An app's `match` table as data: which criteria a caller must meet, checked when the
 //! config is loaded. What they mean for a caller is `policy`'s to say.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -25,13 +26,45 @@ pub struct Matcher {
     pub cgroup: Option<Glob>,
     /// Peers that are not sockets of this host, unless the rule also pins a local identity.
     pub source: Vec<IpNet>,
+    /// Every listed label must be set on the caller's container, with a value the glob matches.
+    pub container_label: BTreeMap<String, Glob>,
+    /// The image reference the caller's container was created from.
+    pub container_image: Option<Glob>,
+    pub container_name: Option<Glob>,
 }
 
 impl Validator<'_> {
-    pub(super) fn matcher(&mut self, raw: Spanned<RawMatch>, field: &str) -> Option<Matcher> {
+    /// `containers`: whether `[containers]` is present, without which the `container_*` keys
+    /// could never match.
+    pub(super) fn matcher(
+        &mut self,
+        raw: Spanned<RawMatch>,
+        field: &str,
+        containers: bool,
+    ) -> Option<Matcher> {
         let span = raw.span();
         let raw = raw.into_inner();
         let before = self.problems.len();
+        if !containers {
+            let keys = [
+                raw.container_label
+                    .as_ref()
+                    .map(|k| ("container_label", k.span())),
+                raw.container_image
+                    .as_ref()
+                    .map(|k| ("container_image", k.span())),
+                raw.container_name
+                    .as_ref()
+                    .map(|k| ("container_name", k.span())),
+            ];
+            for (key, span) in keys.into_iter().flatten() {
+                self.push(
+                    span,
+                    &format!("{field}.{key}"),
+                    "needs a [containers] section: without it callers in containers are not identified as containers",
+                );
+            }
+        }
         let uid = self.id_or_name(raw.uid, raw.user, field, ("uid", "user"), |name| {
             nix::unistd::User::from_name(name).map(|u| u.map(|u| u.uid.as_raw()))
         });
@@ -108,6 +141,24 @@ impl Validator<'_> {
                 ),
             }
         }
+        let container_label = match raw.container_label {
+            Some(labels) if labels.get_ref().is_empty() => {
+                self.push(
+                    labels.span(),
+                    &format!("{field}.container_label"),
+                    "needs at least one label, e.g. { \"com.example.app\" = \"billing\" }",
+                );
+                BTreeMap::new()
+            }
+            Some(labels) => labels
+                .into_inner()
+                .into_iter()
+                .map(|(k, v)| (k, Glob::new(&v)))
+                .collect(),
+            None => BTreeMap::new(),
+        };
+        let container_image = raw.container_image.map(|g| Glob::new(g.get_ref()));
+        let container_name = raw.container_name.map(|g| Glob::new(g.get_ref()));
         let matcher = Matcher {
             uid,
             gid,
@@ -117,13 +168,16 @@ impl Validator<'_> {
             systemd_user_unit,
             cgroup,
             source,
+            container_label,
+            container_image,
+            container_name,
         };
         if matcher.is_empty() && self.problems.len() == before {
             // An empty match would hand this role to every caller on the host.
             self.push(
                 span,
                 field,
-                "needs at least one criterion (uid, user, gid, group, exe, exe_sha256, systemd_unit, systemd_user_unit, cgroup, source); an empty match would match every caller",
+                "needs at least one criterion (uid, user, gid, group, exe, exe_sha256, systemd_unit, systemd_user_unit, cgroup, source, container_label, container_image, container_name); an empty match would match every caller",
             );
         }
         (self.problems.len() == before).then_some(matcher)

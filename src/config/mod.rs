@@ -10,6 +10,7 @@
 //! - `app`: one `[[app]]`, its session name, SourceIdentity and tags; `matcher` its `match`.
 //! - `session_policy`: `policy`, `policy_file`, `policy_arns`, and the texts `lint` reads.
 //! - `container`: `[container]` and `[app.container]`.
+//! - `containers`: `[containers]`.
 //! - `include`: the drop-in files of `[server] include` (`apps.d/*.toml`), more `[[app]]`s.
 //! - `admin_listen`, `assume_role`: the types [`AdminListen`] and [`AssumeRoleInput`].
 
@@ -17,6 +18,7 @@ mod admin_listen;
 mod app;
 mod assume_role;
 mod container;
+mod containers;
 mod error;
 mod include;
 mod load;
@@ -35,6 +37,7 @@ pub use matcher::Matcher;
 use std::path::{Path, PathBuf};
 
 pub use container::{AppContainer, ContainerConfig};
+pub use containers::{ContainersConfig, DEFAULT_RUNTIME_SOCKETS};
 pub use error::{ConfigError, Problem};
 pub use load::DEFAULT_CONFIG_PATH;
 use load::check_permissions;
@@ -69,6 +72,8 @@ pub struct Config {
     pub admin: AdminListen,
     /// The container credentials endpoint, when `[container]` is present.
     pub container: Option<ContainerConfig>,
+    /// Callers in containers identified, when `[containers]` is present.
+    pub containers: Option<ContainersConfig>,
     pub apps: Vec<App>,
     /// What the daemon will refuse when it gets there, though the file is valid (a token
     /// file's directory others control): `check` prints them.

@@ -22,6 +22,8 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     /// The container credentials endpoint; absent means off.
     pub container: Option<Spanned<RawContainer>>,
+    /// Callers in containers; absent means containers are processes like any other.
+    pub containers: Option<super::containers::RawContainers>,
     #[serde(default, rename = "app")]
     pub apps: Vec<Spanned<RawApp>>,
 }
@@ -177,6 +179,9 @@ pub struct RawMatch {
     pub systemd_user_unit: Option<Spanned<RawUserUnit>>,
     pub cgroup: Option<Spanned<String>>,
     pub source: Option<Vec<Spanned<String>>>,
+    pub container_label: Option<Spanned<std::collections::BTreeMap<String, String>>>,
+    pub container_image: Option<Spanned<String>>,
+    pub container_name: Option<Spanned<String>>,
 }
 
 /// `systemd_user_unit = { uid = 1001, unit = "billing.service" }`: a unit of that user's

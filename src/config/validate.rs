@@ -56,6 +56,7 @@ impl Validator<'_> {
     pub(super) fn validate(&mut self, raw: RawConfig) -> Config {
         let server = self.server(raw.server);
         let container = self.container(raw.container, &server.listen);
+        let containers = self.containers(raw.containers);
         let admin = self.admin(raw.admin, &server.state_dir);
         let audit = self.audit(raw.audit, &server.state_dir);
         let (sts, credentials) = self.sts(&raw.sts, raw.credentials);
@@ -75,6 +76,7 @@ impl Validator<'_> {
                 policy: credentials,
                 hostname: &instance.hostname,
                 container: container.as_ref(),
+                containers: containers.is_some(),
             };
             if let Some(app) = self.app(i, raw_app, defaults, &apps) {
                 apps.push(app);
@@ -91,6 +93,7 @@ impl Validator<'_> {
             admin,
             limits,
             container,
+            containers,
             apps,
             warnings: std::mem::take(&mut self.warnings),
         }

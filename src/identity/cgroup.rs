@@ -459,6 +459,60 @@ mod tests {
         assert_eq!(foreign, ["/deleg", "/lxc.payload.c1", "/open.slice"]);
     }
 
+    /// The security boundary of container identity: a container is whoever root's runtime
+    /// made it, never a cgroup named like one in a subtree a user controls.
+    #[test]
+    fn containers_only_where_root_made_the_cgroup() {
+        const ID: &str = "6ca462c7f0b71316d0a1291dd88368860d3c56bb5d1e7c324d8b506ddfd312ac";
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        fs::set_permissions(root, fs::Permissions::from_mode(0o755)).unwrap();
+        let index = CgroupIndex::with_root(Some(root.to_owned()));
+        let real = mkdirs(root, &format!("libpod_parent/libpod-{ID}/inner"));
+        let rootless = mkdirs(
+            root,
+            &format!("user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope"),
+        );
+        std::os::unix::fs::chown(
+            root.join("user.slice/user-1000.slice/user@1000.service"),
+            Some(1000),
+            None,
+        )
+        .unwrap();
+        let delegated = mkdirs(root, &format!("deleg/docker-{ID}.scope"));
+        rustix::fs::setxattr(
+            root.join("deleg"),
+            "user.delegate",
+            b"1",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .expect("user xattrs on the test's file system");
+
+        let info = index.lookup(fs::metadata(&real).unwrap().ino()).unwrap();
+        let container = info.container.as_ref().expect("root's podman container");
+        assert_eq!(
+            (container.engine, &*container.id, &*container.cgroup),
+            (
+                super::container::Engine::Podman,
+                ID,
+                format!("/libpod_parent/libpod-{ID}").as_str()
+            ),
+            "a cgroup inside the container is still the container"
+        );
+        for dir in [&rootless, &delegated] {
+            let info = index.lookup(fs::metadata(dir).unwrap().ino()).unwrap();
+            assert_eq!(info.container, None, "{}", info.path);
+            assert_eq!(index.info_on_disk(&info.path).container, None);
+        }
+        assert_eq!(
+            index
+                .info_on_disk(&format!("/libpod_parent/libpod-{ID}"))
+                .container
+                .map(|c| c.id),
+            Some(ID.into())
+        );
+    }
+
     #[test]
     fn index_maps_directory_inodes_to_paths() {
         let dir = tempfile::tempdir().unwrap();

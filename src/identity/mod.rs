@@ -13,6 +13,7 @@
 pub mod cgroup;
 pub mod container;
 pub mod exe_digest;
+pub mod netns;
 pub mod process;
 pub mod sock_diag;
 
@@ -23,7 +24,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use cgroup::{CgroupIndex, Units};
+use container::Container;
 use exe_digest::{DigestError, ExeDigests};
+use netns::{Found, Namespaces};
 use process::{Budget, ProcessError, ProcessInfo};
 use sock_diag::{Lookup, SocketOwner};
 
@@ -54,6 +57,11 @@ pub struct LocalCaller {
     /// Only resolved when some rule needs it.
     pub process: Option<ProcessInfo>,
     pub exe_sha256: Option<String>,
+    /// The network namespace (inode number) the socket was found in, when it is not the
+    /// daemon's own: the peer's address is then the caller's own, not the host's.
+    pub netns: Option<u64>,
+    /// The container whose cgroup the socket was made in (with `[containers]` only).
+    pub container: Option<Container>,
 }
 
 /// The identity of the peer of one connection.
@@ -108,6 +116,8 @@ impl std::ops::Deref for ConnectionInfo {
 /// Resolves connections to callers; holds the caches that keep that cheap.
 pub struct Resolver {
     cgroups: CgroupIndex,
+    /// With `[containers]`: the host's other network namespaces, and containers recognised.
+    containers: Option<Arc<Namespaces>>,
 }
 
 impl Default for Resolver {
@@ -120,7 +130,21 @@ impl Resolver {
     pub fn new() -> Self {
         Self {
             cgroups: CgroupIndex::new(),
+            containers: None,
         }
+    }
+
+    /// A resolver that also finds callers in the host's other network namespaces and
+    /// recognises containers by their cgroup (`[containers]`).
+    pub fn with_containers(namespaces: Arc<Namespaces>) -> Self {
+        Self {
+            cgroups: CgroupIndex::new(),
+            containers: Some(namespaces),
+        }
+    }
+
+    pub fn namespaces(&self) -> Option<&Arc<Namespaces>> {
+        self.containers.as_ref()
     }
 
     /// Resolves the owner of the connection `peer -> local` that the daemon accepted.
@@ -129,7 +153,7 @@ impl Resolver {
     pub fn resolve(&self, peer: SocketAddr, local: SocketAddr, needs: Needs) -> Caller {
         match socket_owner(peer, local) {
             Ok(owner) => self
-                .describe_within(peer, owner, needs, Budget::Unlimited)
+                .describe_within(peer, (owner, None), needs, Budget::Unlimited)
                 .expect("an unlimited budget is never exhausted"),
             Err(caller) => *caller,
         }
@@ -150,8 +174,16 @@ impl Resolver {
         needs: Needs,
     ) -> Option<Caller> {
         let owner = match socket_owner(peer, local) {
-            Ok(owner) => owner,
-            Err(caller) => return Some(*caller),
+            Ok(owner) => (owner, None),
+            Err(caller) => match (&*caller, &self.containers) {
+                (Caller::Remote { .. }, Some(namespaces)) => {
+                    match foreign_owner(namespaces, peer, local).await {
+                        Ok((owner, netns)) => (owner, Some(netns)),
+                        Err(caller) => return Some(*caller),
+                    }
+                }
+                _ => return Some(*caller),
+            },
         };
         let quick = self.describe_within(peer, owner, needs, Budget::Reads(INLINE_BUDGET));
         if quick.is_some() {
@@ -172,7 +204,7 @@ impl Resolver {
     fn describe_within(
         &self,
         peer: SocketAddr,
-        owner: SocketOwner,
+        (owner, netns): (SocketOwner, Option<u64>),
         needs: Needs,
         mut budget: Budget,
     ) -> Option<Caller> {
@@ -183,9 +215,13 @@ impl Resolver {
             Some(id) if bounded => Some(self.cgroups.cached(id)?),
             Some(id) => self.cgroups.lookup(id),
         };
-        let (cgroup, units) = match cgroup {
-            Some(info) => (Some(info.path.clone()), info.units.clone()),
-            None => (None, Units::default()),
+        let (cgroup, units, container) = match cgroup {
+            Some(info) => (
+                Some(info.path.clone()),
+                info.units.clone(),
+                info.container.clone(),
+            ),
+            None => (None, Units::default(), None),
         };
         let mut caller = LocalCaller {
             peer,
@@ -195,6 +231,15 @@ impl Resolver {
             user_unit: units.user,
             process: None,
             exe_sha256: None,
+            netns,
+            // Without `[containers]` a container is a set of processes like any other, as
+            // before: rules keep matching them as they did.
+            container: container
+                .filter(|_| self.containers.is_some())
+                .map(|reference| Container {
+                    reference,
+                    meta: container::Meta::NotAsked,
+                }),
         };
         if needs.process || needs.exe_hash {
             let dir = match (self.cgroups.root(), &caller.cgroup) {
@@ -264,6 +309,29 @@ fn socket_owner(peer: SocketAddr, local: SocketAddr) -> Result<SocketOwner, Box<
     }
 }
 
+/// The client end of `peer -> local` in another network namespace of this host, or the caller
+/// that not finding it there makes.
+async fn foreign_owner(
+    namespaces: &Arc<Namespaces>,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Result<(SocketOwner, u64), Box<Caller>> {
+    let reason = match namespaces.find(peer, local).await {
+        Ok(Found::Connected { owner, netns }) => return Ok((owner, netns)),
+        Ok(Found::Elsewhere) => return Err(Box::new(Caller::Remote { peer })),
+        Ok(Found::Closed) => CLOSED.to_owned(),
+        Ok(Found::Missing) => format!(
+            "no socket with the connection's addresses in the network namespace that holds {}",
+            peer.ip().to_canonical()
+        ),
+        Ok(Found::Ambiguous(n)) => {
+            format!("the connection's addresses are live in {n} network namespaces")
+        }
+        Err(e) => format!("socket lookup in other network namespaces failed: {e}"),
+    };
+    Err(Box::new(Caller::unresolved(peer, &reason)))
+}
+
 /// How much `/proc` reading a lookup may do on an async worker before it is handed to the
 /// blocking pool instead (see [`Budget`]): about 1.5 µs per read, measured, so a worker is
 /// never held for more than about 100 µs. Enough for a cgroup of a few small processes.
@@ -327,6 +395,8 @@ impl Caller {
             user_unit: None,
             process: None,
             exe_sha256: None,
+            netns: None,
+            container: None,
         })
     }
 
@@ -391,6 +461,21 @@ impl Caller {
             .map(|(uid, unit)| (*uid, unit.as_str()))
     }
 
+    /// The caller's container, when `[containers]` is on and its cgroup is one.
+    pub fn container(&self) -> Option<&Container> {
+        self.local().and_then(|l| l.container.as_ref())
+    }
+
+    /// Whether the peer's address is the caller's own: another host, or a socket found in
+    /// another network namespace of this one (not an address of the host's).
+    pub fn address_is_its_own(&self) -> bool {
+        match self {
+            Caller::Remote { .. } => true,
+            Caller::Local(l) => l.netns.is_some(),
+            Caller::Unresolved { .. } => false,
+        }
+    }
+
     pub fn peer(&self) -> SocketAddr {
         match self {
             Caller::Local(l) => l.peer,
@@ -423,6 +508,9 @@ impl fmt::Display for Caller {
         match self {
             Caller::Local(l) => {
                 write!(f, "uid {}", l.uid)?;
+                if let Some(c) = &l.container {
+                    write!(f, " in {}", c.reference)?;
+                }
                 if let Some(p) = &l.process {
                     write!(f, " pid {} exe {}", p.pid, p.exe.display())?;
                 }

@@ -63,9 +63,20 @@ const LIVE_STATES: [u8; 3] = [TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2];
 /// Finds the socket whose local address is `peer` and whose remote address is `local`, i.e. the
 /// client end of a connection we accepted, in this network namespace.
 pub fn lookup_peer(peer: SocketAddr, local: SocketAddr) -> io::Result<Lookup> {
+    lookup_peer_on(&open()?, peer, local)
+}
+
+/// A `sock_diag` socket of the calling thread's network namespace: it answers for that namespace
+/// for as long as it is open, whichever thread uses it later.
+pub fn open() -> io::Result<Socket> {
+    Socket::new(NETLINK_SOCK_DIAG)
+}
+
+/// [`lookup_peer`] through `socket`, in the namespace it was opened in. One request at a time
+/// per socket: the caller serialises use of a shared one.
+pub fn lookup_peer_on(socket: &Socket, peer: SocketAddr, local: SocketAddr) -> io::Result<Lookup> {
     let (peer, local) = (canonical(peer), canonical(local));
     let request = build_request(peer, local)?;
-    let socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.send_to(&request, &NlAddr::new(0, 0), 0)?;
     // Replies to sock_diag requests are produced synchronously inside sendmsg, so a blocking
     // receive returns at once.

@@ -19,6 +19,7 @@ use super::{ConnectionInfo, Matched, TOKEN_HEADER, caller_of};
 use crate::admit::{self, OwnHosts};
 use crate::audit::{self, DenyReason};
 use crate::config::{Config, ImdsV1};
+use crate::policy::Verdict;
 use crate::rate_limit::CallerLimiter;
 use crate::state::AppState;
 use crate::token::TokenError;
@@ -75,10 +76,21 @@ where
         // Rules are matched only for an admitted request: a refused one costs no evaluation.
         let (outcome, app) = match admit(&self.guards, &config, &request) {
             Ok(conn) => {
-                let app = crate::policy::find_app_index(&config.apps, conn);
+                let (app, undecided) = match crate::policy::decide(&config.apps, conn) {
+                    Verdict::App(i) => (Some(i), None),
+                    Verdict::NoMatch => (None, None),
+                    Verdict::Undecided { app, reason } => (
+                        None,
+                        Some(Arc::from(format!(
+                            "rule app[{app}] {:?} needs the container runtime: {reason}",
+                            config.apps[app].name
+                        ))),
+                    ),
+                };
                 request.extensions_mut().insert(Matched {
                     config: config.clone(),
                     app,
+                    undecided,
                 });
                 let route = self.route.call(request);
                 (Outcome::Admitted { route }, app)

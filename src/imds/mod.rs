@@ -37,6 +37,8 @@ pub const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 pub(crate) struct Matched {
     pub config: Arc<crate::config::Config>,
     pub app: Option<usize>,
+    /// Why no app could be decided, when the container runtime did not answer.
+    pub undecided: Option<Arc<str>>,
 }
 
 impl Matched {
@@ -119,6 +121,14 @@ async fn whoami(request: Request) -> Result<Response, ImdsError> {
         "cgroup": caller.cgroup(),
         "unit": caller.unit(),
         "user_unit": caller.user_unit().map(|(_, unit)| unit),
+        "netns": caller.local().and_then(|l| l.netns),
+        "container": caller.container().map(|c| serde_json::json!({
+            "engine": c.reference.engine.as_str(),
+            "id": &*c.reference.id,
+            "name": c.known().map(|m| m.name.as_str()),
+            "image": c.known().map(|m| m.image.as_str()),
+        })),
+        "undecided": matched.undecided.as_deref(),
         "reason": match &**caller {
             Caller::Unresolved { reason, .. } => Some(reason.as_str()),
             _ => None,
@@ -208,11 +218,16 @@ async fn tree(State(state): State<AppState>, request: Request) -> Result<Respons
     let Some(node) = node else {
         if tree == Tree::MetaData && segments.first() == Some(&"iam") {
             match app {
-                None => audit::credentials_denied(
-                    conn,
-                    DenyReason::unmatched(conn),
-                    "no rule matches this caller",
-                ),
+                None => match &matched.undecided {
+                    Some(reason) => {
+                        audit::credentials_denied(conn, DenyReason::ContainerRuntime, reason)
+                    }
+                    None => audit::credentials_denied(
+                        conn,
+                        DenyReason::unmatched(conn),
+                        "no rule matches this caller",
+                    ),
+                },
                 Some(app) => audit::credentials_denied(
                     conn,
                     DenyReason::RoleMismatch,
