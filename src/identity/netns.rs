@@ -99,6 +99,15 @@ impl Namespaces {
         self.len() == 0
     }
 
+    /// Whether namespace `ino` is indexed.
+    pub fn contains(&self, ino: u64) -> bool {
+        self.index
+            .read()
+            .expect("netns index lock")
+            .spaces
+            .contains_key(&ino)
+    }
+
     /// The client end of `peer -> local` in another namespace. Refreshes the index first when
     /// the current one has no answer, sharing a refresh with concurrent callers.
     pub async fn find(self: &Arc<Self>, peer: SocketAddr, local: SocketAddr) -> io::Result<Found> {

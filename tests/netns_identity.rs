@@ -1,0 +1,192 @@
+//! Callers in another network namespace of this host, with real namespaces: a veth pair between
+//! the test's own namespace and one it creates, a client connecting from inside. The caller is
+//! found by its exact 4-tuple in the namespace that holds its address, and nowhere else; a
+//! closed client, a tuple no socket has, and a namespace that is gone are never an identity.
+//! Needs root (`ip netns`, `setns`), like the daemon with `[containers]`.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+use std::sync::Arc;
+
+use imds_broker::identity::netns::{Found, Namespaces};
+use imds_broker::identity::{Caller, Needs, Resolver};
+
+/// A namespace `ip netns add` made, joined to this one by a veth pair; deleted on drop.
+struct TestNetns {
+    name: String,
+    host_ip: String,
+    ns_ip: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TestNetns {
+    fn new(tag: u8) -> Self {
+        let name = format!("imdsb-rs-{}-{tag}", std::process::id());
+        let subnet = format!("10.231.{tag}");
+        let (host_if, ns_if) = (
+            format!("ib{tag}h{}", std::process::id() % 10000),
+            format!("ib{tag}n"),
+        );
+        ip(&["netns", "add", &name]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
+        ip(&["link", "set", &ns_if, "netns", &name]);
+        ip(&["addr", "add", &format!("{subnet}.1/24"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{subnet}.2/24"),
+            "dev",
+            &ns_if,
+        ]);
+        ip(&["-n", &name, "link", "set", &ns_if, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Self {
+            name,
+            host_ip: format!("{subnet}.1"),
+            ns_ip: format!("{subnet}.2"),
+        }
+    }
+
+    fn ino(&self) -> u64 {
+        fs::metadata(format!("/run/netns/{}", self.name))
+            .unwrap()
+            .ino()
+    }
+
+    /// A client socket made inside the namespace, connected to `target`.
+    fn connect(&self, target: SocketAddr) -> TcpStream {
+        let file = fs::File::open(format!("/run/netns/{}", self.name)).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                TcpStream::connect(target).unwrap()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the veth pair, and with it the host's.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_caller_in_another_namespace_is_found_there_and_only_there() {
+    let netns = TestNetns::new(1);
+    let listener = TcpListener::bind(format!("{}:0", netns.host_ip)).unwrap();
+    let local = listener.local_addr().unwrap();
+    let client = netns.connect(local);
+    let (_server_side, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip().to_string(), netns.ns_ip);
+
+    let namespaces = Arc::new(Namespaces::new().unwrap());
+    // The first lookup finds the namespace by refreshing the index.
+    match namespaces.find(peer, local).await.unwrap() {
+        Found::Connected { owner, netns: ino } => {
+            assert_eq!(ino, netns.ino());
+            assert_eq!(owner.uid, nix::unistd::geteuid().as_raw());
+            let socket_ino = fs::metadata(format!("/proc/self/fd/{}", {
+                use std::os::fd::AsRawFd;
+                client.as_raw_fd()
+            }))
+            .unwrap()
+            .ino();
+            assert_eq!(
+                u64::from(owner.inode),
+                socket_ino,
+                "the client's own socket"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // The resolver with containers on makes it a local caller of that namespace; without, it
+    // stays a remote peer as before.
+    let with = Arc::new(Resolver::with_containers(namespaces.clone()));
+    match with
+        .resolve_async(peer, local, Needs::default())
+        .await
+        .unwrap()
+    {
+        Caller::Local(l) => {
+            assert_eq!(l.netns, Some(netns.ino()));
+            assert!(l.cgroup.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+    let without = Arc::new(Resolver::new());
+    assert_eq!(
+        without
+            .resolve_async(peer, local, Needs::default())
+            .await
+            .unwrap(),
+        Caller::Remote { peer }
+    );
+
+    // The namespace holds the address, but no socket has this tuple: never a guess.
+    let forged = SocketAddr::new(peer.ip(), peer.port().wrapping_add(1).max(1));
+    assert_eq!(
+        namespaces.find(forged, local).await.unwrap(),
+        Found::Missing
+    );
+    match with
+        .resolve_async(forged, local, Needs::default())
+        .await
+        .unwrap()
+    {
+        Caller::Unresolved { reason, uid, .. } => {
+            assert!(reason.contains("no socket"), "{reason}");
+            assert_eq!(uid, None);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A client that closed first has no process behind its socket.
+    drop(client);
+    let found = namespaces.lookup(peer, local).unwrap();
+    assert!(
+        matches!(found, Found::Closed | Found::Missing),
+        "a closed client is nobody: {found:?}"
+    );
+}
+
+#[tokio::test]
+async fn namespaces_nobody_refers_to_are_dropped() {
+    let netns = TestNetns::new(2);
+    let ino = netns.ino();
+    let namespaces = Arc::new(Namespaces::new().unwrap());
+    namespaces.refresh();
+    assert!(namespaces.contains(ino), "indexed while it exists");
+    // Only the index's own sockets keep it alive now; the next refresh lets it go.
+    drop(netns);
+    namespaces.refresh();
+    assert!(
+        !namespaces.contains(ino),
+        "dropped once nothing refers to it"
+    );
+}
