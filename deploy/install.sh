@@ -46,6 +46,10 @@ if [[ ! -e "$root/etc/imds-broker/config.toml" ]]; then
     install -m 0640 "$repo/deploy/config.example.toml" "$root/etc/imds-broker/config.toml"
 fi
 install -m 0644 "$repo/deploy/config.example.toml" "$root/usr/share/doc/imds-broker/config.example.toml"
+# Unit drop-ins for the optional features (each names what it is for, and how to install it).
+for dropin in container-endpoint.conf containers.conf; do
+    install -m 0644 "$repo/deploy/$dropin" "$root/usr/share/doc/imds-broker/$dropin"
+done
 
 if [[ -z "$root" ]]; then
     if ! id imds-broker >/dev/null 2>&1; then

@@ -70,14 +70,14 @@ def test_units_pass_systemd_analyze_verify(built, tmp_path):
         text = text.replace("/usr/bin/imds-broker", str(BROKER_BIN))
         text = text.replace("/usr/lib/imds-broker/imds-network.sh", str(SCRIPT))
         (tmp_path / unit.name).write_text(text)
-    # The container-endpoint drop-in, applied: its lines must be valid in the unit too.
+    # Each drop-in, applied: its lines must be valid in the unit too.
     broker = tmp_path / "imds-broker.service"
-    with_dropin = tmp_path / "imds-broker-with-container.service"
-    dropin = (REPO_ROOT / "deploy" / "container-endpoint.conf").read_text()
-    body = "".join(line + "\n" for line in dropin.splitlines() if not line.startswith(("#", "[Service]")))
     unit = broker.read_text()
-    assert unit.count("[Install]") == 1, f"{broker.name}: expected one [Install] section to insert the drop-in before"
-    with_dropin.write_text(unit.replace("[Install]", body + "\n[Install]"))
+    assert unit.count("[Install]") == 1, f"{broker.name}: expected one [Install] section to insert a drop-in before"
+    for name in ("container-endpoint", "containers"):
+        dropin = (REPO_ROOT / "deploy" / f"{name}.conf").read_text()
+        body = "".join(line + "\n" for line in dropin.splitlines() if not line.startswith(("#", "[Service]")))
+        (tmp_path / f"imds-broker-with-{name}.service").write_text(unit.replace("[Install]", body + "\n[Install]"))
     units = sorted(str(p) for p in tmp_path.glob("*.service"))
     result = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, describe(result)
