@@ -14,6 +14,7 @@ use crate::identity::cgroup::{self, Units};
 use crate::identity::container::{Container, Meta};
 use crate::identity::process::{self, ProcessInfo};
 use crate::identity::{Caller, LocalCaller};
+use crate::policy::Verdict;
 
 /// Who to explain.
 #[derive(Debug, Clone)]
@@ -102,7 +103,11 @@ pub fn caller_for(subject: &Subject, config: &Config) -> io::Result<Caller> {
 pub fn report(config: &Config, caller: &Caller) -> (String, bool) {
     let mut out = String::new();
     let _ = writeln!(out, "caller: {}", describe(caller));
-    let mut winner = None;
+    let verdict = crate::policy::decide(&config.apps, caller);
+    let decided_at = match &verdict {
+        Verdict::App(i) | Verdict::Undecided { app: i, .. } => Some(*i),
+        Verdict::NoMatch => None,
+    };
     for (i, app) in config.apps.iter().enumerate() {
         let Some(rule) = &app.matcher else {
             let _ = writeln!(
@@ -113,11 +118,14 @@ pub fn report(config: &Config, caller: &Caller) -> (String, bool) {
             continue;
         };
         let checks = rule.evaluate(caller);
-        let matched = rule.matches(caller);
-        let verdict = match (matched, winner.is_some()) {
-            (true, false) => "match",
-            (true, true) => "match (not reached: an earlier rule won)",
-            (false, _) => "no match",
+        let reached = decided_at.is_none_or(|at| i <= at);
+        let verdict = match (rule.matches(caller), rule.undecided(caller), reached) {
+            (true, _, true) => "match".to_owned(),
+            (true, _, false) => "match (not reached: an earlier rule decided)".to_owned(),
+            (false, Some(reason), true) => {
+                format!("undecided: the container runtime did not answer ({reason})")
+            }
+            (false, _, _) => "no match".to_owned(),
         };
         let _ = writeln!(
             out,
@@ -134,12 +142,10 @@ pub fn report(config: &Config, caller: &Caller) -> (String, bool) {
                 c.criterion, c.wanted, got
             );
         }
-        if matched && winner.is_none() {
-            winner = Some(app);
-        }
     }
-    match winner {
-        Some(app) => {
+    match &verdict {
+        Verdict::App(i) => {
+            let app = &config.apps[*i];
             let _ = writeln!(
                 out,
                 "result: app {:?} -> {}{}",
@@ -148,11 +154,18 @@ pub fn report(config: &Config, caller: &Caller) -> (String, bool) {
                 from(config, app)
             );
         }
-        None => {
+        Verdict::Undecided { app, reason } => {
+            let _ = writeln!(
+                out,
+                "result: refused: rule app[{app}] {:?} needs the container runtime, which did not answer: {reason}",
+                config.apps[*app].name
+            );
+        }
+        Verdict::NoMatch => {
             let _ = writeln!(out, "result: no rule matched");
         }
     }
-    (out, winner.is_some())
+    (out, matches!(verdict, Verdict::App(_)))
 }
 
 /// ` (from FILE)` for an app of a drop-in file; nothing for one of the main file.
@@ -182,6 +195,20 @@ fn describe(caller: &Caller) -> String {
             }
             if let Some((uid, u)) = &l.user_unit {
                 let _ = write!(s, " user_unit={u} (uid {uid}'s manager)");
+            }
+            if let Some(c) = &l.container {
+                let _ = write!(
+                    s,
+                    " container={} ({})",
+                    c.reference.id,
+                    c.reference.engine.as_str()
+                );
+                if let Some(m) = c.known() {
+                    let _ = write!(s, " name={} image={}", m.name, m.image);
+                    for (k, v) in &m.labels {
+                        let _ = write!(s, " label {k}={v}");
+                    }
+                }
             }
             s
         }

@@ -509,7 +509,7 @@ fn explain_shows_each_rule_and_the_result() {
         "{out}"
     );
     assert!(
-        out.contains("rule app[1] \"billing\": match (not reached: an earlier rule won)"),
+        out.contains("rule app[1] \"billing\": match (not reached: an earlier rule decided)"),
         "{out}"
     );
     assert!(out.contains("rule app[2] \"workers\": no match\n  systemd_unit: wanted worker-*.service, got (unknown for this caller): no"), "{out}");
