@@ -199,6 +199,20 @@ fn resolver(config: &crate::config::Config) -> Resolver {
     }
 }
 
+/// How often the namespace index is refreshed when no caller asks: the sockets it keeps hold
+/// their namespaces alive, so a stopped container's namespace is let go within this long.
+const NAMESPACE_SWEEP: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn sweep_namespaces(namespaces: Arc<Namespaces>, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        namespaces.refresh_since(std::time::Instant::now()).await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(NAMESPACE_SWEEP) => {}
+        }
+    }
+}
+
 /// What a refused connection gets before it is closed: it never reached HTTP routing.
 const REFUSED_CONNECTION: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nServer: EC2ws\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
@@ -224,6 +238,12 @@ pub fn start(
     let limits = Arc::new(ConnectionLimits::new(state.config().limits));
     let graceful = Arc::new(GracefulShutdown::new());
     let accepting = tasks.child();
+    if let Some(namespaces) = identify.resolver.namespaces() {
+        accepting.spawn(
+            "network namespace sweep",
+            sweep_namespaces(namespaces.clone(), accepting.token().clone()),
+        );
+    }
     for (listener, router) in endpoints {
         accepting.spawn(
             "accept loop",
