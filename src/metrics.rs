@@ -43,6 +43,10 @@ pub const AUDIT_FAILED_OPS: &[&str] = &["write", "fsync", "reopen"];
 /// IMDS and container-endpoint connections open now (under `limits.max_connections`).
 pub const OPEN_CONNECTIONS: &str = "imds_broker_open_connections";
 
+/// Container runtime API requests by `call` (inspect, find, events) and `outcome` (ok,
+/// not_found, unreachable, timeout, status, protocol).
+pub const RUNTIME_REQUESTS: &str = "imds_broker_runtime_requests_total";
+
 /// STS latency buckets, in seconds: from a fast regional endpoint to a timing-out one.
 const STS_LATENCY_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -97,6 +101,10 @@ fn describe() {
         "Failed audit file operations, by op (write, fsync, reopen)"
     );
     metrics::describe_gauge!(OPEN_CONNECTIONS, "IMDS and container connections open");
+    metrics::describe_counter!(
+        RUNTIME_REQUESTS,
+        "Container runtime API requests, by call and outcome"
+    );
     // Exported at zero before the first failure, so an alert on its increase sees the first one.
     for op in AUDIT_FAILED_OPS {
         metrics::counter!(AUDIT_WRITE_FAILURES, "op" => *op).increment(0);
