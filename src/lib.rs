@@ -15,7 +15,7 @@
 //! | tokens and limits | [`token`] (session and container tokens), [`rate_limit`] |
 //! | the audit trail | [`audit`] (events, sealed sink) |
 //! | which app | [`policy`] |
-//! | who is calling | [`identity`] (`sock_diag`, `cgroup`, `process`, `exe_digest`) |
+//! | who is calling | [`identity`] (`sock_diag`, `cgroup`, `process`, `exe_digest`), [`runtime`] (what the container runtime says) |
 //! | configuration | [`config`] |
 //! | helpers | [`arn`], [`glob`], [`secret`], [`time`], [`safe_dir`], [`iam`], [`metrics`], [`signal`], [`systemd`], [`shutdown`], [`http_client`] |
 //!
@@ -57,6 +57,7 @@ pub mod metrics;
 pub mod policy;
 pub mod rate_limit;
 pub mod reload;
+pub mod runtime;
 pub mod safe_dir;
 pub mod secret;
 pub mod server;

@@ -45,6 +45,9 @@ pub const OPEN_CONNECTIONS: &str = "imds_broker_open_connections";
 
 /// Other network namespaces of the host whose callers can be identified (`[containers]`).
 pub const NETWORK_NAMESPACES: &str = "imds_broker_network_namespaces";
+/// Container runtime API requests by `call` (inspect, find, events) and `outcome` (ok,
+/// not_found, unreachable, timeout, status, protocol).
+pub const RUNTIME_REQUESTS: &str = "imds_broker_runtime_requests_total";
 
 /// STS latency buckets, in seconds: from a fast regional endpoint to a timing-out one.
 const STS_LATENCY_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -103,6 +106,10 @@ fn describe() {
     metrics::describe_gauge!(
         NETWORK_NAMESPACES,
         "Other network namespaces of this host indexed for container callers"
+    );
+    metrics::describe_counter!(
+        RUNTIME_REQUESTS,
+        "Container runtime API requests, by call and outcome"
     );
     // Exported at zero before the first failure, so an alert on its increase sees the first one.
     for op in AUDIT_FAILED_OPS {

@@ -28,7 +28,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     ("configuration", &["config"]),
-    ("who is calling", &["identity"]),
+    ("who is calling", &["identity", "runtime"]),
     ("which app", &["policy"]),
     ("the audit trail", &["audit"]),
     ("tokens and limits", &["token", "rate_limit"]),
