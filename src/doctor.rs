@@ -50,6 +50,18 @@ pub struct Options {
     pub expect_role: Option<String>,
     /// The environment an SDK would run in (`AWS_*`, `HOME`).
     pub env: Vec<(String, String)>,
+    /// Checking from a container's network namespace: where its route to the endpoint goes
+    /// (the endpoint is never an address of the container's own namespace).
+    pub via: Option<Via>,
+}
+
+/// The next hop toward the endpoint from a container's network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Via {
+    /// The gateway, or the endpoint itself on a directly connected route; `None` if no route.
+    pub next_hop: Option<IpAddr>,
+    /// Whether the next hop is an address of the host, where the broker listens.
+    pub is_host: bool,
 }
 
 impl Options {
@@ -84,12 +96,58 @@ pub fn sdk_endpoint(env: &[(String, String)]) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{url:?}: expected http://IP[:port]"))
 }
 
+/// The next hop toward `dst` by the IPv4 routing table in `/proc/net/route` form (the longest
+/// matching prefix; its gateway, or `dst` itself on a directly connected route).
+pub fn next_hop_in(table: &str, dst: std::net::Ipv4Addr) -> Option<IpAddr> {
+    // The table's addresses are hex in the kernel's (little-endian) byte order.
+    let field = |s: &str| u32::from_str_radix(s, 16).ok().map(u32::from_le);
+    let dst = u32::from(dst);
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (net, gateway, mask) = (
+                field(cols.get(1)?)?,
+                field(cols.get(2)?)?,
+                field(cols.get(7)?)?,
+            );
+            (dst & mask == net & mask).then_some((mask.count_ones(), gateway))
+        })
+        .max_by_key(|(prefix, _)| *prefix)
+        .map(|(_, gateway)| {
+            let hop = if gateway == 0 { dst } else { gateway };
+            IpAddr::V4(std::net::Ipv4Addr::from(hop))
+        })
+}
+
 /// Every step, in order; checking stops at the first failure of the connection itself.
 pub async fn diagnose(options: &Options, local_addresses: &[IpAddr]) -> Vec<Step> {
     let mut steps = Vec::new();
     let endpoint = options.endpoint;
     let ip = endpoint.ip().to_canonical();
-    if ip.is_loopback() || local_addresses.iter().any(|a| a.to_canonical() == ip) {
+    if let Some(via) = &options.via {
+        match via {
+            Via {
+                next_hop: Some(hop),
+                is_host: true,
+            } => steps.push(ok(
+                "route",
+                format!("{ip} is reached through {hop}, an address of the host"),
+            )),
+            Via { next_hop, .. } => {
+                let towards = next_hop.map_or("no route at all".to_owned(), |h| {
+                    format!("{h}, which is not an address of the host")
+                });
+                steps.push(fail(
+                    "route",
+                    format!("from the container, {ip} goes to {towards}"),
+                    "give the container a route to the host (a bridge network's default route does), or run it with --network host",
+                ));
+                return steps;
+            }
+        }
+    } else if ip.is_loopback() || local_addresses.iter().any(|a| a.to_canonical() == ip) {
         steps.push(ok("route", format!("{ip} is an address of this host")));
     } else {
         steps.push(fail(
@@ -388,11 +446,38 @@ mod tests {
             endpoint: "169.254.169.254:80".parse().unwrap(),
             expect_role: None,
             env: Vec::new(),
+            via: None,
         };
         // No local address is 169.254.169.254 here: the check stops before any connection.
         let steps = diagnose(&options, &["10.1.2.3".parse().unwrap()]).await;
         assert_eq!(steps.len(), 1);
         assert_eq!((steps[0].name, steps[0].outcome), ("route", Outcome::Fail));
+        // From a container whose route leads elsewhere: the same.
+        let from_container = Options {
+            via: Some(Via {
+                next_hop: Some("10.99.0.1".parse().unwrap()),
+                is_host: false,
+            }),
+            ..options
+        };
+        let steps = diagnose(&from_container, &["169.254.169.254".parse().unwrap()]).await;
+        assert_eq!(steps.len(), 1);
+        assert_eq!((steps[0].name, steps[0].outcome), ("route", Outcome::Fail));
+        assert!(steps[0].detail.contains("10.99.0.1"), "{}", steps[0].detail);
+    }
+
+    #[test]
+    fn the_route_is_read_from_the_kernels_table() {
+        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                     eth0\t00000000\t0100580A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                     eth0\t0000580A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
+        let hop = |dst: &str| next_hop_in(table, dst.parse().unwrap());
+        assert_eq!(hop("169.254.169.254"), Some("10.88.0.1".parse().unwrap()));
+        assert_eq!(hop("10.88.3.4"), Some("10.88.3.4".parse().unwrap()));
+        assert_eq!(
+            next_hop_in("Iface\tDestination\n", "1.2.3.4".parse().unwrap()),
+            None
+        );
     }
 
     #[test]
@@ -413,6 +498,7 @@ mod tests {
                 ("AWS_PROFILE", "dev"),
                 ("HOME", home.path().to_str().unwrap()),
             ]),
+            via: None,
         };
         let steps = sdk_environment(&options);
         let details: Vec<&str> = steps.iter().map(|s| s.detail.as_str()).collect();

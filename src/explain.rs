@@ -3,15 +3,17 @@
 //! app's session policy alone allows an action on a resource, and which statement decided.
 
 use std::fmt::Write;
+use std::fs;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use crate::config::{App, Config};
 use crate::iam::document::Effect;
 use crate::iam::evaluate::{self, Applies, Decision};
 use crate::identity::cgroup::{self, Units};
-use crate::identity::container::{Container, Meta};
+use crate::identity::container::{Container, ContainerMeta, Meta};
 use crate::identity::process::{self, ProcessInfo};
 use crate::identity::{Caller, LocalCaller};
 use crate::policy::Verdict;
@@ -30,6 +32,8 @@ pub enum Subject {
     },
     /// A caller from another host or network namespace.
     Source(IpAddr),
+    /// A container's process (its main one), with what the runtime says about the container.
+    Container { pid: u32, meta: ContainerMeta },
 }
 
 /// Builds the caller the daemon would see for `subject`.
@@ -38,6 +42,37 @@ pub fn caller_for(subject: &Subject, config: &Config) -> io::Result<Caller> {
     let loopback = IpAddr::from([127, 0, 0, 1]);
     Ok(match subject {
         Subject::Source(ip) => Caller::Remote { peer: peer(*ip) },
+        Subject::Container { pid, meta } => {
+            let mut caller = caller_for(&Subject::Pid(*pid), config)?;
+            if let Caller::Local(local) = &mut caller {
+                // In a namespace of its own, it connects from its own address.
+                let own = fs::metadata("/proc/self/ns/net")?.ino();
+                let its = fs::metadata(format!("/proc/{pid}/ns/net"))?.ino();
+                if its != own {
+                    local.netns = Some(its);
+                    if let Some(ip) = namespace_address(*pid) {
+                        local.peer = SocketAddr::new(ip, 0);
+                    }
+                }
+            }
+            if let Caller::Local(local) = &mut caller
+                && let Some(container) = &mut local.container
+            {
+                container.meta = if *container.reference.id == meta.id {
+                    Meta::Known(std::sync::Arc::new(meta.clone()))
+                } else {
+                    // The process left the container, or the runtime and the cgroup disagree.
+                    Meta::Unavailable(
+                        format!(
+                            "the process's cgroup names container {}, the runtime {}",
+                            container.reference.id, meta.id
+                        )
+                        .into(),
+                    )
+                };
+            }
+            caller
+        }
         Subject::Pid(pid) => {
             let info = process::describe(*pid)?;
             let cgroup = cgroup::path_of_pid(*pid);
@@ -97,6 +132,24 @@ pub fn caller_for(subject: &Subject, config: &Config) -> io::Result<Caller> {
             })
         }
     })
+}
+
+/// The first address other than loopback in `pid`'s network namespace, from the kernel's
+/// table of local addresses there (`/proc/<pid>/net/fib_trie`: `|-- ADDR` then `/32 host LOCAL`).
+fn namespace_address(pid: u32) -> Option<IpAddr> {
+    let trie = fs::read_to_string(format!("/proc/{pid}/net/fib_trie")).ok()?;
+    let mut last = None;
+    for line in trie.lines() {
+        let line = line.trim_start();
+        if let Some(addr) = line.strip_prefix("|-- ") {
+            last = addr.trim().parse::<IpAddr>().ok();
+        } else if line.starts_with("/32 host LOCAL")
+            && let Some(ip) = last.filter(|ip| !ip.is_loopback())
+        {
+            return Some(ip);
+        }
+    }
+    None
 }
 
 /// The report `explain` prints, and whether a rule matched.

@@ -24,10 +24,12 @@ use tower::ServiceExt;
 
 use crate::audit;
 use crate::config::Limits;
+use crate::identity::container::Meta;
 use crate::identity::exe_digest::ExeDigests;
 use crate::identity::netns::Namespaces;
 use crate::identity::{self, Caller, ConnectionInfo, Resolver};
 use crate::policy;
+use crate::runtime::Runtime;
 use crate::shutdown::Tasks;
 use crate::state::AppState;
 
@@ -160,6 +162,8 @@ impl Drop for CallerSlot {
 struct Identify {
     resolver: Arc<Resolver>,
     digests: Arc<ExeDigests>,
+    /// The container runtime's API, with `[containers]`.
+    runtime: Option<Arc<Runtime>>,
 }
 
 impl Identify {
@@ -176,6 +180,11 @@ impl Identify {
             .resolver
             .resolve_async(peer, local, crate::policy::needs(&config.apps))
             .await?;
+        let caller = if policy::wants_container_meta(&config.apps, &caller) {
+            with_container_meta(caller, self.runtime.as_deref()).await
+        } else {
+            caller
+        };
         Some(if policy::wants_exe_hash(&config.apps, &caller) {
             identity::with_exe_digest(caller, &self.digests).await
         } else {
@@ -197,6 +206,32 @@ fn resolver(config: &crate::config::Config) -> Resolver {
             Resolver::new()
         }
     }
+}
+
+/// `caller` with what the container runtime says about its container. A runtime that cannot
+/// answer leaves the reason instead: rules that need the answer then refuse the caller.
+async fn with_container_meta(mut caller: Caller, runtime: Option<&Runtime>) -> Caller {
+    let Some(container) = (match &mut caller {
+        Caller::Local(local) => local.container.as_mut(),
+        _ => None,
+    }) else {
+        return caller;
+    };
+    let id = container.reference.id.clone();
+    container.meta = match runtime {
+        None => Meta::Unavailable("no container runtime is configured".into()),
+        Some(runtime) => match runtime.inspect(&id).await {
+            Ok(meta) if *meta.id == *id => Meta::Known(meta),
+            Ok(meta) => Meta::Unavailable(
+                format!("the runtime answered for {} when asked about {id}", meta.id).into(),
+            ),
+            Err(e) => {
+                tracing::warn!(container = %id, error = %e, "container runtime did not describe a caller's container; rules that need it refuse the caller");
+                Meta::Unavailable(e.to_string().into())
+            }
+        },
+    };
+    caller
 }
 
 /// How often the namespace index is refreshed when no caller asks: the sockets it keeps hold
@@ -231,13 +266,26 @@ pub fn start(
     endpoints: Vec<(TcpListener, axum::Router)>,
     tasks: &Tasks,
 ) -> Serving {
+    let config = state.config();
     let identify = Arc::new(Identify {
-        resolver: Arc::new(resolver(&state.config())),
-        digests: Arc::new(ExeDigests::from_limits(&state.config().limits)),
+        resolver: Arc::new(resolver(&config)),
+        digests: Arc::new(ExeDigests::from_limits(&config.limits)),
+        runtime: config
+            .containers
+            .as_ref()
+            .map(|c| Arc::new(Runtime::new(c.runtime_sockets.clone()))),
     });
     let limits = Arc::new(ConnectionLimits::new(state.config().limits));
     let graceful = Arc::new(GracefulShutdown::new());
     let accepting = tasks.child();
+    if let Some(runtime) = &identify.runtime {
+        accepting.spawn(
+            "container runtime events",
+            runtime
+                .clone()
+                .watch_events(accepting.token().clone().cancelled_owned()),
+        );
+    }
     if let Some(namespaces) = identify.resolver.namespaces() {
         accepting.spawn(
             "network namespace sweep",

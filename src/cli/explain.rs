@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use super::{EXIT_CONFIG, load_config};
 use crate::explain::{self, PolicyOutcome, Subject};
+use crate::runtime::Runtime;
 
 pub(super) fn rule(path: PathBuf, subject: Subject) -> ExitCode {
     let config = match load_config(&path) {
@@ -16,6 +17,52 @@ pub(super) fn rule(path: PathBuf, subject: Subject) -> ExitCode {
         Ok(caller) => caller,
         Err(e) => {
             eprintln!("cannot read {subject:?}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let (report, matched) = explain::report(&config, &caller);
+    out!("{report}");
+    if matched {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `explain --container`: the container's main process as the daemon would see a socket of
+/// it, with what the runtime says about the container.
+pub(super) async fn container(path: PathBuf, name_or_id: &str) -> ExitCode {
+    let config = match load_config(&path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let Some(containers) = &config.containers else {
+        eprintln!(
+            "{}: no [containers] section: callers in containers are processes like any other (try --pid)",
+            path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let runtime = Runtime::new(containers.runtime_sockets.clone());
+    let inspected = match runtime.find(name_or_id).await {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("container {name_or_id:?}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(pid) = inspected.pid.filter(|_| inspected.running) else {
+        eprintln!("container {name_or_id:?} is not running: it has no process to explain");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let subject = Subject::Container {
+        pid,
+        meta: inspected.meta,
+    };
+    let caller = match explain::caller_for(&subject, &config) {
+        Ok(caller) => caller,
+        Err(e) => {
+            eprintln!("cannot read container {name_or_id:?} (pid {pid}): {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };

@@ -107,6 +107,13 @@ enum Command {
         /// The role (by name) the caller should get.
         #[arg(long)]
         expect_role: Option<String>,
+        /// As root: check from this running container's seat (its cgroup, network namespace,
+        /// user and AWS_* environment), by name or id.
+        #[arg(long, conflicts_with = "uid")]
+        container: Option<String>,
+        /// Where --container finds the runtime's socket (`[containers] runtime_socket`).
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
     },
     /// Container-endpoint token tools.
     Token {
@@ -153,7 +160,7 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
         /// An app (by name) whose session policy to evaluate.
-        #[arg(long, conflicts_with_all = ["pid", "uid", "source"], requires_all = ["action", "resource"])]
+        #[arg(long, conflicts_with_all = ["pid", "uid", "source", "container"], requires_all = ["action", "resource"])]
         app: Option<String>,
         /// The action to evaluate, e.g. s3:GetObject.
         #[arg(long, requires = "app")]
@@ -162,8 +169,12 @@ enum Command {
         #[arg(long, requires = "app")]
         resource: Option<String>,
         /// A running process.
-        #[arg(long, conflicts_with_all = ["uid", "source"])]
+        #[arg(long, conflicts_with_all = ["uid", "source", "container"])]
         pid: Option<u32>,
+        /// A running container, by name or id, as the runtime of `[containers]` describes it
+        /// (its main process, its cgroup, its name, image and labels).
+        #[arg(long, conflicts_with_all = ["uid", "source"])]
+        container: Option<String>,
         /// A local caller with this uid (optionally with --gid, --exe, --cgroup).
         #[arg(long, conflicts_with = "source")]
         uid: Option<u32>,
@@ -246,7 +257,18 @@ pub async fn main() -> ExitCode {
             endpoint,
             uid,
             expect_role,
-        } => doctor::doctor(endpoint, uid, expect_role).await,
+            container,
+            config,
+        } => {
+            doctor::doctor(doctor::Args {
+                endpoint,
+                uid,
+                expect_role,
+                container,
+                config,
+            })
+            .await
+        }
         Command::Status { config } => status::status(config).await,
         Command::Token {
             command: TokenCommand::Rotate { app, config },
@@ -296,6 +318,11 @@ pub async fn main() -> ExitCode {
             resource: Some(resource),
             ..
         } => explain::policy(config, &app, &action, &resource),
+        Command::Explain {
+            config,
+            container: Some(container),
+            ..
+        } => explain::container(config, &container).await,
         Command::Explain {
             config,
             pid,

@@ -22,9 +22,6 @@ pub use events::{RETRY_FIRST, RETRY_MAX};
 
 use crate::identity::container::ContainerMeta;
 
-/// Where dockerd and a root `podman system service` listen by default, in the order tried.
-pub const DEFAULT_SOCKETS: &[&str] = &["/run/docker.sock", "/run/podman/podman.sock"];
-
 /// The runtime client and its cache; share it as `Arc<Runtime>`.
 pub struct Runtime {
     inner: Arc<Inner>,
