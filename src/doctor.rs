@@ -99,8 +99,12 @@ pub fn sdk_endpoint(env: &[(String, String)]) -> Result<SocketAddr, String> {
 /// The next hop toward `dst` by the IPv4 routing table in `/proc/net/route` form (the longest
 /// matching prefix; its gateway, or `dst` itself on a directly connected route).
 pub fn next_hop_in(table: &str, dst: std::net::Ipv4Addr) -> Option<IpAddr> {
-    // The table's addresses are hex in the kernel's (little-endian) byte order.
-    let field = |s: &str| u32::from_str_radix(s, 16).ok().map(u32::from_le);
+    // The kernel prints each address's network-order bytes as one native-endian number.
+    let field = |s: &str| {
+        u32::from_str_radix(s, 16)
+            .ok()
+            .map(|v| u32::from_be_bytes(v.to_ne_bytes()))
+    };
     let dst = u32::from(dst);
     table
         .lines()

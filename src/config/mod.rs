@@ -11,6 +11,7 @@
 //! - `session_policy`: `policy`, `policy_file`, `policy_arns`, and the texts `lint` reads.
 //! - `container`: `[container]` and `[app.container]`.
 //! - `containers`: `[containers]`.
+//! - `source`: `[source]`.
 //! - `include`: the drop-in files of `[server] include` (`apps.d/*.toml`), more `[[app]]`s.
 //! - `admin_listen`, `assume_role`: the types [`AdminListen`] and [`AssumeRoleInput`].
 
@@ -26,6 +27,7 @@ mod matcher;
 mod raw;
 mod server;
 mod session_policy;
+mod source;
 mod sts;
 mod validate;
 
@@ -51,6 +53,7 @@ pub use server::{
     ServerConfig,
 };
 pub use session_policy::{MAX_POLICY_ARNS, PolicyText, policy_texts};
+pub use source::{AccessKeyConfig, ROLE_CHAINING_MAX, RolesAnywhereConfig, SourceConfig};
 pub use sts::{
     CredentialPolicy, DEFAULT_IDLE_AFTER, DEFAULT_MIN_REMAINING, DEFAULT_REFRESH_WINDOW,
     DEFAULT_SESSION, DEFAULT_STS_BURST, DEFAULT_STS_CALLS_PER_SECOND, MAX_SESSION,
@@ -74,6 +77,8 @@ pub struct Config {
     pub container: Option<ContainerConfig>,
     /// Callers in containers identified, when `[containers]` is present.
     pub containers: Option<ContainersConfig>,
+    /// Where the daemon's own credentials come from (`[source]`).
+    pub source: SourceConfig,
     pub apps: Vec<App>,
     /// What the daemon will refuse when it gets there, though the file is valid (a token
     /// file's directory others control): `check` prints them.

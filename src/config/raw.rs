@@ -24,6 +24,8 @@ pub struct RawConfig {
     pub container: Option<Spanned<RawContainer>>,
     /// Callers in containers; absent means containers are processes like any other.
     pub containers: Option<super::containers::RawContainers>,
+    /// The daemon's own credentials; absent means the aws-config default chain.
+    pub source: Option<Spanned<super::source::RawSource>>,
     #[serde(default, rename = "app")]
     pub apps: Vec<Spanned<RawApp>>,
 }

@@ -60,6 +60,7 @@ impl Validator<'_> {
         let admin = self.admin(raw.admin, &server.state_dir);
         let audit = self.audit(raw.audit, &server.state_dir);
         let (sts, credentials) = self.sts(&raw.sts, raw.credentials);
+        let source = self.source(raw.source, &sts.region);
         let instance = self.instance(raw.instance, &sts.region);
         let limits = self.limits(raw.limits);
         self.check_servable(
@@ -94,6 +95,7 @@ impl Validator<'_> {
             limits,
             container,
             containers,
+            source,
             apps,
             warnings: std::mem::take(&mut self.warnings),
         }
