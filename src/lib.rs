@@ -12,10 +12,11 @@
 //! | surfaces | [`imds`], [`container`], [`admin`], [`exec`], [`explain`], [`doctor`] |
 //! | what every surface shares | [`state`], [`admit`], [`failure`], [`reload`] |
 //! | credentials | [`credentials`] (cache, refresh, STS) |
+//! | the daemon's own credentials | [`source`] (chain, Roles Anywhere, a rotated access key) |
 //! | tokens and limits | [`token`] (session and container tokens), [`rate_limit`] |
 //! | the audit trail | [`audit`] (events, sealed sink) |
 //! | which app | [`policy`] |
-//! | who is calling | [`identity`] (`sock_diag`, `cgroup`, `process`, `exe_digest`), [`runtime`] (what the container runtime says) |
+//! | who is calling | [`identity`] (`sock_diag`, `cgroup`, `process`, `exe_digest`, `netns`, `container`), [`runtime`] (what the container runtime says) |
 //! | configuration | [`config`] |
 //! | helpers | [`arn`], [`glob`], [`secret`], [`time`], [`safe_dir`], [`iam`], [`metrics`], [`signal`], [`systemd`], [`shutdown`], [`http_client`] |
 //!
@@ -62,6 +63,7 @@ pub mod safe_dir;
 pub mod secret;
 pub mod server;
 pub mod shutdown;
+pub mod source;
 pub mod signal;
 pub mod state;
 pub mod systemd;

@@ -32,6 +32,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("which app", &["policy"]),
     ("the audit trail", &["audit"]),
     ("tokens and limits", &["token", "rate_limit"]),
+    ("the daemon's own credentials", &["source"]),
     ("credentials", &["credentials"]),
     (
         "what every surface shares",
