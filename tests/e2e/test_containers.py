@@ -28,6 +28,7 @@ import json
 import os
 import re
 import secrets
+import subprocess
 import time
 
 import pytest
@@ -46,7 +47,7 @@ from containers import (
     serve_container_broker,
     time_exceeded_sent,
 )
-from harness import CLIENT_UIDS, CLIENTS, ROLE_LISTING_PATH, describe
+from harness import BROKER_BIN, CLIENT_TIMEOUT_S, CLIENT_UIDS, CLIENTS, ROLE_LISTING_PATH, describe, netns_enter
 
 PODMAN_PROBLEM = podman_missing_reason()
 # Skipped only on a developer's machine without podman; in CI its absence is a failure.
@@ -376,6 +377,73 @@ def test_hop_limit_1_serves_the_bridge_but_not_a_container_one_router_further(ho
     # which said so to the broker.
     assert outcome.get("error") == "TimeoutError", outcome
     assert after > before, (before, after)
+
+
+# --------------------------------------------------------------------------- operator tools
+
+
+def operator_command(host: ContainerHost, broker, *args: str) -> subprocess.CompletedProcess[str]:
+    """`imds-broker ARGS --config BROKER_CONFIG`, as root in H (where the operator would run it)."""
+    return subprocess.run(
+        [*netns_enter(host.netns), str(BROKER_BIN), *args, "--config", str(broker.config)],
+        capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S,
+    )  # fmt: skip
+
+
+def test_explain_container_shows_the_identity_and_each_rules_verdict(host, broker, labelled):
+    billing = labelled[BILLING.name]
+    result = operator_command(host, broker, "explain", "--container", billing.name)
+
+    assert result.returncode == 0, describe(result)
+    out = result.stdout
+    assert f"container={billing.id} (podman)" in out, out
+    assert f"name={billing.name}" in out and f"label {LABEL}=billing" in out, out
+    assert f'result: app "billing"' in out, out
+    # The cgroup rule pins another uid; the host rule of uid alone never matches a container.
+    assert 'rule app[0] "any-podman": no match' in out, out
+    assert re.search(r'rule app\[5\] "host-uid": (no match|match \(not reached)', out), out
+
+    stranger = host.run(labels={LABEL: "nobody"})
+    result = operator_command(host, broker, "explain", "--container", stranger.id[:12])
+    assert result.returncode == 1, describe(result)
+    assert "result: no rule matched" in result.stdout, result.stdout
+
+
+def test_doctor_container_checks_from_the_containers_seat(host, broker, labelled):
+    billing = labelled[BILLING.name]
+    result = operator_command(host, broker, "doctor", "--container", billing.name, "--expect-role", "billing")
+
+    assert result.returncode == 0, describe(result)
+    # Through the bridge gateway, an address of H; then the daemon's answer for this
+    # container's own seat (its cgroup): its label's role.
+    assert re.search(r"^ok   route: 169\.254\.169\.254 is reached through 10\.123\.0\.1, an address of the host$",
+                     result.stdout, re.M), result.stdout  # fmt: skip
+    assert re.search(r"^ok   role: .*billing", result.stdout, re.M), result.stdout
+
+    # The same container, expecting another role: the role step says so, exit 1.
+    result = operator_command(host, broker, "doctor", "--container", billing.name, "--expect-role", "reports")
+    assert result.returncode == 1, describe(result)
+    assert re.search(r"^FAIL role: ", result.stdout, re.M), result.stdout
+
+    # A container nobody's rule matches.
+    stranger = host.run(labels={LABEL: "nobody"})
+    result = operator_command(host, broker, "doctor", "--container", stranger.name)
+    assert result.returncode == 1, describe(result)
+    assert re.search(r"^FAIL role: no app's rule matches", result.stdout, re.M), result.stdout
+
+
+def test_doctor_container_finds_a_route_that_does_not_lead_to_the_host(host, broker):
+    with routed_client_namespace(host) as routed:
+        far = host.run(labels={LABEL: "billing"}, network=f"ns:/run/netns/{routed.client}")
+        try:
+            result = operator_command(host, broker, "doctor", "--container", far.name)
+        finally:
+            far.remove()
+    assert result.returncode == 1, describe(result)
+    assert re.search(r"^FAIL route: from the container, 169\.254\.169\.254 goes to .*not an address of the host",
+                     result.stdout, re.M), result.stdout  # fmt: skip
+    # Stopped before any connection.
+    assert "token" not in result.stdout, result.stdout
 
 
 # --------------------------------------------------------------------------- audit
