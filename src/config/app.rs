@@ -6,6 +6,7 @@ use toml::Spanned;
 
 use super::raw::RawApp;
 use super::session_policy::policy_field;
+use super::source::ROLE_CHAINING_MAX;
 use super::{
     AppContainer, AssumeRoleInput, ContainerConfig, CredentialPolicy, Matcher, StsConfig, Validator,
 };
@@ -55,6 +56,9 @@ pub(super) struct AppDefaults<'a> {
     pub(super) container: Option<&'a ContainerConfig>,
     /// `[containers]` is present: the `container_*` match keys can mean something.
     pub(super) containers: bool,
+    /// The daemon's own credentials are a role session (`[source] kind = "roles_anywhere"`):
+    /// the apps' AssumeRole is role chaining.
+    pub(super) chained: bool,
 }
 
 impl Validator<'_> {
@@ -71,6 +75,7 @@ impl Validator<'_> {
             hostname,
             container: endpoint,
             containers,
+            chained,
         } = defaults;
         let raw = raw.into_inner();
         let field = |f: &str| format!("app[{index}].{f}");
@@ -104,11 +109,28 @@ impl Validator<'_> {
                 None
             }
         };
-        let duration = self.duration(
+        let mut duration = self.duration(
             raw.duration.as_ref(),
             &field("duration"),
             sts.default_duration,
         );
+        if chained && duration > ROLE_CHAINING_MAX {
+            // STS refuses DurationSeconds over an hour when the caller's own credentials are a
+            // role session; asking for more would fail every time.
+            let span = raw
+                .duration
+                .as_ref()
+                .map_or_else(|| raw.name.span(), |d| d.span());
+            self.warn(
+                span,
+                &field("duration"),
+                format!(
+                    "{}s is over STS's 1h limit for role chaining ([source] kind = \"roles_anywhere\"): the daemon asks for 3600s",
+                    duration.as_secs()
+                ),
+            );
+            duration = ROLE_CHAINING_MAX;
+        }
         self.check_servable(raw.duration.as_ref(), &field("duration"), duration, policy);
         let session_name = match raw.session_name {
             Some(s) => {
@@ -136,6 +158,18 @@ impl Validator<'_> {
             }
         };
         let source_identity = match raw.source_identity {
+            // A Roles Anywhere session already carries a SourceIdentity (the certificate's
+            // CN), and STS refuses an AssumeRole that would change it: the app is named in the
+            // session name and the `imds-broker:app` tag instead.
+            None if chained => None,
+            Some(s) if chained && !s.get_ref().is_empty() => {
+                self.push(
+                    s.span(),
+                    &field("source_identity"),
+                    "cannot be set with [source] kind = \"roles_anywhere\": the Roles Anywhere session already has a SourceIdentity (the certificate's CN) and STS refuses to change it; the app is in the session name and the imds-broker:app tag",
+                );
+                None
+            }
             None => Some(name.clone()),
             Some(s) if s.get_ref().is_empty() => None,
             Some(s) => {

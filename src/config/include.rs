@@ -96,6 +96,7 @@ impl Config {
                             hostname: &self.instance.hostname,
                             container: self.container.as_ref(),
                             containers: self.containers.is_some(),
+                            chained: self.source.is_role_session(),
                         };
                         if let Some(app) = v.app(i, raw_app, defaults, &self.apps) {
                             self.apps.push(app);

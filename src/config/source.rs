@@ -418,6 +418,53 @@ mod tests {
         assert_eq!(parse("").unwrap().source, SourceConfig::Chain);
     }
 
+    /// Role chaining: STS caps the session at 1 h and refuses to change the SourceIdentity
+    /// that the Roles Anywhere session set.
+    #[test]
+    fn with_roles_anywhere_apps_chain_within_what_sts_allows() {
+        let app = |extra: &str| {
+            format!(
+                "[[app]]\nname = \"billing\"\nrole_arn = \"arn:aws:iam::123456789012:role/billing\"\nmatch = {{ uid = 1001 }}\n{extra}"
+            )
+        };
+        let config = parse(&format!(
+            "{}{}",
+            roles_anywhere(""),
+            app("duration = \"4h\"")
+        ))
+        .unwrap();
+        let input = config.apps[0].assume_role_input();
+        assert_eq!(input.duration, ROLE_CHAINING_MAX);
+        assert_eq!(input.source_identity, None);
+        assert!(
+            config
+                .warnings
+                .iter()
+                .any(|w| w.to_string().contains("1h limit for role chaining")),
+            "{:?}",
+            config.warnings
+        );
+        let err = parse(&format!(
+            "{}{}",
+            roles_anywhere(""),
+            app("source_identity = \"billing\"")
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("source_identity") && err.contains("SourceIdentity"),
+            "{err}"
+        );
+        // The default chain keeps the app's own SourceIdentity and duration.
+        let text = format!(
+            "[sts]\nregion = \"us-east-1\"\n{}",
+            app("duration = \"4h\"")
+        );
+        let chain = Config::parse(&text, std::path::Path::new("s.toml")).unwrap();
+        let input = chain.apps[0].assume_role_input();
+        assert_eq!(input.source_identity.as_deref(), Some("billing"));
+        assert_eq!(input.duration.as_secs(), 4 * 3600);
+    }
+
     #[test]
     fn each_bad_setting_is_named_with_its_line() {
         for (source, field, words) in [

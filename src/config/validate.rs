@@ -78,6 +78,7 @@ impl Validator<'_> {
                 hostname: &instance.hostname,
                 container: container.as_ref(),
                 containers: containers.is_some(),
+                chained: source.is_role_session(),
             };
             if let Some(app) = self.app(i, raw_app, defaults, &apps) {
                 apps.push(app);
