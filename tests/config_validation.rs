@@ -583,3 +583,40 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn check_says_when_container_rules_have_no_runtime_to_ask() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let text = |socket: &str| {
+        format!(
+            "[sts]\nregion = \"us-east-1\"\n[containers]\nruntime_socket = \"{socket}\"\n\
+             [[app]]\nname = \"billing\"\nrole_arn = \"arn:aws:iam::123456789012:role/billing\"\n\
+             match = {{ container_label = {{ \"com.example.app\" = \"billing\" }} }}\n"
+        )
+    };
+    let write = |body: String| {
+        std::fs::write(&path, body).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+    };
+    write(text("/nonexistent/docker.sock"));
+    let (code, stdout, _) = run(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains(
+            "warning: containers: no runtime socket exists here (/nonexistent/docker.sock)"
+        ),
+        "{stdout}"
+    );
+    // A socket that exists: no warning.
+    let socket = dir.path().join("runtime.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    write(text(socket.to_str().unwrap()));
+    let (_, stdout, _) = run(&["check", "--config", path.to_str().unwrap()]);
+    assert!(!stdout.contains("no runtime socket"), "{stdout}");
+    assert!(
+        stdout.contains("containers: callers in other network namespaces identified"),
+        "{stdout}"
+    );
+}

@@ -56,6 +56,31 @@ pub(super) fn check(path: PathBuf) -> ExitCode {
                     );
                 }
             }
+            if let Some(c) = &config.containers {
+                let sockets: Vec<String> = c
+                    .runtime_sockets
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                outln!(
+                    "containers: callers in other network namespaces identified; runtime API at {}",
+                    sockets.join(" or ")
+                );
+                let asks_runtime = config.apps.iter().any(|a| {
+                    a.matcher
+                        .as_ref()
+                        .is_some_and(policy::Matcher::needs_runtime)
+                });
+                if asks_runtime && !c.runtime_sockets.iter().any(|p| p.exists()) {
+                    outln!(
+                        "warning: containers: no runtime socket exists here ({}): callers in containers that a container_label, container_image or container_name rule decides are refused",
+                        sockets.join(", ")
+                    );
+                }
+            }
+            if !matches!(config.source, crate::config::SourceConfig::Chain) {
+                outln!("source: {}", config.source.kind());
+            }
             if let Some(c) = &config.container {
                 let listen: Vec<String> = c.listen.iter().map(|a| a.to_string()).collect();
                 outln!(
