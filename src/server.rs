@@ -26,7 +26,7 @@ use crate::audit;
 use crate::config::Limits;
 use crate::identity::container::Meta;
 use crate::identity::exe_digest::ExeDigests;
-use crate::identity::netns::Namespaces;
+use crate::identity::netns::{Namespaces, Refresh};
 use crate::identity::{self, Caller, ConnectionInfo, Resolver};
 use crate::policy;
 use crate::runtime::Runtime;
@@ -240,7 +240,9 @@ const NAMESPACE_SWEEP: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn sweep_namespaces(namespaces: Arc<Namespaces>, stop: tokio_util::sync::CancellationToken) {
     loop {
-        namespaces.refresh_since(std::time::Instant::now()).await;
+        namespaces
+            .refresh_since_with(std::time::Instant::now(), Refresh::Full)
+            .await;
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(NAMESPACE_SWEEP) => {}

@@ -190,3 +190,57 @@ async fn namespaces_nobody_refers_to_are_dropped() {
         "dropped once nothing refers to it"
     );
 }
+
+/// A runtime makes the namespace before it gives it an address; a caller-driven refresh
+/// re-reads such a namespace, and only the periodic full one re-reads the others (an address
+/// added later is then refused until the sweep, never misattributed).
+#[tokio::test]
+async fn a_namespace_indexed_before_its_address_is_read_again() {
+    use imds_broker::identity::netns::Refresh;
+    let name = format!("imdsb-rs-{}-late", std::process::id());
+    ip(&["netns", "add", &name]);
+    let _cleanup = TestNetnsName(name.clone());
+    ip(&["-n", &name, "link", "set", "lo", "up"]);
+    let namespaces = Namespaces::new().unwrap();
+    namespaces.refresh_with(Refresh::New);
+    let local: SocketAddr = "10.231.4.1:80".parse().unwrap();
+    let probe = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 40_000);
+    assert_eq!(
+        namespaces.lookup(probe("10.231.4.2"), local).unwrap(),
+        Found::Elsewhere
+    );
+
+    let host_if = format!("ib4h{}", std::process::id() % 10000);
+    ip(&[
+        "link", "add", &host_if, "type", "veth", "peer", "name", "ib4n",
+    ]);
+    ip(&["link", "set", "ib4n", "netns", &name]);
+    ip(&["-n", &name, "addr", "add", "10.231.4.2/24", "dev", "ib4n"]);
+    namespaces.refresh_with(Refresh::New);
+    assert_eq!(
+        namespaces.lookup(probe("10.231.4.2"), local).unwrap(),
+        Found::Missing,
+        "held now, and no socket has the tuple"
+    );
+
+    ip(&["-n", &name, "addr", "add", "10.231.4.9/24", "dev", "ib4n"]);
+    namespaces.refresh_with(Refresh::New);
+    assert_eq!(
+        namespaces.lookup(probe("10.231.4.9"), local).unwrap(),
+        Found::Elsewhere
+    );
+    namespaces.refresh_with(Refresh::Full);
+    assert_eq!(
+        namespaces.lookup(probe("10.231.4.9"), local).unwrap(),
+        Found::Missing
+    );
+}
+
+/// Deletes the named namespace on drop.
+struct TestNetnsName(String);
+
+impl Drop for TestNetnsName {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}

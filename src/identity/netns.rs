@@ -68,8 +68,23 @@ pub struct Namespaces {
 #[derive(Default)]
 struct Index {
     spaces: HashMap<u64, Arc<Space>>,
+    /// Each namespace's addresses as last read.
+    addresses: HashMap<u64, Vec<IpAddr>>,
     /// Address → the namespaces holding it (usually one).
     holders: HashMap<IpAddr, Vec<u64>>,
+}
+
+/// How much a refresh re-reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refresh {
+    /// The addresses of every namespace (the periodic sweep).
+    Full,
+    /// The addresses of new namespaces and of those that had none but loopback when last read
+    /// (a runtime makes the namespace before it gives it an address): what a caller whose
+    /// address is unknown needs, at a cost that does not grow with the containers already
+    /// running. An address added later to an indexed namespace waits for the sweep; until
+    /// then a connection from it is not found there and is refused, never misattributed.
+    New,
 }
 
 /// One namespace, through sockets opened inside it.
@@ -160,6 +175,11 @@ impl Namespaces {
     /// Makes sure a refresh has started since `since` and finished: joins one that is running,
     /// or starts one once [`MIN_REFRESH_INTERVAL`] has passed since the last.
     pub async fn refresh_since(self: &Arc<Self>, since: Instant) {
+        self.refresh_since_with(since, Refresh::New).await;
+    }
+
+    /// [`Namespaces::refresh_since`], re-reading as much as `scope` says.
+    pub async fn refresh_since_with(self: &Arc<Self>, since: Instant, scope: Refresh) {
         let mut last = self.refreshing.lock().await;
         if last.is_some_and(|started| started >= since) {
             return;
@@ -170,7 +190,7 @@ impl Namespaces {
         }
         let started = Instant::now();
         let this = Arc::clone(self);
-        if let Err(e) = tokio::task::spawn_blocking(move || this.refresh()).await {
+        if let Err(e) = tokio::task::spawn_blocking(move || this.refresh_with(scope)).await {
             tracing::error!(error = %e, "network namespace refresh panicked");
         }
         *last = Some(started);
@@ -178,17 +198,28 @@ impl Namespaces {
 
     /// Re-reads which namespaces exist and what addresses each holds. Blocking.
     pub fn refresh(&self) {
+        self.refresh_with(Refresh::Full);
+    }
+
+    /// Re-reads which namespaces exist, and the addresses `scope` says. Blocking.
+    pub fn refresh_with(&self, scope: Refresh) {
         let seen = discover(self.host);
-        let known: HashMap<u64, Arc<Space>> = {
+        let (mut spaces, mut addresses) = {
             let index = self.index.read().expect("netns index lock");
-            index
+            let spaces: HashMap<u64, Arc<Space>> = index
                 .spaces
                 .iter()
                 .filter(|(ino, _)| seen.contains_key(ino))
                 .map(|(ino, space)| (*ino, space.clone()))
-                .collect()
+                .collect();
+            let addresses: HashMap<u64, Vec<IpAddr>> = index
+                .addresses
+                .iter()
+                .filter(|(ino, _)| spaces.contains_key(ino))
+                .map(|(ino, list)| (*ino, list.clone()))
+                .collect();
+            (spaces, addresses)
         };
-        let mut spaces = known;
         for (ino, path) in &seen {
             if spaces.contains_key(ino) {
                 continue;
@@ -200,21 +231,38 @@ impl Namespaces {
                 Err(e) => note_open_failure(path, &e),
             }
         }
-        let mut holders: HashMap<IpAddr, Vec<u64>> = HashMap::new();
         for space in spaces.values() {
+            let stale = match scope {
+                Refresh::Full => true,
+                Refresh::New => addresses
+                    .get(&space.ino)
+                    .is_none_or(|list| list.iter().all(IpAddr::is_loopback)),
+            };
+            if !stale {
+                continue;
+            }
             match space.addresses() {
-                Ok(addresses) => {
-                    for address in addresses {
-                        holders.entry(address).or_default().push(space.ino);
-                    }
+                Ok(list) => {
+                    addresses.insert(space.ino, list);
                 }
                 Err(e) => {
-                    tracing::warn!(netns = space.ino, error = %e, "cannot list the addresses of a network namespace")
+                    addresses.remove(&space.ino);
+                    tracing::warn!(netns = space.ino, error = %e, "cannot list the addresses of a network namespace");
                 }
             }
         }
+        let mut holders: HashMap<IpAddr, Vec<u64>> = HashMap::new();
+        for (ino, list) in &addresses {
+            for address in list {
+                holders.entry(*address).or_default().push(*ino);
+            }
+        }
         metrics::gauge!(crate::metrics::NETWORK_NAMESPACES).set(spaces.len() as f64);
-        *self.index.write().expect("netns index lock") = Index { spaces, holders };
+        *self.index.write().expect("netns index lock") = Index {
+            spaces,
+            addresses,
+            holders,
+        };
     }
 }
 

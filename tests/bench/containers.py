@@ -64,7 +64,12 @@ print(json.dumps(out))
 """
 
 
-def config(host: ContainerHost, state_dir: Path) -> str:
+def config(host: ContainerHost, state_dir: Path, rule: str) -> str:
+    match = (
+        f'{{ container_label = {{ "{LABEL}" = "billing" }} }}'
+        if rule == "label"
+        else '{ cgroup = "/libpod_parent/libpod-*" }'
+    )
     return f"""\
 [server]
 listen = ["{IMDS_ADDRESS}:80"]
@@ -84,7 +89,7 @@ runtime_socket = "{host.runtime.socket}"
 [[app]]
 name = "billing"
 role_arn = "arn:aws:iam::111122223333:role/billing"
-match = {{ container_label = {{ "{LABEL}" = "billing" }} }}
+match = {match}
 """
 
 
@@ -121,12 +126,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--broker", type=Path, default=BROKER_BIN)
     parser.add_argument("--others", type=int, default=200)
+    parser.add_argument(
+        "--rule",
+        choices=("label", "cgroup"),
+        default="label",
+        help="label: the runtime is asked about each container; cgroup: it never is",
+    )
     args = parser.parse_args()
     report = []
     with ExitStack() as stack:
         host = stack.enter_context(container_host(CLIENT_UIDS))
         workdir = Path(stack.enter_context(__import__("tempfile").TemporaryDirectory()))
-        path = write_config(workdir / "imds-broker.toml", config(host, workdir / "state"))
+        path = write_config(workdir / "imds-broker.toml", config(host, workdir / "state", args.rule))
         assert_imds_is_local(host.netns)
         stack.enter_context(
             serve_broker(workdir, path, launcher=["nsenter", f"--net=/run/netns/{host.netns}", "--"], binary=args.broker)
