@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::checkpoint::{self, Checkpoint};
 use crate::config::AdminListen;
 use crate::http_client;
+use crate::source::SourceStatus;
 use crate::state::AppState;
 use crate::time::imds_time;
 
@@ -143,6 +144,17 @@ async fn render_metrics(State(admin): State<Admin>) -> Response {
                 .set(left.as_secs_f64());
         }
     }
+    if let Some(not_after) = admin
+        .state
+        .own_source()
+        .and_then(|s| s.certificate_not_after())
+    {
+        let left = match not_after.duration_since(now) {
+            Ok(left) => left.as_secs_f64(),
+            Err(past) => -past.duration().as_secs_f64(),
+        };
+        metrics::gauge!(crate::metrics::SOURCE_CERTIFICATE_EXPIRY).set(left);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         admin.metrics.render(),
@@ -169,6 +181,13 @@ async fn readyz(State(admin): State<Admin>) -> Response {
         })
         .map(|app| app.name.as_str())
         .collect();
+    if let Some(reason) = admin.state.own_source().and_then(|s| s.expired(now)) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        )
+            .into_response();
+    }
     if cold.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
@@ -253,6 +272,9 @@ pub struct StatusReport {
     pub apps: Vec<AppStatus>,
     /// The audit checkpoint (last seq and hash, sealing epoch); `None` before the first write.
     pub audit: Option<Checkpoint>,
+    /// The daemon's own credential source (`[source]`).
+    #[serde(default)]
+    pub source: Option<Box<SourceStatus>>,
 }
 
 /// `/status` as a daemon of this version (an object) or an older one (the rows alone) answers.
@@ -267,7 +289,11 @@ impl From<StatusBody> for StatusReport {
     fn from(body: StatusBody) -> Self {
         match body {
             StatusBody::Report(report) => report,
-            StatusBody::Rows(apps) => StatusReport { apps, audit: None },
+            StatusBody::Rows(apps) => StatusReport {
+                apps,
+                audit: None,
+                source: None,
+            },
         }
     }
 }
@@ -309,6 +335,7 @@ async fn status(State(admin): State<Admin>) -> Response {
     axum::Json(StatusReport {
         apps: rows,
         audit: checkpoint::latest(),
+        source: admin.state.own_source().map(|s| Box::new(s.status(now))),
     })
     .into_response()
 }
@@ -342,6 +369,33 @@ pub fn status_table(report: &StatusReport) -> String {
                 r.app
             ));
         }
+    }
+    if let Some(source) = &report.source {
+        out.push_str(&format!("source: {}", source.kind));
+        if let Some(c) = &source.certificate {
+            let days = c.expires_in_secs.div_euclid(86_400);
+            out.push_str(&format!(
+                ", certificate serial {} ({}), not after {} ({})",
+                c.serial,
+                c.subject_cn.as_deref().unwrap_or("no CN"),
+                c.not_after,
+                if c.expires_in_secs <= 0 {
+                    "EXPIRED".to_owned()
+                } else {
+                    format!("{days} days left")
+                }
+            ));
+        }
+        if let Some(key) = &source.access_key_id {
+            out.push_str(&format!(", key {key}"));
+        }
+        if let Some(r) = &source.last_rotation {
+            out.push_str(&format!(
+                ", last rotated {} ({} -> {})",
+                r.at, r.old_key_id, r.new_key_id
+            ));
+        }
+        out.push('\n');
     }
     if let Some(c) = &report.audit {
         out.push_str(&format!("audit: last seq {} hash {}", c.seq, c.hash));
@@ -379,6 +433,7 @@ mod tests {
                 epoch: Some(3),
                 key_id: Some("0123456789abcdef".into()),
             }),
+            source: None,
         };
         let json = serde_json::to_string(&report).unwrap();
         let back: StatusReport = serde_json::from_str::<StatusBody>(&json).unwrap().into();

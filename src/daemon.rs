@@ -35,6 +35,7 @@ use crate::safe_dir::{self, DirError, SafeDir};
 use crate::server::{self, BindError, SHUTDOWN_GRACE, Serving};
 use crate::shutdown::Tasks;
 use crate::signal::Hangups;
+use crate::source::Source;
 use crate::state::AppState;
 use crate::token::container::TokenStore;
 use crate::token::file as token_file;
@@ -150,6 +151,9 @@ pub struct Services {
     pub announce: bool,
     /// Ping systemd's watchdog at half this interval, from READY=1 on.
     pub watchdog: Option<Duration>,
+    /// The daemon's own credential source, loaded (its upkeep runs under the daemon's tree);
+    /// `None` in tests that give `source` directly.
+    pub own: Option<Arc<Source>>,
 }
 
 /// A started daemon: serving, until [`Daemon::run`]'s shutdown future completes.
@@ -198,6 +202,7 @@ pub async fn start(
         audit,
         announce,
         watchdog,
+        own,
     } = services;
     let token_key =
         TokenKey::load_or_create(&config.server.state_dir).map_err(StartError::TokenKey)?;
@@ -227,7 +232,12 @@ pub async fn start(
     audit::config_loaded(&path, config.apps.len(), 0);
 
     let tasks = Tasks::new();
+    let own_settings = (config.source.clone(), config.sts.clone());
     let state = AppState::under(config, token_key, source, clock, tasks.child());
+    if let Some(own) = own {
+        own.start(&own_settings.0, &own_settings.1, &tasks);
+        state.attach_source(own);
+    }
     // Prefetch apps and the background refresher, then reloads on SIGHUP.
     state.start_refresher();
     let mut endpoints: Vec<_> = {

@@ -43,6 +43,9 @@ pub const AUDIT_FAILED_OPS: &[&str] = &["write", "fsync", "reopen"];
 /// IMDS and container-endpoint connections open now (under `limits.max_connections`).
 pub const OPEN_CONNECTIONS: &str = "imds_broker_open_connections";
 
+/// Seconds until the Roles Anywhere certificate of `[source]` expires (negative after).
+pub const SOURCE_CERTIFICATE_EXPIRY: &str = "imds_broker_source_certificate_expiry_seconds";
+
 /// Other network namespaces of the host whose callers can be identified (`[containers]`).
 pub const NETWORK_NAMESPACES: &str = "imds_broker_network_namespaces";
 /// Container runtime API requests by `call` (inspect, find, events) and `outcome` (ok,
@@ -103,6 +106,11 @@ fn describe() {
         "Failed audit file operations, by op (write, fsync, reopen)"
     );
     metrics::describe_gauge!(OPEN_CONNECTIONS, "IMDS and container connections open");
+    metrics::describe_gauge!(
+        SOURCE_CERTIFICATE_EXPIRY,
+        metrics::Unit::Seconds,
+        "Seconds until the daemon's own Roles Anywhere certificate expires"
+    );
     metrics::describe_gauge!(
         NETWORK_NAMESPACES,
         "Other network namespaces of this host indexed for container callers"

@@ -37,6 +37,11 @@ pub fn spawn_reloader(
             }
             // The outcome is logged and audited; the daemon keeps running either way.
             let _ = reload(&task_state, &path).await;
+            // A renewed source certificate and key are read now too.
+            if let Some(own) = task_state.own_source() {
+                let own = own.clone();
+                let _ = tokio::task::spawn_blocking(move || own.reload()).await;
+            }
             crate::systemd::ready("configuration reloaded");
         }
     });
@@ -65,7 +70,7 @@ pub async fn reload(state: &AppState, path: &Path) -> Result<ReloadSummary, Conf
     audit::config_loaded(path, summary.apps, summary.dropped);
     if summary.needs_restart {
         tracing::warn!(
-            "a setting that takes effect on restart changed (server.listen, hop_limit or state_dir, sts.region or endpoint_url, [limits], [admin], [audit] or container.listen); restart to apply it"
+            "a setting that takes effect on restart changed (server.listen, hop_limit or state_dir, sts.region or endpoint_url, [limits], [admin], [audit], [containers], [source] or container.listen); restart to apply it"
         );
     }
     Ok(summary)

@@ -17,6 +17,7 @@ use crate::credentials::{
 use crate::identity::Caller;
 use crate::metrics::Counters;
 use crate::shutdown::Tasks;
+use crate::source::Source;
 use crate::token::TokenKey;
 use crate::token::container::TokenStore;
 
@@ -34,6 +35,8 @@ struct Shared {
     started_at: SystemTime,
     /// The container endpoint's tokens, when it is on.
     container_tokens: OnceLock<Arc<TokenStore>>,
+    /// The daemon's own credential source, for status, metrics and readiness.
+    own_source: OnceLock<Arc<Source>>,
     /// Background work: the reloader and token rotation here, the cache's refresher and STS
     /// workers in a child node.
     tasks: Tasks,
@@ -86,6 +89,7 @@ impl AppState {
                 counters: Counters::default(),
                 clock,
                 container_tokens: OnceLock::new(),
+                own_source: OnceLock::new(),
                 tasks,
             }),
         }
@@ -141,6 +145,15 @@ impl AppState {
         let _ = self.inner.container_tokens.set(tokens);
     }
 
+    /// Hands the daemon's own credential source to the state (once, at start).
+    pub fn attach_source(&self, source: Arc<Source>) {
+        let _ = self.inner.own_source.set(source);
+    }
+
+    pub fn own_source(&self) -> Option<&Arc<Source>> {
+        self.inner.own_source.get()
+    }
+
     pub fn container_tokens(&self) -> Option<&Arc<TokenStore>> {
         self.inner.container_tokens.get()
     }
@@ -179,6 +192,7 @@ impl AppState {
             || old.admin != config.admin
             || old.audit != config.audit
             || old.containers != config.containers
+            || old.source != config.source
             || old.container.as_ref().map(|c| &c.listen)
                 != config.container.as_ref().map(|c| &c.listen);
         let cache = self.cache();

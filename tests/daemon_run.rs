@@ -72,6 +72,7 @@ async fn wire(
         audit: Some(audit),
         announce: false,
         watchdog,
+        own: None,
     };
     (config, listeners, services, reload)
 }

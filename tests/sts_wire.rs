@@ -27,45 +27,95 @@ async fn fake_sts(responses: Vec<(u16, String)>) -> (String, mpsc::UnboundedRece
     tokio::spawn(async move {
         for (status, body) in responses {
             let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = Vec::new();
-            let (head, rest) = loop {
-                let mut chunk = [0u8; 4096];
-                let n = s.read(&mut chunk).await.unwrap();
-                buf.extend_from_slice(&chunk[..n]);
-                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break (
-                        String::from_utf8_lossy(&buf[..i]).into_owned(),
-                        buf[i + 4..].to_vec(),
-                    );
-                }
-            };
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or(0);
-            let mut req_body = rest;
-            while req_body.len() < len {
-                let mut chunk = [0u8; 4096];
-                let n = s.read(&mut chunk).await.unwrap();
-                req_body.extend_from_slice(&chunk[..n]);
-            }
-            let _ = tx.send(Recorded {
-                head,
-                body: String::from_utf8(req_body).unwrap(),
-            });
-            let reason = if status == 200 { "OK" } else { "Error" };
-            let reply = format!(
-                "HTTP/1.1 {status} {reason}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            s.write_all(reply.as_bytes()).await.unwrap();
+            let request = read_request(&mut s).await;
+            let _ = tx.send(request);
+            reply(&mut s, status, &body).await;
         }
     });
     (url, rx)
+}
+
+/// One request off `s`: its head, then as much body as Content-Length says.
+async fn read_request(s: &mut tokio::net::TcpStream) -> Recorded {
+    let mut buf = Vec::new();
+    let (head, rest) = loop {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break (
+                String::from_utf8_lossy(&buf[..i]).into_owned(),
+                buf[i + 4..].to_vec(),
+            );
+        }
+    };
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut req_body = rest;
+    while req_body.len() < len {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        req_body.extend_from_slice(&chunk[..n]);
+    }
+    Recorded {
+        head,
+        body: String::from_utf8(req_body).unwrap(),
+    }
+}
+
+async fn reply(s: &mut tokio::net::TcpStream, status: u16, body: &str) {
+    let reason = if status == 200 { "OK" } else { "Error" };
+    let reply = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(reply.as_bytes()).await.unwrap();
+}
+
+/// An STS stand-in that enforces what real STS does for role chaining (moto does not): the
+/// caller's own credentials are a role session that already has a SourceIdentity, so an
+/// AssumeRole that sends another, or asks for more than an hour, is refused.
+async fn role_chaining_sts(requests: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        for _ in 0..requests {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let request = read_request(&mut s).await;
+            let form = form_decode(&request.body);
+            let duration: u64 = form
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("DurationSeconds="))
+                .map_or(3600, |v| v.parse().unwrap());
+            let (status, body) = if form.contains("SourceIdentity=") {
+                (
+                    400,
+                    error(
+                        "ValidationError",
+                        "The source identity of a role session cannot be changed",
+                    ),
+                )
+            } else if duration > 3600 {
+                (
+                    400,
+                    error(
+                        "ValidationError",
+                        "The requested DurationSeconds exceeds the 1 hour session limit for roles assumed by role chaining.",
+                    ),
+                )
+            } else {
+                (200, OK.to_owned())
+            };
+            reply(&mut s, status, &body).await;
+        }
+    });
+    url
 }
 
 fn source(url: &str) -> StsSource {
@@ -258,4 +308,33 @@ async fn sts_errors_are_classified_for_retry_decisions() {
         seen += 1;
     }
     assert_eq!(seen, 4);
+}
+
+/// With `[source] kind = "roles_anywhere"`, the AssumeRole the config makes for an app is one
+/// STS accepts as role chaining; the same app under the default chain would be refused there.
+#[tokio::test]
+async fn with_roles_anywhere_the_apps_assume_role_is_valid_role_chaining() {
+    let app = "[[app]]\nname = \"app-a\"\nrole_arn = \"arn:aws:iam::111122223333:role/app-a\"\nmatch = { uid = 1001 }\nduration = \"4h\"\n";
+    let section = "[source]\nkind = \"roles_anywhere\"\ncertificate = \"/c.pem\"\nprivate_key = \"/c.key\"\n\
+        trust_anchor_arn = \"arn:aws:rolesanywhere:us-east-1:111122223333:trust-anchor/a1\"\n\
+        profile_arn = \"arn:aws:rolesanywhere:us-east-1:111122223333:profile/p1\"\n\
+        role_arn = \"arn:aws:iam::111122223333:role/imds-broker-source\"\n";
+    let parse = |text: String| {
+        imds_broker::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap()
+    };
+    let chained = parse(format!("[sts]\nregion = \"us-east-1\"\n{section}{app}"));
+    let plain = parse(format!("[sts]\nregion = \"us-east-1\"\n{app}"));
+    let url = role_chaining_sts(2).await;
+    let sts = source(&url);
+    let served = sts
+        .assume_role(chained.apps[0].assume_role_input().clone())
+        .await;
+    assert!(served.is_ok(), "{served:?}");
+    let refused = sts
+        .assume_role(plain.apps[0].assume_role_input().clone())
+        .await;
+    assert!(
+        matches!(&refused, Err(StsError::Refused { code, .. }) if code == "ValidationError"),
+        "the stand-in enforces role chaining: {refused:?}"
+    );
 }

@@ -217,6 +217,58 @@ pub fn config_loaded(path: &std::path::Path, apps: usize, dropped_credentials: u
     );
 }
 
+/// The daemon's own key was rotated (`[source] kind = "access_key"`): key ids only.
+pub fn source_key_rotated(old_key_id: &str, new_key_id: &str) {
+    tracing::info!(
+        target: "audit",
+        event = "source.key_rotated",
+        old_key_id,
+        new_key_id,
+        "the daemon's own access key was rotated; the old one is deleted"
+    );
+}
+
+pub fn source_key_rotation_failed(error: &str) {
+    tracing::error!(
+        target: "audit",
+        event = "source.key_rotation_failed",
+        error,
+        "the daemon's own access key could not be rotated; the current one stays"
+    );
+}
+
+/// Keys of the daemon's IAM user that a crashed rotation left behind, deleted at start.
+pub fn source_key_leftovers(key_id: &str, deleted: &[String]) {
+    tracing::warn!(
+        target: "audit",
+        event = "source.key_leftovers_deleted",
+        key_id,
+        deleted = deleted.join(","),
+        "keys left by an interrupted rotation were deleted; the key in the file stays"
+    );
+}
+
+/// A renewed Roles Anywhere certificate is in use from the next session on.
+pub fn source_certificate_reloaded(serial: &str, subject_cn: Option<&str>, not_after: &str) {
+    tracing::info!(
+        target: "audit",
+        event = "source.certificate_reloaded",
+        serial,
+        subject_cn,
+        not_after,
+        "a new source certificate is in use from the next session on"
+    );
+}
+
+pub fn source_certificate_rejected(error: &str) {
+    tracing::error!(
+        target: "audit",
+        event = "source.certificate_rejected",
+        error,
+        "the new source certificate or key is not usable; the previous pair stays in use"
+    );
+}
+
 pub fn config_rejected(path: &std::path::Path, error: &str) {
     tracing::error!(
         target: "audit",

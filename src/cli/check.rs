@@ -79,7 +79,37 @@ pub(super) fn check(path: PathBuf) -> ExitCode {
                 }
             }
             if !matches!(config.source, crate::config::SourceConfig::Chain) {
-                outln!("source: {}", config.source.kind());
+                // The files themselves: readable, private, a key that matches its certificate.
+                match crate::source::Source::load(&config.source) {
+                    Ok(own) => {
+                        let status = own.status(std::time::SystemTime::now());
+                        let mut line = format!("source: {}", status.kind);
+                        if let Some(c) = &status.certificate {
+                            line.push_str(&format!(
+                                ", certificate serial {} ({}), not after {}",
+                                c.serial,
+                                c.subject_cn.as_deref().unwrap_or("no CN"),
+                                c.not_after
+                            ));
+                            if c.expires_in_secs <= 0 {
+                                line.push_str(" (EXPIRED)");
+                            }
+                        }
+                        if let Some(key) = &status.access_key_id {
+                            line.push_str(&format!(", key {key}"));
+                        }
+                        outln!("{line}");
+                        if config.source.is_role_session() {
+                            outln!(
+                                "  role chaining: apps' sessions last at most 1h, and carry no SourceIdentity of their own (the Roles Anywhere session's, the certificate's CN, stays); the app is in the session name and the imds-broker:app tag"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("{}: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
             }
             if let Some(c) = &config.container {
                 let listen: Vec<String> = c.listen.iter().map(|a| a.to_string()).collect();

@@ -17,6 +17,7 @@ use crate::audit::sink::{AuditLayer, AuditSink};
 use crate::config::Config;
 use crate::credentials::{self, ProcessSettings, StsSource, SystemClock};
 use crate::daemon::{self, Listeners, Services};
+use crate::source::Source;
 use crate::{signal, systemd};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,12 +62,25 @@ pub(super) async fn serve(path: PathBuf, log_format: Option<LogFormat>) -> ExitC
             return ExitCode::FAILURE;
         }
     };
-    let settings = ProcessSettings::load().await;
-    if let Err(e) = credentials::check_not_own_source(&settings, &config.server.listen) {
-        tracing::error!("{e}");
-        return ExitCode::from(EXIT_CONFIG);
+    let own = match Source::load(&config.source) {
+        Ok(own) => Arc::new(own),
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // Only the default chain could end up asking this daemon's own IMDS.
+    if own.is_chain() {
+        let settings = ProcessSettings::load().await;
+        if let Err(e) = credentials::check_not_own_source(&settings, &config.server.listen) {
+            tracing::error!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     }
-    let source = Arc::new(StsSource::new(&config.sts).await);
+    let source = Arc::new(match own.sdk_config(&config.sts).await {
+        Some(shared) => StsSource::from_shared(&shared, config.sts.endpoint_url.as_deref()),
+        None => StsSource::new(&config.sts).await,
+    });
     let listeners = match Listeners::bind(&config).await {
         Ok(listeners) => listeners,
         Err(e) => {
@@ -89,6 +103,7 @@ pub(super) async fn serve(path: PathBuf, log_format: Option<LogFormat>) -> ExitC
         audit: Some(audit),
         announce: true,
         watchdog: systemd::watchdog_interval(),
+        own: Some(own),
     };
     match daemon::run(config, listeners, shutdown, services).await {
         Ok(_) => ExitCode::SUCCESS,

@@ -340,6 +340,7 @@ impl TestDaemon {
             audit: Some(audit),
             announce: false,
             watchdog: None,
+            own: None,
         };
         let daemon = daemon::start(config, listeners, services).await.unwrap();
         let imds_count = daemon.state().config().server.listen.len();
