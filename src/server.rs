@@ -3,10 +3,12 @@
 //! Accept loops run in the shutdown tree; connections are watched by a graceful-shutdown
 //! counter, so the drain can give them a deadline.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -43,6 +45,111 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Descriptors kept back from connections, whatever the limit: the audit file, the listeners
+/// (IMDS, container endpoint, admin) and the admin's own connections, the netlink socket each
+/// caller lookup opens and the /proc handles it reads (one or two per connection being
+/// identified at once), the container runtime's sockets, the runtime's epoll and eventfds.
+/// Without them, a full house of connections would make every new caller's identification fail.
+pub const DESCRIPTOR_RESERVE_MIN: u64 = 64;
+/// The share of a large descriptor limit kept back instead, when it is more than the minimum:
+/// lookups run in parallel with the connections, so their need grows with the load.
+pub const DESCRIPTOR_RESERVE_PERCENT: u64 = 10;
+/// When descriptors or connection slots run short, connections that have sent no complete
+/// request for this long are all closed at once (a client sends its request head within
+/// milliseconds of connecting); if none is this old, the single oldest such connection is.
+pub const SHED_IDLE_AGE: Duration = Duration::from_secs(1);
+
+/// The descriptors kept back from connections under a limit of `nofile`.
+pub fn descriptor_reserve(nofile: u64) -> u64 {
+    DESCRIPTOR_RESERVE_MIN.max(nofile.saturating_mul(DESCRIPTOR_RESERVE_PERCENT) / 100)
+}
+
+/// `limits.max_connections` as configured and as it is enforced under the descriptor limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionCap {
+    pub configured: u32,
+    pub effective: u32,
+    /// The soft RLIMIT_NOFILE it was fitted to; `None`: unlimited.
+    pub nofile: Option<u64>,
+}
+
+impl ConnectionCap {
+    /// `configured`, or less if it does not fit `nofile` with [`descriptor_reserve`] kept back
+    /// (always at least one connection).
+    pub fn fit(configured: u32, nofile: Option<u64>) -> Self {
+        let effective = match nofile {
+            None => configured,
+            Some(nofile) => {
+                let fits = nofile.saturating_sub(descriptor_reserve(nofile)).max(1);
+                u32::try_from(fits).map_or(configured, |fits| configured.min(fits))
+            }
+        };
+        Self {
+            configured,
+            effective,
+            nofile,
+        }
+    }
+
+    /// [`ConnectionCap::fit`] to the process's soft descriptor limit now.
+    pub fn for_this_process(configured: u32) -> Self {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        Self::fit(configured, limit.current)
+    }
+
+    /// What to warn at start when the configured value was lowered.
+    pub fn warning(&self) -> Option<String> {
+        let nofile = self.nofile?;
+        (self.effective < self.configured).then(|| {
+            format!(
+                "limits.max_connections = {} does not fit the descriptor limit (RLIMIT_NOFILE {nofile}, {} kept for the daemon's own files and sockets): at most {} connections are kept open",
+                self.configured,
+                descriptor_reserve(nofile),
+                self.effective
+            )
+        })
+    }
+}
+
+/// The soft descriptor limit before and after [`raise_descriptor_limit`], and the hard one
+/// (`None`: unlimited).
+#[derive(Debug, Clone, Copy)]
+pub struct DescriptorLimit {
+    pub before: Option<u64>,
+    pub now: Option<u64>,
+    pub hard: Option<u64>,
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (to `fs.nr_open` if the hard limit is
+/// unlimited): systemd and most shells start services at 1024 soft, far below what the hard
+/// limit allows.
+pub fn raise_descriptor_limit() -> io::Result<DescriptorLimit> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let target = limit.maximum.or_else(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|n| n.trim().parse().ok())
+    });
+    let mut result = DescriptorLimit {
+        before: limit.current,
+        now: limit.current,
+        hard: limit.maximum,
+    };
+    if target.is_none() || target == limit.current {
+        return Ok(result);
+    }
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: target,
+            maximum: limit.maximum,
+        },
+    )?;
+    result.now = getrlimit(Resource::Nofile).current;
+    Ok(result)
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr}: {source}")]
@@ -81,13 +188,47 @@ fn set_hop_limit(listener: &TcpListener, addr: SocketAddr, hops: u32) -> io::Res
     }
 }
 
-/// Open connections, in total and per caller identity.
+/// Open connections, in total and per caller identity, and the registry that can shed them.
 struct ConnectionLimits {
     total: Arc<Semaphore>,
     per_caller: Mutex<HashMap<Arc<str>, u32>>,
     max_per_caller: u32,
     /// [`crate::metrics::OPEN_CONNECTIONS`], its handle kept (one atomic add per connection).
     open: Gauge,
+    /// Every open connection by accept order (oldest first), holding its place under the total
+    /// limit. Locked once when a connection opens and once when it ends, never per request.
+    registry: Mutex<BTreeMap<u64, Tracked>>,
+    next_id: AtomicU64,
+}
+
+/// A connection as the registry sees it.
+struct Tracked {
+    opened: Instant,
+    /// Set once a request head has been read: from then on the connection is not idle.
+    served: Arc<AtomicBool>,
+    /// Closes the connection (its task drops the socket).
+    cancel: CancellationToken,
+    /// Given back as soon as the connection is shed, before its task has closed the socket:
+    /// the descriptor reserve covers the moment in between.
+    _slot: OpenSlot,
+}
+
+/// An admitted connection's handle on its registry entry; the entry goes when it is dropped.
+struct Admitted {
+    limits: Arc<ConnectionLimits>,
+    id: u64,
+    served: Arc<AtomicBool>,
+    cancel: CancellationToken,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.limits
+            .registry
+            .lock()
+            .expect("connection registry lock")
+            .remove(&self.id);
+    }
 }
 
 /// A connection's place under the total limit, counted as open while it is held.
@@ -109,13 +250,81 @@ struct CallerSlot {
 }
 
 impl ConnectionLimits {
-    fn new(limits: Limits) -> Self {
+    /// `max_connections` is the fitted [`ConnectionCap::effective`], not the configured value.
+    fn new(limits: Limits, max_connections: u32) -> Self {
         Self {
-            total: Arc::new(Semaphore::new(limits.max_connections as usize)),
+            total: Arc::new(Semaphore::new(max_connections as usize)),
             per_caller: Mutex::new(HashMap::new()),
             max_per_caller: limits.max_connections_per_caller,
             open: metrics::gauge!(crate::metrics::OPEN_CONNECTIONS),
+            registry: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(0),
         }
+    }
+
+    /// A new connection's place: under the total limit if one is free, else after shedding
+    /// idle connections ([`ConnectionLimits::shed_idle`]); `None` if there is none to shed.
+    fn admit(self: &Arc<Self>, now: Instant) -> Option<Admitted> {
+        let slot = match self.open() {
+            Some(slot) => slot,
+            None => {
+                let shed = self.shed_idle(now);
+                if shed > 0 {
+                    tracing::warn!(
+                        shed,
+                        "connection limit reached: closed connections that had sent no request"
+                    );
+                }
+                self.open()?
+            }
+        };
+        let served = Arc::new(AtomicBool::new(false));
+        let cancel = CancellationToken::new();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.registry
+            .lock()
+            .expect("connection registry lock")
+            .insert(
+                id,
+                Tracked {
+                    opened: now,
+                    served: served.clone(),
+                    cancel: cancel.clone(),
+                    _slot: slot,
+                },
+            );
+        Some(Admitted {
+            limits: self.clone(),
+            id,
+            served,
+            cancel,
+        })
+    }
+
+    /// Closes the connections that have not sent a complete request head: all that are
+    /// [`SHED_IDLE_AGE`] old or older, or if there is none, the oldest. Their places under the
+    /// total limit are free when this returns. Returns how many were closed.
+    fn shed_idle(&self, now: Instant) -> usize {
+        let mut registry = self.registry.lock().expect("connection registry lock");
+        let idle: Vec<(u64, Instant)> = registry
+            .iter()
+            .filter(|(_, t)| !t.served.load(Ordering::Relaxed))
+            .map(|(&id, t)| (id, t.opened))
+            .collect();
+        let mut victims: Vec<u64> = idle
+            .iter()
+            .filter(|(_, opened)| now.saturating_duration_since(*opened) >= SHED_IDLE_AGE)
+            .map(|&(id, _)| id)
+            .collect();
+        if victims.is_empty() {
+            victims.extend(idle.first().map(|&(id, _)| id));
+        }
+        for id in &victims {
+            if let Some(tracked) = registry.remove(id) {
+                tracked.cancel.cancel();
+            }
+        }
+        victims.len()
     }
 
     /// A place under the total limit, if one is free.
@@ -277,7 +486,15 @@ pub fn start(
             .as_ref()
             .map(|c| Arc::new(Runtime::new(c.runtime_sockets.clone()))),
     });
-    let limits = Arc::new(ConnectionLimits::new(state.config().limits));
+    let cap = ConnectionCap::for_this_process(config.limits.max_connections);
+    if let Some(warning) = cap.warning() {
+        tracing::warn!(
+            configured = cap.configured,
+            effective = cap.effective,
+            "{warning}"
+        );
+    }
+    let limits = Arc::new(ConnectionLimits::new(config.limits, cap.effective));
     let graceful = Arc::new(GracefulShutdown::new());
     let accepting = tasks.child();
     if let Some(runtime) = &identify.runtime {
@@ -354,27 +571,49 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let Some(slot) = limits.open() else {
+                let Some(admitted) = limits.admit(Instant::now()) else {
                     tracing::warn!(%peer, "connection refused: total connection limit reached");
                     tokio::spawn(refuse(stream));
                     continue;
                 };
-                tokio::spawn(serve_connection(
+                let connection = serve_connection(
                     stream,
                     peer,
-                    (slot, limits.clone()),
+                    (admitted.served.clone(), limits.clone()),
                     state.clone(),
                     identify.clone(),
                     router.clone(),
                     graceful.watcher(),
-                ));
+                );
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = admitted.cancel.cancelled() => {
+                            tracing::debug!(%peer, "idle connection closed to make room");
+                        }
+                        () = connection => {}
+                    }
+                    drop(admitted);
+                });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
+                // Out of descriptors: idle connections give theirs back before the next try.
+                let shed = if out_of_descriptors(&e) {
+                    limits.shed_idle(Instant::now())
+                } else {
+                    0
+                };
+                tracing::warn!(error = %e, shed, "accept failed");
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
             }
         }
     }
+}
+
+/// EMFILE (this process) or ENFILE (the whole system).
+fn out_of_descriptors(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error()
+        .is_some_and(|code| matches!(Errno::from_raw(code), Errno::EMFILE | Errno::ENFILE))
 }
 
 /// The address the client dialled. Behind a DNAT redirect (the EC2 deployment sends
@@ -431,7 +670,7 @@ async fn refuse(mut stream: TcpStream) {
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    (_slot, limits): (OpenSlot, Arc<ConnectionLimits>),
+    (served, limits): (Arc<AtomicBool>, Arc<ConnectionLimits>),
     state: AppState,
     identify: Arc<Identify>,
     router: axum::Router,
@@ -458,6 +697,8 @@ async fn serve_connection(
         return;
     };
     let service = router.map_request(move |mut request: axum::http::Request<Incoming>| {
+        // A plain store to this connection's own flag: no lock, no contention.
+        served.store(true, Ordering::Relaxed);
         request.extensions_mut().insert(info.clone());
         single_leading_slash(request.uri_mut());
         request
@@ -472,6 +713,73 @@ async fn serve_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn test_limits() -> Limits {
+        Limits {
+            requests_per_second: 1,
+            burst: 1,
+            max_connections: 2,
+            max_connections_per_caller: 2,
+            exe_hash_max_mib: 1,
+            exe_hash_mib_per_second: 1,
+        }
+    }
+
+    #[test]
+    fn max_connections_is_fitted_below_the_descriptor_limit_with_a_reserve() {
+        assert_eq!(descriptor_reserve(128), 64);
+        assert_eq!(descriptor_reserve(1024), 102);
+        assert_eq!(descriptor_reserve(65536), 6553);
+        // Fits: unchanged, no warning.
+        let fits = ConnectionCap::fit(4096, Some(65536));
+        assert_eq!(fits.effective, 4096);
+        assert_eq!(fits.warning(), None);
+        assert_eq!(ConnectionCap::fit(4096, None).effective, 4096);
+        assert_eq!(ConnectionCap::fit(100, Some(256)).effective, 100);
+        // Does not fit: what is left after the reserve.
+        assert_eq!(ConnectionCap::fit(4096, Some(128)).effective, 64);
+        assert_eq!(ConnectionCap::fit(4096, Some(256)).effective, 192);
+        assert_eq!(ConnectionCap::fit(4096, Some(1024)).effective, 922);
+        // Never none at all.
+        assert_eq!(ConnectionCap::fit(4096, Some(10)).effective, 1);
+        assert_eq!(
+            ConnectionCap::fit(4096, Some(1024)).warning().unwrap(),
+            "limits.max_connections = 4096 does not fit the descriptor limit (RLIMIT_NOFILE 1024, \
+             102 kept for the daemon's own files and sockets): at most 922 connections are kept open"
+        );
+    }
+
+    #[test]
+    fn idle_connections_are_shed_oldest_first_and_all_old_ones_at_once() {
+        let limits = Arc::new(ConnectionLimits::new(test_limits(), 2));
+        let t0 = Instant::now();
+        let a = limits.admit(t0).unwrap();
+        let b = limits.admit(t0).unwrap();
+        // Full, every connection young: only the oldest idle one goes.
+        let c = limits.admit(t0).unwrap();
+        assert!(a.cancel.is_cancelled());
+        assert!(!b.cancel.is_cancelled());
+        // One that has sent a request is never shed.
+        b.served.store(true, Ordering::Relaxed);
+        let d = limits.admit(t0 + SHED_IDLE_AGE).unwrap();
+        assert!(c.cancel.is_cancelled() && !b.cancel.is_cancelled());
+        d.served.store(true, Ordering::Relaxed);
+        assert!(
+            limits.admit(t0 + SHED_IDLE_AGE * 2).is_none(),
+            "nothing idle"
+        );
+        // A connection that ends gives its place back.
+        drop(d);
+        let e = limits.admit(t0).unwrap();
+        drop((a, c));
+        assert!(!e.cancel.is_cancelled());
+        // All idle ones past the age go together.
+        let limits = Arc::new(ConnectionLimits::new(test_limits(), 3));
+        let old: Vec<_> = (0..3).map(|_| limits.admit(t0).unwrap()).collect();
+        assert_eq!(limits.shed_idle(t0 + SHED_IDLE_AGE), 3);
+        assert!(old.iter().all(|c| c.cancel.is_cancelled()));
+        assert_eq!(limits.total.available_permits(), 3);
+    }
 
     #[test]
     fn leading_slashes_collapse_to_one_and_nothing_else_changes() {
@@ -493,14 +801,7 @@ mod tests {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let metrics = recorder.handle();
         let _local = metrics::set_default_local_recorder(&recorder);
-        let limits = ConnectionLimits::new(Limits {
-            requests_per_second: 1,
-            burst: 1,
-            max_connections: 2,
-            max_connections_per_caller: 2,
-            exe_hash_max_mib: 1,
-            exe_hash_mib_per_second: 1,
-        });
+        let limits = ConnectionLimits::new(test_limits(), 2);
         let open = || {
             let line = format!("{} ", crate::metrics::OPEN_CONNECTIONS);
             let text = metrics.render();

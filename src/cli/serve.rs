@@ -81,6 +81,7 @@ pub(super) async fn serve(path: PathBuf, log_format: Option<LogFormat>) -> ExitC
         Some(shared) => StsSource::from_shared(&shared, config.sts.endpoint_url.as_deref()),
         None => StsSource::new(&config.sts).await,
     });
+    raise_descriptor_limit();
     let listeners = match Listeners::bind(&config).await {
         Ok(listeners) => listeners,
         Err(e) => {
@@ -111,6 +112,27 @@ pub(super) async fn serve(path: PathBuf, log_format: Option<LogFormat>) -> ExitC
             e.log();
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The soft descriptor limit up to the hard one, before anything is bound: connections, caller
+/// lookups and the audit file all need descriptors, and `limits.max_connections` is fitted to
+/// what this leaves (see [`crate::server::ConnectionCap`]).
+fn raise_descriptor_limit() {
+    let show = |n: Option<u64>| n.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    match crate::server::raise_descriptor_limit() {
+        Ok(limit) if limit.before != limit.now => tracing::info!(
+            before = %show(limit.before),
+            soft = %show(limit.now),
+            hard = %show(limit.hard),
+            "raised the descriptor limit (RLIMIT_NOFILE)"
+        ),
+        Ok(limit) => tracing::info!(
+            soft = %show(limit.now),
+            hard = %show(limit.hard),
+            "descriptor limit (RLIMIT_NOFILE)"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit (RLIMIT_NOFILE)"),
     }
 }
 
