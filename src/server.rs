@@ -750,6 +750,20 @@ mod tests {
     }
 
     #[test]
+    fn only_running_out_of_descriptors_sheds_on_a_failed_accept() {
+        use nix::errno::Errno;
+        for (errno, out) in [
+            (Errno::EMFILE, true),
+            (Errno::ENFILE, true),
+            (Errno::ECONNABORTED, false),
+            (Errno::ENOBUFS, false),
+        ] {
+            let e = io::Error::from_raw_os_error(errno as i32);
+            assert_eq!(out_of_descriptors(&e), out, "{errno}");
+        }
+    }
+
+    #[test]
     fn idle_connections_are_shed_oldest_first_and_all_old_ones_at_once() {
         let limits = Arc::new(ConnectionLimits::new(test_limits(), 2));
         let t0 = Instant::now();
