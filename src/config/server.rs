@@ -71,6 +71,21 @@ pub struct AuditConfig {
     pub seal_epoch: Duration,
     /// ...or after this many lines, whichever comes first.
     pub seal_epoch_events: u64,
+    /// What credential requests get while the file cannot be written.
+    pub on_failure: OnFailure,
+}
+
+/// `[audit] on_failure`: what happens to credential requests while the audit file cannot be
+/// written (disk full, read-only, I/O errors), like auditd's `disk_full_action`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnFailure {
+    /// No credentials are issued that cannot be recorded: callers get 503 and `/readyz` fails
+    /// until a write succeeds again (the default).
+    #[default]
+    Refuse,
+    /// Credentials are issued anyway; the events not written are counted, and an `audit.gap`
+    /// line records how many once writing works again.
+    Serve,
 }
 
 /// Sealing epochs: how long (from its first line) and how many lines at most, by default; the
@@ -239,7 +254,24 @@ impl Validator<'_> {
             Some(n) => *n.get_ref(),
             None => DEFAULT_SEAL_EPOCH_EVENTS,
         };
+        let on_failure = match raw
+            .on_failure
+            .as_ref()
+            .map(|v| (v.span(), v.get_ref().as_str()))
+        {
+            None | Some((_, "refuse")) => OnFailure::Refuse,
+            Some((_, "serve")) => OnFailure::Serve,
+            Some((span, other)) => {
+                self.push(
+                    span,
+                    "audit.on_failure",
+                    format!("{other:?} is not \"refuse\" or \"serve\""),
+                );
+                OnFailure::Refuse
+            }
+        };
         AuditConfig {
+            on_failure,
             path: raw
                 .path
                 .map(PathBuf::from)
