@@ -330,3 +330,36 @@ fn host_seed(hostname: &str) -> String {
     let digest = Sha256::digest(format!("{}|{hostname}", machine_id.trim()));
     hex::encode(digest)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn parse(audit: &str) -> Result<Config, String> {
+        let text = format!(
+            "[server]\nstate_dir = \"/tmp/x\"\n[audit]\n{audit}\n[sts]\nregion = \"us-east-1\"\n\
+             [[app]]\nname = \"a\"\nrole_arn = \"arn:aws:iam::111122223333:role/a\"\n\
+             [app.match]\nuid = 4000000\n"
+        );
+        Config::parse(&text, Path::new("t.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn audit_on_failure_defaults_to_refuse_and_names_a_bad_value() {
+        assert_eq!(parse("").unwrap().audit.on_failure, OnFailure::Refuse);
+        let serve = parse("on_failure = \"serve\"").unwrap();
+        assert_eq!(serve.audit.on_failure, OnFailure::Serve);
+        let refuse = parse("on_failure = \"refuse\"").unwrap();
+        assert_eq!(refuse.audit.on_failure, OnFailure::Refuse);
+        let err = parse("on_failure = \"ignore\"").unwrap_err();
+        assert!(
+            err.contains("t.toml:4:") && err.contains("audit.on_failure"),
+            "{err}"
+        );
+        assert!(
+            err.contains("\"ignore\" is not \"refuse\" or \"serve\""),
+            "{err}"
+        );
+    }
+}
