@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::checkpoint::{self, Checkpoint};
-use crate::config::AdminListen;
+use crate::config::{AdminListen, OnFailure};
 use crate::http_client;
 use crate::source::SourceStatus;
 use crate::state::AppState;
@@ -163,7 +163,8 @@ async fn render_metrics(State(admin): State<Admin>) -> Response {
 }
 
 /// Ready when serving (this listener only starts once the config is loaded and the IMDS
-/// listeners are bound) and every `prefetch` app holds unexpired credentials.
+/// listeners are bound), every `prefetch` app holds unexpired credentials and, unless
+/// `[audit] on_failure = "serve"`, the audit file is being written.
 async fn readyz(State(admin): State<Admin>) -> Response {
     let config = admin.state.config();
     let now = admin.state.now();
@@ -181,6 +182,15 @@ async fn readyz(State(admin): State<Admin>) -> Response {
         })
         .map(|app| app.name.as_str())
         .collect();
+    if config.audit.on_failure == OnFailure::Refuse
+        && let Some(reason) = crate::audit::health::failing()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the audit file cannot be written ({reason}); credentials are refused ([audit] on_failure = \"refuse\")\n"),
+        )
+            .into_response();
+    }
     if let Some(reason) = admin.state.own_source().and_then(|s| s.expired(now)) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -37,6 +37,14 @@ pub const AUDIT_EPOCH: &str = "imds_broker_audit_epoch";
 /// Audit file operations that failed, by `op` ([`AUDIT_FAILED_OPS`]): lines lost from the
 /// file (`write`, `fsync`) or a rotation that kept writing the old file (`reopen`).
 pub const AUDIT_WRITE_FAILURES: &str = "imds_broker_audit_write_failures_total";
+/// 1 while the audit file is being written, 0 while its writes or fsyncs fail.
+pub const AUDIT_HEALTHY: &str = "imds_broker_audit_healthy";
+/// Audit events that could not be written (storage failing); an `audit.gap` line in the file
+/// records each run of them once writing works again.
+pub const AUDIT_EVENTS_LOST: &str = "imds_broker_audit_events_lost_total";
+/// Credential requests refused because the audit file could not be written
+/// (`[audit] on_failure = "refuse"`).
+pub const AUDIT_REFUSED: &str = "imds_broker_audit_refused_total";
 /// The `op` labels of [`AUDIT_WRITE_FAILURES`], each exported from the start (at zero).
 pub const AUDIT_FAILED_OPS: &[&str] = &["write", "fsync", "reopen"];
 

@@ -10,9 +10,10 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit;
-use crate::config::{App, Config};
+use crate::config::{App, Config, OnFailure};
 use crate::credentials::{
-    CacheError, Clock, CredentialCache, CredentialSource, Credentials, StsBudget, TokioTime,
+    CacheError, Clock, CredentialCache, CredentialSource, Credentials, StsBudget, StsError,
+    TokioTime,
 };
 use crate::identity::Caller;
 use crate::metrics::Counters;
@@ -107,12 +108,27 @@ impl AppState {
 
     /// `app`'s credentials for `caller` on `endpoint` (`imds`, `container`): from the cache,
     /// fetched if need be, and audited either way. The one path both surfaces issue through.
+    ///
+    /// With `[audit] on_failure = "refuse"` (the default), nothing is issued while the audit
+    /// writer reports its last write or fsync failed ([`audit::health`]): the caller gets a
+    /// transient failure (503), so its SDK retries. The writer is asynchronous, so the
+    /// issuance whose event is the first to fail has already left; the state flips for the
+    /// callers after it, and flips back after the writer's next successful write.
     pub async fn issue(
         &self,
         caller: &Caller,
         endpoint: &'static str,
         app: &App,
     ) -> Result<Arc<Credentials>, CacheError> {
+        if self.config().audit.on_failure == OnFailure::Refuse
+            && let Some(why) = audit::health::failing()
+        {
+            audit::credentials_unrecordable(caller, endpoint, app, &why);
+            // Transient, so both surfaces answer 503 and SDKs retry; the detail is logged only.
+            return Err(CacheError::Sts(StsError::Unavailable(format!(
+                "not issued: the audit file cannot be written ({why})"
+            ))));
+        }
         match self.cache().get(app.assume_role_input()).await {
             Ok(creds) => {
                 audit::credentials_issued(

@@ -6,6 +6,7 @@
 
 pub mod chain;
 pub mod checkpoint;
+pub mod health;
 pub mod keyfile;
 mod repeats;
 pub mod seal;
@@ -47,6 +48,8 @@ pub enum DenyReason {
     Upstream,
     /// The rule that decides needs the container runtime's answer, and it did not give one.
     ContainerRuntime,
+    /// The audit file cannot be written and `[audit] on_failure = "refuse"`.
+    AuditUnavailable,
 }
 
 impl DenyReason {
@@ -64,6 +67,7 @@ impl DenyReason {
             DenyReason::BadToken => "bad_token",
             DenyReason::Upstream => "upstream",
             DenyReason::ContainerRuntime => "container_runtime",
+            DenyReason::AuditUnavailable => "audit_unavailable",
         }
     }
 
@@ -124,6 +128,22 @@ pub fn credentials_issued(
             "credentials issued"
         )
     });
+}
+
+/// Credentials refused because the audit file cannot be written (`on_failure = "refuse"`).
+/// This event is queued like any other: it reaches the file only if the storage is back by
+/// the time the writer gets to it, and is otherwise counted among the lost events.
+pub fn credentials_unrecordable(caller: &Caller, endpoint: &'static str, app: &App, why: &str) {
+    let reason = DenyReason::AuditUnavailable.as_str();
+    metrics::counter!(crate::metrics::DENIALS, "reason" => reason).increment(1);
+    metrics::counter!(crate::metrics::AUDIT_REFUSED).increment(1);
+    audit_event!(warn, "credentials.denied", caller,
+        endpoint,
+        app = %app.name,
+        reason,
+        detail = why,
+        "credentials denied: the audit file cannot be written"
+    );
 }
 
 /// An app's credentials could not be had from STS for `caller` on `endpoint`.

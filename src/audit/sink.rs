@@ -4,17 +4,26 @@
 //! and seals it ([`super::seal`]), ends epochs (by count, by time, at start-up, rotation and
 //! shutdown) and publishes the chain's checkpoint ([`super::checkpoint`]). The file is reopened
 //! on request (SIGHUP, for logrotate) and the chain continues across restarts and rotations.
+//!
+//! Crashes and failing storage: a torn last line (a kill or power loss mid-write) is cut off
+//! at start-up and recorded as an `audit.truncated` line. A write or fsync that fails is cut
+//! back to the last good offset, so no half line stays; the events in it are lost (counted)
+//! and the writer reports itself failing ([`super::health`]) and retries every [`RETRY`]: the
+//! first write that succeeds again is an `audit.gap` line saying how many were lost. A file
+//! deleted while open is noticed before each batch and recreated at its path, the chain going
+//! on from the last line written, after an `audit.file_deleted` line.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::Layer;
@@ -22,6 +31,7 @@ use tracing_subscriber::layer::Context;
 
 use super::chain::{self, ChainHead};
 use super::checkpoint::{self, Checkpoint};
+use super::health::{self, Health};
 use super::seal::{EndReason, EpochPolicy, LastSealed, SealError, Sealer, Startup};
 
 /// The most events written before one fsync; the writer also syncs whenever the queue is empty.
@@ -33,6 +43,8 @@ const QUEUE_EVENTS: usize = 16 * 1024;
 const TAIL_BYTES: u64 = 64 * 1024;
 /// When an epoch's end line could not be written, how long until the next try by time.
 const END_RETRY: Duration = Duration::from_secs(10);
+/// While writes fail, how often the writer tries again without waiting for an event.
+const RETRY: Duration = Duration::from_secs(1);
 
 enum Msg {
     Event(Map<String, Value>),
@@ -82,7 +94,13 @@ impl Unstarted {
     /// Opens (creating with mode 0600) the audit file at `path`, sets up sealing when `seal` is
     /// given, and starts the writer.
     pub fn start(self, path: &Path, seal: Option<SealSettings>) -> Result<AuditSink, OpenError> {
-        let writer = Writer::open(path.to_owned(), self.host, seal, Instant::now())?;
+        let writer = Writer::open(
+            path.to_owned(),
+            self.host,
+            seal,
+            health::process(),
+            Instant::now(),
+        )?;
         let rx = self.rx;
         thread::Builder::new()
             .name("audit-writer".into())
@@ -154,6 +172,16 @@ struct Writer {
     logged: Option<(u64, Instant)>,
     /// When a checkpoint is due in the log (held back by [`checkpoint::LOG_EVERY`]).
     log_due: Option<Instant>,
+    /// Told whether the last write succeeded.
+    health: Arc<Health>,
+    /// The file's length after the last successful write: a failed one is cut back to it.
+    good_len: u64,
+    /// A failed write may have left bytes past `good_len` that could not be cut off yet.
+    dirty: bool,
+    /// Events not written since the last successful write, for the next `audit.gap` line.
+    lost: u64,
+    /// While writes fail, when to try again.
+    retry_at: Option<Instant>,
 }
 
 impl Writer {
@@ -161,12 +189,19 @@ impl Writer {
         path: PathBuf,
         host: String,
         seal: Option<SealSettings>,
+        health: Arc<Health>,
         now: Instant,
     ) -> Result<Self, OpenError> {
-        let (file, last) = open_file(&path).map_err(|source| OpenError::Io {
+        let Opened {
+            file,
+            last,
+            len,
+            torn,
+        } = open_file(&path).map_err(|source| OpenError::Io {
             path: path.clone(),
             source,
         })?;
+        health.recover();
         let head = last.as_ref().and_then(head_of).unwrap_or_default();
         let last_sealed = last.as_ref().and_then(LastSealed::of);
         let mut writer = Self {
@@ -178,6 +213,11 @@ impl Writer {
             sealer: None,
             logged: None,
             log_due: None,
+            health,
+            good_len: len,
+            dirty: false,
+            lost: 0,
+            retry_at: None,
         };
         match seal {
             Some(settings) => {
@@ -200,6 +240,9 @@ impl Writer {
                  `audit verify --key` reports the unsealed lines from here on"
             ),
             None => {}
+        }
+        if let Some(torn) = torn {
+            writer.record_torn(&torn, now);
         }
         let first = writer.logged.is_none();
         writer.publish(now, first);
@@ -237,13 +280,15 @@ impl Writer {
     /// checkpoint held back.
     fn next_deadline(&self) -> Option<Instant> {
         let epoch = self.sealer.as_ref().and_then(Sealer::deadline);
-        match (epoch, self.log_due) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [epoch, self.log_due, self.retry_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn handle(&mut self, pending: Vec<Msg>, now: Instant) {
+        self.check_linked(now);
+        self.write_gap(now);
         let mut acks = Vec::new();
         let mut buf = String::new();
         for msg in pending {
@@ -276,6 +321,12 @@ impl Writer {
     }
 
     fn on_timer(&mut self, now: Instant) {
+        if self.retry_at.is_some_and(|at| now >= at) {
+            self.check_linked(now);
+            if !self.write_gap(now) {
+                self.retry_at = Some(now + RETRY);
+            }
+        }
         if let Some(reason) = self.sealer.as_ref().and_then(|s| s.due(now)) {
             self.end_epoch_or_log(reason, now);
         }
@@ -375,33 +426,160 @@ impl Writer {
         }
     }
 
-    /// Appends `buf` and syncs; whether it is in the file.
+    /// Appends `buf` and syncs; whether it is in the file. When not, the file is cut back to
+    /// its last good length (now or before the next write), the chain goes back to the last
+    /// line written, the lines of `buf` are counted as lost and the writer reports failing.
     fn write(&mut self, buf: &mut String) -> bool {
+        self.write_counting(buf, true)
+    }
+
+    /// [`Writer::write`]; the lines of `buf` count as lost events only if `events`.
+    fn write_counting(&mut self, buf: &mut String, events: bool) -> bool {
         if buf.is_empty() {
             return true;
         }
-        let result = match self.file.write_all(buf.as_bytes()) {
-            Ok(()) => self.file.sync_data().map_err(|e| ("fsync", e)),
-            Err(e) => Err(("write", e)),
-        };
+        let lines = buf.matches('\n').count() as u64;
+        let bytes = buf.len() as u64;
+        let result = self.append(buf.as_bytes());
         buf.clear();
         match result {
             Ok(()) => {
                 self.written = self.head.clone();
+                self.good_len += bytes;
+                if self.health.failing().is_some() {
+                    tracing::warn!(path = %self.path.display(), "the audit file is written again");
+                }
+                self.health.recover();
+                self.retry_at = None;
                 true
             }
             Err((op, e)) => {
                 crate::metrics::audit_write_failed(op);
-                tracing::error!(path = %self.path.display(), error = %e, op, "cannot write the audit file");
+                if events {
+                    metrics::counter!(crate::metrics::AUDIT_EVENTS_LOST).increment(lines);
+                    self.lost += lines;
+                }
+                self.head = self.written.clone();
+                self.dirty = true;
+                let _ = self.cut_back();
+                tracing::error!(
+                    path = %self.path.display(), error = %e, op, lost = self.lost,
+                    "cannot write the audit file; events are lost until it can be written again"
+                );
+                self.health
+                    .fail(format!("{op} {}: {e}", self.path.display()));
+                self.retry_at.get_or_insert(Instant::now() + RETRY);
                 false
             }
         }
     }
 
-    fn reopen(&mut self) {
+    /// Cuts off what a failed write left, if anything, then appends `bytes` and syncs.
+    fn append(&mut self, bytes: &[u8]) -> Result<(), (&'static str, io::Error)> {
+        self.cut_back().map_err(|e| ("write", e))?;
+        self.file.write_all(bytes).map_err(|e| ("write", e))?;
+        self.file.sync_data().map_err(|e| ("fsync", e))
+    }
+
+    /// Truncates the file to its last good length after a failed write.
+    fn cut_back(&mut self) -> io::Result<()> {
+        if self.dirty {
+            self.file.set_len(self.good_len)?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// After writes failed: the `audit.gap` line saying how many events were lost, as the
+    /// first line written again. Whether nothing is owed (any more).
+    fn write_gap(&mut self, now: Instant) -> bool {
+        if self.lost == 0 {
+            return true;
+        }
+        let lost = self.lost;
+        let mut fields = Map::new();
+        fields.insert("event".into(), Value::from("audit.gap"));
+        fields.insert("lost".into(), Value::from(lost));
+        fields.insert(
+            "message".into(),
+            Value::from("audit events were lost: the audit file could not be written"),
+        );
+        let fields = envelope(fields, &self.host, "WARN");
+        let mut buf = String::new();
+        self.push(fields, &mut buf, now);
+        // The gap line itself is not an event to count as lost: it is written again next time.
+        if self.write_counting(&mut buf, false) {
+            self.lost -= lost;
+            tracing::warn!(
+                lost,
+                "audit events lost while the file could not be written; recorded as audit.gap"
+            );
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A torn last line cut off at start-up, recorded in the chain.
+    fn record_torn(&mut self, torn: &Torn, now: Instant) {
+        tracing::warn!(
+            path = %self.path.display(), bytes = torn.bytes, offset = torn.offset,
+            "the audit file ended in a torn line (a crash mid-write); cut off and recorded as audit.truncated"
+        );
+        let mut fields = Map::new();
+        fields.insert("event".into(), Value::from("audit.truncated"));
+        fields.insert("bytes".into(), Value::from(torn.bytes));
+        fields.insert("offset".into(), Value::from(torn.offset));
+        fields.insert("sha256".into(), Value::from(torn.sha256.clone()));
+        fields.insert(
+            "message".into(),
+            Value::from("a torn last line (crash mid-write) was cut off the audit file"),
+        );
+        let fields = envelope(fields, &self.host, "WARN");
+        let mut buf = String::new();
+        self.push(fields, &mut buf, now);
+        self.write(&mut buf);
+    }
+
+    /// A file deleted while open (no link left) is recreated at its path: the chain goes on
+    /// from the last line written, after an `audit.file_deleted` line.
+    fn check_linked(&mut self, now: Instant) {
+        match self.file.metadata() {
+            Ok(meta) if meta.nlink() == 0 => {}
+            _ => return,
+        }
+        tracing::error!(path = %self.path.display(), "the audit file was deleted while open; recreating it");
+        self.end_epoch_if_lines(EndReason::Rotate, now);
+        let old = self.written.clone();
+        if !self.reopen() {
+            return;
+        }
+        let mut fields = Map::new();
+        fields.insert("event".into(), Value::from("audit.file_deleted"));
+        fields.insert("path".into(), Value::from(self.path.display().to_string()));
+        fields.insert("last_seq".into(), Value::from(old.seq));
+        fields.insert(
+            "message".into(),
+            Value::from("the audit file was deleted while open; lines up to last_seq were in it"),
+        );
+        let fields = envelope(fields, &self.host, "ERROR");
+        let mut buf = String::new();
+        self.push(fields, &mut buf, now);
+        self.write(&mut buf);
+    }
+
+    /// Whether the file at the path is now the one written.
+    fn reopen(&mut self) -> bool {
         match open_file(&self.path) {
-            Ok((file, last)) => {
+            Ok(Opened {
+                file,
+                last,
+                len,
+                torn,
+            }) => {
                 self.file = file;
+                self.good_len = len;
+                self.dirty = false;
                 // A fresh file after rotation continues the chain held in memory.
                 let head = last.as_ref().and_then(head_of).unwrap_or_default();
                 if head.seq > self.head.seq {
@@ -409,18 +587,43 @@ impl Writer {
                     self.written = head;
                 }
                 tracing::info!(path = %self.path.display(), "audit file reopened");
+                if let Some(torn) = torn {
+                    self.record_torn(&torn, Instant::now());
+                }
+                true
             }
             Err(e) => {
                 crate::metrics::audit_write_failed("reopen");
                 tracing::error!(path = %self.path.display(), error = %e, "cannot reopen the audit file; still writing the old one");
+                false
             }
         }
     }
 }
 
-/// Opens `path` for appending with mode 0600 (tightening an existing file), and reads its last
-/// chained line.
-fn open_file(path: &Path) -> io::Result<(File, Option<Map<String, Value>>)> {
+/// An audit file opened for appending.
+struct Opened {
+    file: File,
+    /// Its last chained line.
+    last: Option<Map<String, Value>>,
+    len: u64,
+    /// The torn last line cut off, if there was one.
+    torn: Option<Torn>,
+}
+
+/// What was cut off the end of a file: a line without its newline (a crash mid-write) or a
+/// last line that is not JSON (garbage a power loss left). A whole JSON line whose hash does
+/// not match is kept: no crash writes that, and `audit verify` must report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Torn {
+    offset: u64,
+    bytes: u64,
+    sha256: String,
+}
+
+/// Opens `path` for appending with mode 0600 (tightening an existing file), cuts off a torn
+/// last line, and reads its last chained line.
+fn open_file(path: &Path) -> io::Result<Opened> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::DirBuilder::new()
             .recursive(true)
@@ -434,8 +637,57 @@ fn open_file(path: &Path) -> io::Result<(File, Option<Map<String, Value>>)> {
         .mode(0o600)
         .open(path)?;
     file.set_permissions(fs::Permissions::from_mode(0o600))?;
+    let torn = cut_torn(&mut file)?;
     let last = last_line(&mut file)?;
-    Ok((file, last))
+    let len = file.metadata()?.len();
+    Ok(Opened {
+        file,
+        last,
+        len,
+        torn,
+    })
+}
+
+/// Cuts a torn last line off `file` (see [`Torn`]), fsync-ing the cut.
+fn cut_torn(file: &mut File) -> io::Result<Option<Torn>> {
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(TAIL_BYTES);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail)?;
+    let complete = match tail.iter().rposition(|&b| b == b'\n') {
+        Some(i) => i + 1,
+        // No newline in the tail: torn only if the whole file is this one fragment.
+        None if start == 0 => 0,
+        None => return Ok(None),
+    };
+    let mut keep = complete;
+    if keep == tail.len() && keep > 0 {
+        // Every line is whole: the last one still must be JSON.
+        let line_start = tail[..keep - 1]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        if line_start == 0 && start > 0 {
+            return Ok(None);
+        }
+        if serde_json::from_slice::<Map<String, Value>>(&tail[line_start..keep - 1]).is_ok() {
+            return Ok(None);
+        }
+        keep = line_start;
+    }
+    let dropped = &tail[keep..];
+    if dropped.is_empty() {
+        return Ok(None);
+    }
+    let offset = start + keep as u64;
+    file.set_len(offset)?;
+    file.sync_data()?;
+    Ok(Some(Torn {
+        offset,
+        bytes: dropped.len() as u64,
+        sha256: hex::encode(Sha256::digest(dropped)),
+    }))
 }
 
 fn last_line(file: &mut File) -> io::Result<Option<Map<String, Value>>> {
@@ -521,6 +773,16 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
     use tracing_subscriber::layer::SubscriberExt;
 
+    /// A writer with health of its own (tests run side by side in one process).
+    fn open_writer(
+        path: PathBuf,
+        host: String,
+        seal: Option<SealSettings>,
+        now: Instant,
+    ) -> Result<Writer, OpenError> {
+        Writer::open(path, host, seal, Arc::default(), now)
+    }
+
     fn seal_settings(dir: &Path, events: u64) -> SealSettings {
         SealSettings {
             state_dir: dir.join("state"),
@@ -594,7 +856,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         let t0 = Instant::now();
-        let mut w = Writer::open(
+        let mut w = open_writer(
             path.clone(),
             "h".into(),
             Some(seal_settings(dir.path(), 3)),
@@ -644,13 +906,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         let t0 = Instant::now();
-        let mut w = Writer::open(path.clone(), "h".into(), None, t0).unwrap();
+        let mut w = open_writer(path.clone(), "h".into(), None, t0).unwrap();
         w.handle(vec![event(1)], t0);
         let good = w.written.clone();
         assert_eq!(good.seq, 1);
         // A file opened read-only refuses the write.
         w.file = File::open(&path).unwrap();
         w.handle(vec![event(2)], t0);
+        assert_eq!(w.lost, 1);
+        // One failure each: what the failed write left is not cut from the next handle, and
+        // its gap line is not owed.
+        (w.dirty, w.lost) = (false, 0);
         // A pipe takes the write but cannot be fsync-ed.
         let (_reader, pipe) = io::pipe().unwrap();
         w.file = File::from(std::os::fd::OwnedFd::from(pipe));
@@ -673,7 +939,7 @@ mod tests {
         let path = dir.path().join("audit.log");
         let t0 = Instant::now();
         let every = Duration::from_secs(900);
-        let mut w = Writer::open(
+        let mut w = open_writer(
             path.clone(),
             "h".into(),
             Some(seal_settings(dir.path(), 10_000)),
@@ -699,7 +965,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         let t0 = Instant::now();
-        let mut w = Writer::open(path, "h".into(), None, t0).unwrap();
+        let mut w = open_writer(path, "h".into(), None, t0).unwrap();
         assert_eq!(w.logged.map(|(seq, _)| seq), Some(0), "logged at start");
         w.handle(vec![event(1)], t0);
         assert_eq!(w.logged.map(|(seq, _)| seq), Some(0), "held back");
@@ -715,7 +981,7 @@ mod tests {
         let path = dir.path().join("audit.log");
         let state_file = dir.path().join("state").join(keyfile::STATE_FILE);
         let open = || {
-            Writer::open(
+            open_writer(
                 path.clone(),
                 "h".into(),
                 Some(seal_settings(dir.path(), 10_000)),
@@ -781,7 +1047,7 @@ mod tests {
         let path = dir.path().join("audit.log");
         let rotated = dir.path().join("audit.log.1");
         let t0 = Instant::now();
-        let mut w = Writer::open(
+        let mut w = open_writer(
             path.clone(),
             "h".into(),
             Some(seal_settings(dir.path(), 10_000)),
@@ -914,5 +1180,235 @@ mod tests {
         sink.flush();
         let v = chain::verify(&fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(v.events as usize, THREADS * per_thread, "none dropped");
+    }
+
+    /// A small tmpfs the test mounts (the tests run as root), unmounted when dropped.
+    struct TmpFs {
+        dir: tempfile::TempDir,
+    }
+
+    impl TmpFs {
+        fn mount(size: &str) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let status = std::process::Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "tmpfs",
+                ])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success(), "mount tmpfs (needs root)");
+            Self { dir }
+        }
+
+        fn path(&self) -> &Path {
+            self.dir.path()
+        }
+
+        /// Writes a file until the filesystem is full.
+        fn fill(&self) -> PathBuf {
+            let filler = self.path().join("filler");
+            let mut f = File::create(&filler).unwrap();
+            let block = vec![b'x'; 4096];
+            loop {
+                match f.write(&block) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::StorageFull => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            filler
+        }
+    }
+
+    impl Drop for TmpFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+
+    /// An event bigger than the slack in a tmpfs page, so that it cannot fit a full disk.
+    fn big_event(n: u64) -> Msg {
+        let mut fields = Map::new();
+        fields.insert("event".into(), Value::from("token.issued"));
+        fields.insert("n".into(), Value::from(n));
+        fields.insert("pad".into(), Value::from("p".repeat(6000)));
+        Msg::Event(envelope(fields, "h", "INFO"))
+    }
+
+    fn events(path: &Path) -> Vec<(u64, String)> {
+        lines(path)
+            .iter()
+            .map(|l| {
+                (
+                    l["seq"].as_u64().unwrap(),
+                    l["event"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_off_at_start_and_recorded_in_the_sealed_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let seal = || Some(seal_settings(dir.path(), 10_000));
+        let (sink, layer) = AuditSink::open(&path, "h".into(), seal()).unwrap();
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
+            tracing::info!(target: "audit", event = "token.issued", uid = 7u64, "one");
+            tracing::info!(target: "audit", event = "token.issued", uid = 8u64, "two");
+        });
+        sink.flush();
+        // Killed mid-write: half of a third line (the writer stops without a word).
+        drop(sink);
+        let whole = fs::read_to_string(&path).unwrap();
+        let half = &whole.lines().next().unwrap()[..40];
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(half.as_bytes())
+            .unwrap();
+        assert!(chain::verify(&fs::read_to_string(&path).unwrap()).is_err());
+
+        let (sink, _layer) = AuditSink::open(&path, "h".into(), seal()).unwrap();
+        sink.close();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(
+            text.starts_with(&whole),
+            "the whole lines stay as they were"
+        );
+        let v = chain::verify(&text).unwrap();
+        check_sealed(&text, verification_key(dir.path())).unwrap();
+        assert_eq!(
+            events(&path),
+            [
+                (1, "token.issued".into()),
+                (2, "token.issued".into()),
+                (3, "audit.epoch_end".into()),
+                (4, "audit.truncated".into()),
+                (5, "audit.epoch_end".into()),
+            ]
+        );
+        let truncated = &lines(&path)[3];
+        assert_eq!(truncated["bytes"], 40);
+        assert_eq!(truncated["offset"], whole.len());
+        assert_eq!(
+            truncated["sha256"],
+            hex::encode(Sha256::digest(half.as_bytes()))
+        );
+        assert_eq!(v.head.seq, 5);
+
+        // A whole last line that is not JSON (garbage after a power loss) goes too; a whole
+        // JSON line that does not chain stays for `audit verify` to report.
+        let before = fs::read_to_string(&path).unwrap();
+        fs::write(&path, before.clone() + "\0\0\0\0\n").unwrap();
+        drop(AuditSink::open(&path, "h".into(), seal()).unwrap());
+        let Opened { torn, .. } = open_file(&path).unwrap();
+        assert_eq!(torn, None, "the garbage was cut at the previous open");
+        let mut text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"bytes\":5"), "{text}");
+        chain::verify(&text).unwrap();
+        text.push_str("{\"event\":\"forged\",\"seq\":99,\"hash\":\"00\"}\n");
+        fs::write(&path, &text).unwrap();
+        let Opened { torn, .. } = open_file(&path).unwrap();
+        assert_eq!(torn, None);
+        assert_eq!(fs::read_to_string(&path).unwrap(), text);
+    }
+
+    #[test]
+    fn a_full_filesystem_leaves_no_half_line_and_the_chain_resumes_with_a_gap_line() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let fs_ = TmpFs::mount("64k");
+        let path = fs_.path().join("audit.log");
+        let health = Arc::new(Health::default());
+        let t0 = Instant::now();
+        let mut w = Writer::open(path.clone(), "h".into(), None, health.clone(), t0).unwrap();
+        w.handle(vec![event(1)], t0);
+        let good = fs::read_to_string(&path).unwrap();
+        let filler = fs_.fill();
+
+        w.handle(vec![big_event(2), big_event(3), event(4)], t0);
+        let why = health.failing().expect("failing while full");
+        assert!(why.contains("No space left"), "{why}");
+        assert_eq!(fs::read_to_string(&path).unwrap(), good, "no half line");
+        assert_eq!((w.lost, w.written.seq), (3, 1));
+        assert_eq!(
+            w.head, w.written,
+            "the chain is back at the last line written"
+        );
+        assert!(w.next_deadline() <= w.retry_at, "the timer retries");
+        // Still full, but the small gap line fits the file's last page once the half line is
+        // cut: the timer's retry writes it, and the next big event fails again.
+        w.on_timer(w.retry_at.unwrap());
+        assert_eq!((w.lost, health.failing()), (0, None));
+        let with_gap = fs::read_to_string(&path).unwrap();
+        w.handle(vec![big_event(5)], t0);
+        assert_eq!(w.lost, 1);
+        assert!(health.failing().is_some());
+        assert_eq!(fs::read_to_string(&path).unwrap(), with_gap, "no half line");
+
+        // Space is back: the writer's next try writes the gap line, unprompted.
+        fs::remove_file(filler).unwrap();
+        let at = w.retry_at.unwrap();
+        w.on_timer(at);
+        assert_eq!(health.failing(), None);
+        assert_eq!(w.retry_at, None);
+        w.handle(vec![event(6)], at);
+        assert_eq!(
+            events(&path),
+            [
+                (1, "token.issued".into()),
+                (2, "audit.gap".into()),
+                (3, "audit.gap".into()),
+                (4, "token.issued".into())
+            ]
+        );
+        assert_eq!(
+            (&lines(&path)[1]["lost"], &lines(&path)[2]["lost"]),
+            (&3.into(), &1.into())
+        );
+        assert_eq!(lines(&path)[3]["n"], 6);
+        let v = chain::verify(&fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!((v.events, v.from_genesis), (4, true));
+        let text = metrics.render();
+        let lost = format!("{} 4", crate::metrics::AUDIT_EVENTS_LOST);
+        assert!(text.lines().any(|l| l == lost), "{lost} not in\n{text}");
+        let healthy = format!("{} 1", crate::metrics::AUDIT_HEALTHY);
+        assert!(
+            text.lines().any(|l| l == healthy),
+            "{healthy} not in\n{text}"
+        );
+    }
+
+    #[test]
+    fn a_file_deleted_while_open_is_recreated_and_the_chain_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let t0 = Instant::now();
+        let mut w = open_writer(path.clone(), "h".into(), None, t0).unwrap();
+        w.handle(vec![event(1), event(2)], t0);
+        let old = chain::verify(&fs::read_to_string(&path).unwrap()).unwrap();
+        fs::remove_file(&path).unwrap();
+        w.handle(vec![event(3)], t0);
+        assert_eq!(
+            events(&path),
+            [(3, "audit.file_deleted".into()), (4, "token.issued".into())]
+        );
+        assert_eq!(lines(&path)[0]["last_seq"], 2);
+        assert_eq!(lines(&path)[0]["prev"], old.head.hash.as_str());
+        let v = chain::verify(&fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!((v.first_seq, v.from_genesis), (3, false));
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
     }
 }

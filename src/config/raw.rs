@@ -88,6 +88,7 @@ pub struct RawAudit {
     pub seal: Option<bool>,
     pub seal_epoch: Option<Spanned<RawDuration>>,
     pub seal_epoch_events: Option<Spanned<u64>>,
+    pub on_failure: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

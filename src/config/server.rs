@@ -71,6 +71,21 @@ pub struct AuditConfig {
     pub seal_epoch: Duration,
     /// ...or after this many lines, whichever comes first.
     pub seal_epoch_events: u64,
+    /// What credential requests get while the file cannot be written.
+    pub on_failure: OnFailure,
+}
+
+/// `[audit] on_failure`: what happens to credential requests while the audit file cannot be
+/// written (disk full, read-only, I/O errors), like auditd's `disk_full_action`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnFailure {
+    /// No credentials are issued that cannot be recorded: callers get 503 and `/readyz` fails
+    /// until a write succeeds again (the default).
+    #[default]
+    Refuse,
+    /// Credentials are issued anyway; the events not written are counted, and an `audit.gap`
+    /// line records how many once writing works again.
+    Serve,
 }
 
 /// Sealing epochs: how long (from its first line) and how many lines at most, by default; the
@@ -239,7 +254,24 @@ impl Validator<'_> {
             Some(n) => *n.get_ref(),
             None => DEFAULT_SEAL_EPOCH_EVENTS,
         };
+        let on_failure = match raw
+            .on_failure
+            .as_ref()
+            .map(|v| (v.span(), v.get_ref().as_str()))
+        {
+            None | Some((_, "refuse")) => OnFailure::Refuse,
+            Some((_, "serve")) => OnFailure::Serve,
+            Some((span, other)) => {
+                self.push(
+                    span,
+                    "audit.on_failure",
+                    format!("{other:?} is not \"refuse\" or \"serve\""),
+                );
+                OnFailure::Refuse
+            }
+        };
         AuditConfig {
+            on_failure,
             path: raw
                 .path
                 .map(PathBuf::from)
@@ -297,4 +329,37 @@ fn host_seed(hostname: &str) -> String {
     let machine_id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
     let digest = Sha256::digest(format!("{}|{hostname}", machine_id.trim()));
     hex::encode(digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn parse(audit: &str) -> Result<Config, String> {
+        let text = format!(
+            "[server]\nstate_dir = \"/tmp/x\"\n[audit]\n{audit}\n[sts]\nregion = \"us-east-1\"\n\
+             [[app]]\nname = \"a\"\nrole_arn = \"arn:aws:iam::111122223333:role/a\"\n\
+             [app.match]\nuid = 4000000\n"
+        );
+        Config::parse(&text, Path::new("t.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn audit_on_failure_defaults_to_refuse_and_names_a_bad_value() {
+        assert_eq!(parse("").unwrap().audit.on_failure, OnFailure::Refuse);
+        let serve = parse("on_failure = \"serve\"").unwrap();
+        assert_eq!(serve.audit.on_failure, OnFailure::Serve);
+        let refuse = parse("on_failure = \"refuse\"").unwrap();
+        assert_eq!(refuse.audit.on_failure, OnFailure::Refuse);
+        let err = parse("on_failure = \"ignore\"").unwrap_err();
+        assert!(
+            err.contains("t.toml:4:") && err.contains("audit.on_failure"),
+            "{err}"
+        );
+        assert!(
+            err.contains("\"ignore\" is not \"refuse\" or \"serve\""),
+            "{err}"
+        );
+    }
 }
