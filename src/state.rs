@@ -12,8 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit;
 use crate::config::{App, Config, OnFailure};
 use crate::credentials::{
-    CacheError, Clock, CredentialCache, CredentialSource, Credentials, StsBudget, StsError,
-    TokioTime,
+    CacheError, Clock, CredentialCache, CredentialSource, Credentials, StsBudget, TokioTime,
 };
 use crate::identity::Caller;
 use crate::metrics::Counters;
@@ -125,9 +124,7 @@ impl AppState {
         {
             audit::credentials_unrecordable(caller, endpoint, app, &why);
             // Transient, so both surfaces answer 503 and SDKs retry; the detail is logged only.
-            return Err(CacheError::Sts(StsError::Unavailable(format!(
-                "not issued: the audit file cannot be written ({why})"
-            ))));
+            return Err(CacheError::AuditUnavailable(why.to_string()));
         }
         match self.cache().get(app.assume_role_input()).await {
             Ok(creds) => {

@@ -20,6 +20,8 @@ pub(super) fn sts_call(
         Err(CacheError::Sts(StsError::Unusable(_)) | CacheError::TaskFailed) => {
             ("unusable", String::new())
         }
+        // Never from an STS call; here only so the match stays whole.
+        Err(CacheError::AuditUnavailable(_)) => ("unavailable", String::new()),
     };
     metrics::counter!(crate::metrics::STS_CALLS, "outcome" => outcome, "code" => code.clone())
         .increment(1);

@@ -60,12 +60,21 @@ pub enum CacheError {
     Sts(#[from] StsError),
     #[error("credentials refresh task failed")]
     TaskFailed,
+    /// `[audit] on_failure = "refuse"` and the audit file cannot be written: nothing is issued
+    /// that cannot be recorded.
+    #[error("not issued: the audit file cannot be written ({0})")]
+    AuditUnavailable(String),
 }
 
 impl CacheError {
-    /// Whether STS may answer later (throttling, timeouts, 5xx): callers get 503, not 500.
+    /// Whether it may pass (STS throttling, timeouts, 5xx; an audit file that recovers):
+    /// callers get 503, not 500.
     pub fn is_transient(&self) -> bool {
-        matches!(self, CacheError::Sts(e) if e.is_transient())
+        match self {
+            CacheError::Sts(e) => e.is_transient(),
+            CacheError::AuditUnavailable(_) => true,
+            CacheError::TaskFailed => false,
+        }
     }
 }
 
