@@ -252,7 +252,10 @@ impl TokenStore {
             Ok(n) => {
                 tracing::info!(path = %state_file.display(), removed = n, "removed temporary files an interrupted save left")
             }
-            Err(e) => return Err(io_err(e)),
+            // They only take room; the daemon works without their removal.
+            Err(e) => {
+                tracing::warn!(path = %state_file.display(), error = %e, "cannot remove temporary state files")
+            }
         }
         let saved = match dir.open_file(OsStr::new(STATE_FILE)) {
             Ok(file) => {
