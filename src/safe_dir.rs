@@ -20,7 +20,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
@@ -384,13 +384,7 @@ impl SafeDir {
         owner: Option<(u32, u32)>,
     ) -> io::Result<()> {
         let name = plain(name)?;
-        let mut suffix = [0u8; 8];
-        rand::rng().fill_bytes(&mut suffix);
-        let tmp = format!(
-            ".{}.{:016x}.tmp",
-            name.to_string_lossy(),
-            u64::from_ne_bytes(suffix)
-        );
+        let tmp = temp_name(name);
         let mut file = self.create_file(OsStr::new(&tmp), 0o600)?;
         let result = (|| -> io::Result<()> {
             file.write_all(bytes)?;
@@ -423,6 +417,74 @@ impl SafeDir {
     pub fn sync(&self) -> io::Result<()> {
         Ok(fsync(&self.fd)?)
     }
+
+    /// Removes what a [`SafeDir::replace_file`] of `name` cut short (the process was killed
+    /// between making its temporary file and renaming it) left behind: only entries named
+    /// exactly as that function names its temporary files, removed through this handle
+    /// (`unlinkat` never follows a link: a link found there is removed, not what it points
+    /// at). Returns how many were removed. Not to be called while a `replace_file` of the
+    /// same name may be running in this directory.
+    pub fn remove_temp_files(&self, name: &OsStr) -> io::Result<usize> {
+        let name = plain(name)?;
+        // The listing goes through this handle too: `/proc/self/fd/N` is the directory the
+        // handle holds, wherever its path now leads.
+        let listing = std::fs::read_dir(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))?;
+        let mut removed = 0;
+        for entry in listing {
+            let entry = entry?;
+            // A directory of that name is none of the daemon's doing (and `unlinkat` would
+            // refuse it anyway).
+            if is_temp_name(&entry.file_name(), name) && !entry.file_type()?.is_dir() {
+                match unlinkat(
+                    &self.fd,
+                    entry.file_name().as_os_str(),
+                    UnlinkatFlags::NoRemoveDir,
+                ) {
+                    Ok(()) => removed += 1,
+                    Err(Errno::ENOENT) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        if removed > 0 {
+            fsync(&self.fd)?;
+        }
+        Ok(removed)
+    }
+}
+
+/// Hex digits in the random part of a temporary file's name.
+const TEMP_SUFFIX_DIGITS: usize = 16;
+
+/// The name [`SafeDir::replace_file`] writes `name`'s new content under before renaming it:
+/// `.NAME.XXXXXXXXXXXXXXXX.tmp`, sixteen random lower-case hex digits.
+fn temp_name(name: &OsStr) -> String {
+    let mut suffix = [0u8; 8];
+    rand::rng().fill_bytes(&mut suffix);
+    format!(
+        ".{}.{:0width$x}.tmp",
+        name.to_string_lossy(),
+        u64::from_ne_bytes(suffix),
+        width = TEMP_SUFFIX_DIGITS
+    )
+}
+
+/// Whether `entry` is a name [`temp_name`] gives for `name`.
+fn is_temp_name(entry: &OsStr, name: &OsStr) -> bool {
+    let (Some(entry), Some(name)) = (entry.to_str(), name.to_str()) else {
+        return false;
+    };
+    entry
+        .strip_prefix('.')
+        .and_then(|rest| rest.strip_prefix(name))
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|rest| rest.strip_suffix(".tmp"))
+        .is_some_and(|hex| {
+            hex.len() == TEMP_SUFFIX_DIGITS
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
 }
 
 #[cfg(test)]
@@ -484,6 +546,51 @@ mod tests {
                 .is_err()
         );
         assert!(safe.remove_file(OsStr::new("..")).is_err());
+    }
+
+    #[test]
+    fn only_the_temp_files_of_the_name_are_removed() {
+        let base = base();
+        let dir = mkdir(&base.path().join("d"), 0o755, me());
+        let safe = SafeDir::open(&dir).unwrap();
+        let name = OsStr::new("a.token");
+        let left = temp_name(name);
+        assert!(is_temp_name(OsStr::new(&left), name), "{left}");
+        fs::write(dir.join(&left), "half").unwrap();
+        fs::write(dir.join(temp_name(name)), "").unwrap();
+        let victim = base.path().join("victim");
+        fs::write(&victim, "keep").unwrap();
+        let linked = temp_name(name);
+        std::os::unix::fs::symlink(&victim, dir.join(&linked)).unwrap();
+        // Not ours: another name's, a near miss, the file itself, a directory.
+        let kept = [
+            temp_name(OsStr::new("b.token")),
+            ".a.token.0123456789abcdeX.tmp".to_owned(),
+            ".a.token.0123456789abcdef0.tmp".to_owned(),
+            "a.token.0123456789abcdef.tmp".to_owned(),
+            "a.token".to_owned(),
+        ];
+        for k in &kept {
+            fs::write(dir.join(k), "other").unwrap();
+        }
+        mkdir(&dir.join(temp_name(name)), 0o755, me());
+        assert_eq!(safe.remove_temp_files(name).unwrap(), 3);
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "keep");
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with(".a.token.") || kept.contains(n))
+            .collect();
+        names.sort();
+        let mut want = kept.to_vec();
+        want.sort();
+        assert_eq!(names, want);
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            kept.len() + 1,
+            "the directory stays"
+        );
+        assert_eq!(safe.remove_temp_files(name).unwrap(), 0);
     }
 
     #[test]

@@ -5,6 +5,35 @@
 //! survive a restart); the token itself exists only in the app's file. Looking a presented
 //! token up by its digest reveals nothing through timing: an attacker does not know the digest
 //! of what they send against what is stored.
+//!
+//! # Crash safety
+//!
+//! A rotation touches two files, the app's token file and the state file, and no rename can
+//! change both at once. So it is a two-phase record:
+//!
+//! 1. the new token's digest is saved as the app's *pending* token (the current one unchanged);
+//! 2. the token file is replaced (a temporary file beside it, renamed over it);
+//! 3. the pending token is promoted to current and saved again.
+//!
+//! Each save and each file write is itself atomic (temporary file, `fsync`, rename, `fsync` of
+//! the directory), so after a `kill -9` (or a power cut) at any point the token file holds the
+//! current token or the pending one, and the state names both:
+//!
+//! - killed before 1 ends: the state and the file are those of before the rotation;
+//! - between 1 and the rename in 2: the file still holds the current token; the pending one
+//!   never left the daemon, so it is dropped at the next start and the rotation did not happen
+//!   (tokens issued before the crash work as before; a scheduled one is due again);
+//! - between the rename in 2 and the end of 3: the file holds the pending token; the next start
+//!   sees that and finishes the rotation with what step 1 recorded (when the old token stops
+//!   working: after the grace, or at once for a revoking one), so it is as if the daemon had
+//!   finished it before dying.
+//!
+//! [`TokenStore::reconcile`] (at start and on every reload) reads each token file and applies
+//! these rules; a file holding a token the state does not know at all (an older daemon's state,
+//! a lost state file, a hand-edited file) gets a new token instead of being refused for good.
+//! The temporary files a kill leaves behind, in the state directory and beside the token files,
+//! are removed when the store is opened and reconciled; only names of the daemon's own
+//! temporary-file pattern, through the directories' handles.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsStr;
@@ -31,10 +60,6 @@ const RETIRED_KEPT: usize = 4;
 /// Tokens are 32 random bytes, prefixed so that one found in a log or a repository is
 /// recognisable for what it is.
 const TOKEN_PREFIX: &str = "ibct_";
-
-/// How long the old token of a revoking rotation stays valid at most: only while the new
-/// file is written, after which it is retired at once.
-const WRITE_WINDOW: Duration = Duration::from_secs(60);
 
 type Digest = [u8; 32];
 
@@ -68,6 +93,8 @@ pub enum RotationCause {
     /// The app is new (or its token file settings changed, or the file was missing).
     Issued,
     Scheduled,
+    /// A rotation a crash cut short after the new token reached the file, finished at start.
+    Recovered,
     /// `imds-broker token rotate`: the old token stops working at once.
     Requested,
 }
@@ -77,6 +104,7 @@ impl RotationCause {
         match self {
             RotationCause::Issued => "issued",
             RotationCause::Scheduled => "scheduled",
+            RotationCause::Recovered => "recovered",
             RotationCause::Requested => "requested",
         }
     }
@@ -109,6 +137,34 @@ struct AppTokens {
     /// The token before `current` and until when it is still accepted.
     previous: Option<(Digest, SystemTime)>,
     retired: VecDeque<Digest>,
+    /// The token being written to the file (see the module's "Crash safety").
+    pending: Option<Pending>,
+}
+
+/// A token recorded before its file is renamed into place.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    digest: Digest,
+    issued_at: SystemTime,
+    /// Until when the token it replaces stays valid; `None`: it is retired once the file is in
+    /// place (a revoking rotation).
+    old_until: Option<SystemTime>,
+}
+
+impl AppTokens {
+    /// Makes the pending token current (its file is in place).
+    fn promote(&mut self, pending: Pending) {
+        if let Some((prev, _)) = self.previous.take() {
+            retire(&mut self.retired, prev);
+        }
+        match pending.old_until {
+            Some(until) => self.previous = Some((self.current, until)),
+            None => retire(&mut self.retired, self.current),
+        }
+        self.current = pending.digest;
+        self.issued_at = pending.issued_at;
+        self.pending = None;
+    }
 }
 
 pub struct TokenStore {
@@ -135,6 +191,16 @@ struct SavedApp {
     current: String,
     issued_at: u64,
     previous: Option<(String, u64)>,
+    /// Absent in a state saved by a daemon that did not record pending tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending: Option<SavedPending>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedPending {
+    digest: String,
+    issued_at: u64,
+    old_until: Option<u64>,
 }
 
 /// A token's status for `imds-broker status`.
@@ -180,6 +246,17 @@ impl TokenStore {
             path: state_file.clone(),
             source,
         };
+        // What a save killed half-way left; the state file itself is the old one or the new.
+        match dir.remove_temp_files(OsStr::new(STATE_FILE)) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(path = %state_file.display(), removed = n, "removed temporary files an interrupted save left")
+            }
+            // They only take room; the daemon works without their removal.
+            Err(e) => {
+                tracing::warn!(path = %state_file.display(), error = %e, "cannot remove temporary state files")
+            }
+        }
         let saved = match dir.open_file(OsStr::new(STATE_FILE)) {
             Ok(file) => {
                 let meta = file.metadata().map_err(io_err)?;
@@ -208,6 +285,13 @@ impl TokenStore {
                 let previous = s
                     .previous
                     .and_then(|(d, until)| Some((parse_digest(&d)?, from_unix(until))));
+                let pending = s.pending.and_then(|p| {
+                    Some(Pending {
+                        digest: parse_digest(&p.digest)?,
+                        issued_at: from_unix(p.issued_at),
+                        old_until: p.old_until.map(from_unix),
+                    })
+                });
                 Some((
                     name,
                     AppTokens {
@@ -220,6 +304,7 @@ impl TokenStore {
                         issued_at: from_unix(s.issued_at),
                         previous,
                         retired: VecDeque::new(),
+                        pending,
                     },
                 ))
             })
@@ -237,7 +322,7 @@ impl TokenStore {
         let d = digest(presented);
         let tokens = self.tokens.read().expect("token store lock");
         for (name, app) in tokens.iter() {
-            if app.current == d {
+            if app.current == d || app.pending.is_some_and(|p| p.digest == d) {
                 return Verdict::Valid { app: name.clone() };
             }
             if let Some((prev, until)) = app.previous
@@ -281,23 +366,103 @@ impl TokenStore {
             }
             gone
         };
-        for (app, file) in gone {
-            if let Err(e) = token_file::remove(&file) {
+        for (app, file) in &gone {
+            if let Err(e) = token_file::remove(file) {
                 tracing::warn!(%app, file = %file.display(), error = %e, "cannot remove an old token file");
+            }
+        }
+        // Nothing writes these files now (the writer lock is held): a temporary file beside
+        // one is what a killed write left.
+        let files = gone
+            .iter()
+            .map(|(app, file)| (app.as_str(), file))
+            .chain(wanted.iter().map(|(app, c)| (*app, &c.token_file)));
+        for (app, file) in files {
+            match token_file::remove_temp_files(file) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(%app, file = %file.display(), removed = n, "removed temporary files an interrupted write left")
+                }
+                Err(e) => {
+                    tracing::warn!(%app, file = %file.display(), error = %e, "cannot remove temporary token files")
+                }
             }
         }
         let mut rotations = Vec::new();
         for (name, target) in wanted {
-            let keep = {
-                let tokens = self.tokens.read().expect("token store lock");
-                tokens.get(name).is_some_and(|held| &held.target == target)
-            } && token_file::intact(target);
-            if !keep {
-                rotations.push(self.replace(name, target, now, None, RotationCause::Issued));
+            match self.check_file(name, target) {
+                FileCheck::Current => {}
+                FileCheck::Pending => rotations.push(self.finish(name, target)),
+                FileCheck::Replace => {
+                    rotations.push(self.replace(name, target, now, None, RotationCause::Issued));
+                }
             }
         }
         self.save();
         rotations
+    }
+
+    /// What `name`'s token file holds against what the store holds (see the module's "Crash
+    /// safety"). Drops a pending token that never reached the file. The caller holds the
+    /// writer lock; the files are read without holding the token lock.
+    fn check_file(&self, name: &str, target: &AppContainer) -> FileCheck {
+        let held = {
+            let tokens = self.tokens.read().expect("token store lock");
+            tokens
+                .get(name)
+                .filter(|held| &held.target == target)
+                .map(|held| (held.current, held.pending))
+        };
+        let Some((current, pending)) = held else {
+            return FileCheck::Replace;
+        };
+        if !token_file::intact(target) {
+            return FileCheck::Replace;
+        }
+        let in_file = match token_file::read(&target.token_file) {
+            Ok(token) => digest(&token),
+            // A daemon that may chown but not read others' files: trust the owner and mode,
+            // as long as no rotation was under way.
+            Err(e) if pending.is_none() => {
+                tracing::debug!(app = %name, file = %target.token_file.display(), error = %e, "cannot read the token file; keeping its token");
+                return FileCheck::Current;
+            }
+            Err(_) => return FileCheck::Replace,
+        };
+        if in_file == current {
+            if pending.is_some() {
+                if let Some(held) = self.tokens.write().expect("token store lock").get_mut(name) {
+                    held.pending = None;
+                }
+                tracing::info!(app = %name, "a token rotation was cut short before its file was written; the token in force is kept");
+            }
+            FileCheck::Current
+        } else if pending.is_some_and(|p| p.digest == in_file) {
+            FileCheck::Pending
+        } else {
+            tracing::warn!(app = %name, file = %target.token_file.display(), "the token file holds a token the state does not know; issuing a new one");
+            FileCheck::Replace
+        }
+    }
+
+    /// Finishes the rotation whose token is already in `name`'s file (after a crash).
+    fn finish(&self, name: &str, target: &AppContainer) -> Rotation {
+        {
+            let mut tokens = self.tokens.write().expect("token store lock");
+            if let Some(held) = tokens.get_mut(name)
+                && let Some(pending) = held.pending
+            {
+                held.promote(pending);
+            }
+        }
+        self.save();
+        self.changes.send_modify(|n| *n += 1);
+        Rotation {
+            app: name.to_owned(),
+            file: target.token_file.clone(),
+            cause: RotationCause::Recovered,
+            result: Ok(()),
+        }
     }
 
     /// Replaces every token issued `every` or longer ago; the old one stays valid for `grace`.
@@ -311,16 +476,11 @@ impl TokenStore {
                 .map(|(name, held)| (name.clone(), held.target.clone()))
                 .collect()
         };
-        let rotations: Vec<_> = due
-            .into_iter()
+        due.into_iter()
             .map(|(name, target)| {
                 self.replace(&name, &target, now, Some(grace), RotationCause::Scheduled)
             })
-            .collect();
-        if !rotations.is_empty() {
-            self.save();
-        }
-        rotations
+            .collect()
     }
 
     /// Replaces `app`'s token now; the old one stops working at once. `None` if the app has no
@@ -334,9 +494,7 @@ impl TokenStore {
             .get(app)?
             .target
             .clone();
-        let rotation = self.replace(app, &target, now, None, RotationCause::Requested);
-        self.save();
-        Some(rotation)
+        Some(self.replace(app, &target, now, None, RotationCause::Requested))
     }
 
     /// Sees every change of any app's token (a counter that moves once per change).
@@ -365,9 +523,10 @@ impl TokenStore {
         list
     }
 
-    /// Issues a new token for `name` and writes its file. The new token is accepted before the
-    /// file is written (a fast reader must not be refused); the old one is kept for `grace`, or
-    /// retired once the file is in place. If the file cannot be written nothing changes.
+    /// Issues a new token for `name` and writes its file, in the three steps of the module's
+    /// "Crash safety". The new token is accepted before the file is written (a fast reader
+    /// must not be refused); the old one is kept for `grace`, or retired once the file is in
+    /// place. If the file cannot be written nothing changes.
     fn replace(
         &self,
         name: &str,
@@ -377,49 +536,9 @@ impl TokenStore {
         cause: RotationCause,
     ) -> Rotation {
         let token = new_token();
-        let new = digest(token.expose());
-        let before = {
-            let mut tokens = self.tokens.write().expect("token store lock");
-            let before = tokens.get(name).cloned();
-            let mut next = before.clone().unwrap_or_else(|| AppTokens {
-                target: target.clone(),
-                current: new,
-                issued_at: now,
-                previous: None,
-                retired: VecDeque::new(),
-            });
-            if let Some(old) = &before {
-                // Both stay valid while the file changes hands.
-                next.previous = Some((old.current, now + grace.unwrap_or(WRITE_WINDOW)));
-                if let Some((prev, _)) = old.previous {
-                    retire(&mut next.retired, prev);
-                }
-            }
-            next.target = target.clone();
-            next.current = new;
-            next.issued_at = now;
-            tokens.insert(name.to_owned(), next);
-            before
-        };
+        let before = self.begin(name, target, digest(token.expose()), now, grace);
         let result = token_file::write(target, &token);
-        let mut tokens = self.tokens.write().expect("token store lock");
-        match (&result, before) {
-            (Err(_), Some(old)) => {
-                tokens.insert(name.to_owned(), old);
-            }
-            (Err(_), None) => {
-                tokens.remove(name);
-            }
-            (Ok(()), _) if grace.is_none() => {
-                if let Some(held) = tokens.get_mut(name)
-                    && let Some((old, _)) = held.previous.take()
-                {
-                    retire(&mut held.retired, old);
-                }
-            }
-            (Ok(()), _) => {}
-        }
-        drop(tokens);
+        self.end(name, target, before, result.is_ok());
         if result.is_ok() {
             self.changes.send_modify(|n| *n += 1);
         }
@@ -429,6 +548,74 @@ impl TokenStore {
             cause,
             result,
         }
+    }
+
+    /// Step 1: records `new` as `name`'s pending token (current at once for an app that has
+    /// none) and saves the state. Returns what was held before.
+    fn begin(
+        &self,
+        name: &str,
+        target: &AppContainer,
+        new: Digest,
+        now: SystemTime,
+        grace: Option<Duration>,
+    ) -> Option<AppTokens> {
+        let before = {
+            let mut tokens = self.tokens.write().expect("token store lock");
+            let before = tokens.get(name).cloned();
+            let pending = Pending {
+                digest: new,
+                issued_at: now,
+                old_until: grace.map(|g| now + g),
+            };
+            match tokens.get_mut(name) {
+                // The old token stays current (so valid) while the file changes hands.
+                Some(held) => held.pending = Some(pending),
+                // Nothing to keep valid: a crash before the file is in place leaves a file the
+                // state does not match, which gets a new token at the next start.
+                None => {
+                    tokens.insert(
+                        name.to_owned(),
+                        AppTokens {
+                            target: target.clone(),
+                            current: new,
+                            issued_at: now,
+                            previous: None,
+                            retired: VecDeque::new(),
+                            pending: None,
+                        },
+                    );
+                }
+            }
+            before
+        };
+        self.save();
+        before
+    }
+
+    /// Step 3, once the file write is over: promotes the pending token if the file is in
+    /// place, or puts back what was held `before` if it is not; saves the state.
+    fn end(&self, name: &str, target: &AppContainer, before: Option<AppTokens>, written: bool) {
+        {
+            let mut tokens = self.tokens.write().expect("token store lock");
+            match (written, before) {
+                (false, Some(old)) => {
+                    tokens.insert(name.to_owned(), old);
+                }
+                (false, None) => {
+                    tokens.remove(name);
+                }
+                (true, _) => {
+                    if let Some(held) = tokens.get_mut(name) {
+                        held.target = target.clone();
+                        if let Some(pending) = held.pending {
+                            held.promote(pending);
+                        }
+                    }
+                }
+            }
+        }
+        self.save();
     }
 
     /// Writes the digests to the state file (0600, atomically). A failure is logged: the
@@ -451,6 +638,11 @@ impl TokenStore {
                                 previous: a
                                     .previous
                                     .map(|(d, until)| (hex::encode(d), unix(until))),
+                                pending: a.pending.map(|p| SavedPending {
+                                    digest: hex::encode(p.digest),
+                                    issued_at: unix(p.issued_at),
+                                    old_until: p.old_until.map(unix),
+                                }),
                             },
                         )
                     })
@@ -464,6 +656,16 @@ impl TokenStore {
             tracing::error!(path = %self.state_file.display(), error = %e, "cannot save the container token state");
         }
     }
+}
+
+/// What [`TokenStore::check_file`] found.
+enum FileCheck {
+    /// The file holds the current token.
+    Current,
+    /// The file holds the pending token: a rotation to finish.
+    Pending,
+    /// Anything else: a new token is needed.
+    Replace,
 }
 
 fn retire(retired: &mut VecDeque<Digest>, d: Digest) {
@@ -669,6 +871,228 @@ mod tests {
             "the old file was removed"
         );
         assert!(store.status().iter().all(|s| s.app != "a"));
+    }
+
+    /// Where a simulated `kill -9` stops a rotation of app `a` (see the module's "Crash safety").
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Kill {
+        /// Inside step 1's save: its temporary file written, not renamed.
+        SavingPending,
+        /// After step 1.
+        Recorded,
+        /// Inside step 2: the new token's temporary file written, not renamed.
+        WritingFile,
+        /// After step 2's rename.
+        Renamed,
+        /// Inside step 3's save.
+        Promoting,
+        /// After step 3: nothing was cut short.
+        Done,
+    }
+
+    const KILLS: [Kill; 6] = [
+        Kill::SavingPending,
+        Kill::Recorded,
+        Kill::WritingFile,
+        Kill::Renamed,
+        Kill::Promoting,
+        Kill::Done,
+    ];
+
+    /// Leaves a temporary file beside `path` as a killed write would.
+    fn leave_temp(path: &Path, bytes: &str) {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let tmp = path.with_file_name(format!(".{name}.0123456789abcdef.tmp"));
+        fs::write(tmp, bytes).unwrap();
+    }
+
+    fn temp_files(dirs: &[&Path]) -> Vec<PathBuf> {
+        dirs.iter()
+            .flat_map(|d| fs::read_dir(d).unwrap())
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+            .collect()
+    }
+
+    /// Runs a rotation of `a` up to `kill` (the store is then dropped, as a killed daemon's
+    /// memory is), and "restarts": a new store from the files alone, reconciled at `later`.
+    /// Returns it, the token `a` had before and what reconcile did.
+    fn killed(
+        dir: &Path,
+        config: &Config,
+        kill: Kill,
+        grace: Option<Duration>,
+        t0: SystemTime,
+        later: SystemTime,
+    ) -> (TokenStore, String, Vec<Rotation>) {
+        let old = {
+            let store = store(dir, config, t0);
+            let old = token_of(config, "a");
+            let target = config.apps[0].container.clone().unwrap();
+            let state = dir.join(STATE_FILE);
+            let token = new_token();
+            if kill == Kill::SavingPending {
+                leave_temp(&state, "{\"apps\":");
+            } else {
+                let before = store.begin("a", &target, digest(token.expose()), t0, grace);
+                match kill {
+                    Kill::Recorded => {}
+                    Kill::WritingFile => leave_temp(&target.token_file, token.expose()),
+                    _ => {
+                        token_file::write(&target, &token).unwrap();
+                        match kill {
+                            Kill::Renamed => {}
+                            Kill::Promoting => leave_temp(&state, "{"),
+                            _ => store.end("a", &target, before, true),
+                        }
+                    }
+                }
+            }
+            old
+        };
+        let store = TokenStore::open(dir).unwrap();
+        let rotations = store.reconcile(&config.apps, later);
+        (store, old, rotations)
+    }
+
+    #[test]
+    fn a_rotation_killed_at_any_step_leaves_a_working_token_and_no_temp_file() {
+        let every = Duration::from_secs(3600);
+        let grace = Duration::from_secs(60);
+        for revoking in [false, true] {
+            for kill in KILLS {
+                let case = format!("{kill:?}, revoking: {revoking}");
+                let dir = tempfile::tempdir().unwrap();
+                let config = config(dir.path());
+                let t0 = SystemTime::now();
+                let t1 = t0 + Duration::from_secs(1);
+                let (store, old, rotations) = killed(
+                    dir.path(),
+                    &config,
+                    kill,
+                    (!revoking).then_some(grace),
+                    t0,
+                    t1,
+                );
+                assert_eq!(
+                    temp_files(&[dir.path(), &dir.path().join("tokens")]),
+                    Vec::<PathBuf>::new(),
+                    "{case}"
+                );
+                let now = token_of(&config, "a");
+                assert_eq!(
+                    store.verify(&now, t1),
+                    Verdict::Valid { app: "a".into() },
+                    "{case}"
+                );
+                assert_eq!(
+                    store.verify(&token_of(&config, "b"), t1),
+                    Verdict::Valid { app: "b".into() },
+                    "{case}"
+                );
+                let took_effect = matches!(kill, Kill::Renamed | Kill::Promoting | Kill::Done);
+                if !took_effect {
+                    // The new token never reached the file: the rotation did not happen.
+                    assert_eq!(now, old, "{case}");
+                    assert!(rotations.is_empty(), "{case}: {rotations:?}");
+                    // It is due again on schedule.
+                    assert_eq!(store.next_due(every), Some(from_unix(unix(t0)) + every));
+                    continue;
+                }
+                assert_ne!(now, old, "{case}");
+                let recovered: Vec<_> = rotations
+                    .iter()
+                    .map(|r| (r.app.as_str(), r.cause))
+                    .collect();
+                if kill == Kill::Done {
+                    assert!(recovered.is_empty(), "{case}: {rotations:?}");
+                } else {
+                    assert_eq!(recovered, [("a", RotationCause::Recovered)], "{case}");
+                }
+                // The old token as documented: valid for the grace, or stale at once.
+                if revoking {
+                    // Stale, or Unknown once a restart has forgotten it (retired digests are
+                    // kept in memory only): refused either way.
+                    assert!(
+                        matches!(
+                            store.verify(&old, t1),
+                            Verdict::Stale { .. } | Verdict::Unknown
+                        ),
+                        "{case}"
+                    );
+                } else {
+                    assert_eq!(
+                        store.verify(&old, t1),
+                        Verdict::Valid { app: "a".into() },
+                        "{case}"
+                    );
+                    assert_eq!(
+                        store.verify(&old, t0 + grace),
+                        Verdict::Stale { app: "a".into() },
+                        "{case}"
+                    );
+                }
+                // And a second restart changes nothing.
+                drop(store);
+                let again = TokenStore::open(dir.path()).unwrap();
+                assert!(again.reconcile(&config.apps, t1).is_empty(), "{case}");
+                assert_eq!(token_of(&config, "a"), now, "{case}");
+                assert_eq!(
+                    again.verify(&now, t1),
+                    Verdict::Valid { app: "a".into() },
+                    "{case}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_file_the_state_does_not_know_gets_a_new_token_not_403_for_good() {
+        // What an older daemon killed between renaming the file and saving the state left.
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let now = SystemTime::now();
+        drop(store(dir.path(), &config, now));
+        let target = config.apps[0].container.clone().unwrap();
+        token_file::write(&target, &new_token()).unwrap();
+        let store = TokenStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.verify(&token_of(&config, "a"), now),
+            Verdict::Unknown,
+            "the state does not know it"
+        );
+        let r = store.reconcile(&config.apps, now);
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].app.as_str(), r[0].cause),
+            ("a", RotationCause::Issued)
+        );
+        assert_eq!(
+            store.verify(&token_of(&config, "a"), now),
+            Verdict::Valid { app: "a".into() }
+        );
+    }
+
+    #[test]
+    fn a_pending_token_is_accepted_while_its_file_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let now = SystemTime::now();
+        let store = store(dir.path(), &config, now);
+        let old = token_of(&config, "a");
+        let target = config.apps[0].container.clone().unwrap();
+        let token = new_token();
+        let before = store.begin("a", &target, digest(token.expose()), now, None);
+        assert_eq!(
+            store.verify(token.expose(), now),
+            Verdict::Valid { app: "a".into() }
+        );
+        assert_eq!(store.verify(&old, now), Verdict::Valid { app: "a".into() });
+        token_file::write(&target, &token).unwrap();
+        store.end("a", &target, before, true);
+        assert_eq!(store.verify(&old, now), Verdict::Stale { app: "a".into() });
+        let state = fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        assert!(!state.contains("pending"), "{state}");
     }
 
     #[test]

@@ -60,6 +60,30 @@ pub fn remove(path: &Path) -> io::Result<()> {
     }
 }
 
+/// The longest token file [`read`] takes in; the daemon's own tokens are far shorter.
+const READ_LIMIT: u64 = 4096;
+
+/// What the token file holds (read through its directory's handle, never through a link).
+pub fn read(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    let (dir, name) = SafeDir::open_parent(path)?;
+    let mut text = String::new();
+    dir.open_file(name)?
+        .take(READ_LIMIT)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Removes the temporary files a write of `path` (a token file or the state file) cut short
+/// by a crash left beside it (see [`SafeDir::remove_temp_files`]); returns how many.
+pub fn remove_temp_files(path: &Path) -> io::Result<usize> {
+    match SafeDir::open_parent(path) {
+        Ok((dir, name)) => dir.remove_temp_files(name),
+        Err(e) if e.is_not_found() => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Whether the token file is there, still a regular file with the owner and mode it was given,
 /// in a directory that still passes the checks.
 pub fn intact(target: &AppContainer) -> bool {
