@@ -428,3 +428,26 @@ async fn keep_alive_connection_serves_several_requests() {
         assert_eq!((r.status, r.body.as_str()), (200, "app-a"));
     }
 }
+
+/// The caller's AssumeRole starts at its token PUT, before it asks for credentials; a second
+/// PUT while credentials are cached costs STS nothing.
+#[tokio::test]
+async fn a_token_put_starts_the_callers_assume_role() {
+    let d = TestDaemon::start(|s| config_text(s, "")).await;
+    assert_eq!(d.sts.calls(), 0, "no app is prefetched");
+    let token = d.token(60).await;
+    d.sts.wait_for_calls(1).await;
+    let r = d
+        .get("/latest/meta-data/iam/security-credentials/app-a", &token)
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let _ = d.token(60).await;
+    let _ = d
+        .get("/latest/meta-data/iam/security-credentials/app-a", &token)
+        .await;
+    assert_eq!(
+        d.sts.calls(),
+        1,
+        "one AssumeRole for the PUT and both reads"
+    );
+}

@@ -157,7 +157,15 @@ fn text(body: impl Into<axum::body::Body>) -> Response {
 /// `PUT /latest/api/token`: a token bound to this caller, for the TTL asked (capped by config).
 async fn put_token(State(state): State<AppState>, request: Request) -> Result<Response, ImdsError> {
     let conn = caller_of(request.extensions())?;
-    let config = &matched_of(request.extensions())?.config;
+    let matched = matched_of(request.extensions())?;
+    let config = &matched.config;
+    // An SDK asks for its credentials right after its token, with a short timeout (botocore:
+    // 1 s): when the caller's app is already known, its AssumeRole starts now, so a cold cache
+    // costs the SDK the STS latency minus this round trip. Only when the app has no
+    // credentials and none are being fetched or held back after a failure.
+    if let Some(app) = matched.app() {
+        state.cache().prefetch([app.assume_role_input().clone()]);
+    }
     let requested = requested_ttl(request.headers())?;
     let granted = requested.min(config.server.token_max_ttl.as_secs());
     let now = state.now();
