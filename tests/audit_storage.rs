@@ -218,9 +218,11 @@ async fn a_full_audit_filesystem_refuses_or_serves_as_configured_and_recovers_by
         .find(|l| l["event"] == "audit.gap")
         .unwrap();
     let lost_serving = last_gap["lost"].as_u64().unwrap();
-    // The token and the issuance while full.
-    assert_eq!(lost_serving, 2, "{last_gap:?}");
-    assert_eq!(lost, 2 + 2, "both runs counted");
+    // The token, and the issuance unless the process-wide repeat filter already holds an
+    // identical (caller, app, key id) line from the first run (the fake STS's key ids repeat
+    // across daemons): what was lost is what the gap line says, and the metric agrees.
+    assert!((1..=2).contains(&lost_serving), "{last_gap:?}");
+    assert_eq!(lost, 2 + lost_serving, "both runs counted");
     chain::verify(&fs::read_to_string(&audit).unwrap()).unwrap();
     d.stop().await;
     sink.close();
