@@ -109,16 +109,17 @@ async fn each_failure_stops_with_its_fix() {
     );
     d.stop().await;
 
-    // A role, but not the expected one; then STS failing.
+    // A role, but not the expected one; then STS failing. STS fails from the start: a token
+    // PUT starts the caller's AssumeRole, so the first run would otherwise fill the cache.
     let d = TestDaemon::start(|s| config_text(s, "")).await;
+    d.sts
+        .set(Behavior::Fail(StsError::Unavailable("down".into())));
     let (out, stdout) = doctor(d.addr, &["--expect-role", "billing"], &[]).await;
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     line(
         &stdout,
         "FAIL role: this caller is \"app-a\", not the expected \"billing\"",
     );
-    d.sts
-        .set(Behavior::Fail(StsError::Unavailable("down".into())));
     let (out, stdout) = doctor(d.addr, &[], &[]).await;
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     line(&stdout, "FAIL credentials: not served: HTTP 503");

@@ -348,11 +348,12 @@ async fn instance_metadata_paths_sdks_read() {
 #[tokio::test]
 async fn sts_failures_become_imds_shaped_5xx_never_empty_credentials() {
     let d = TestDaemon::start(|s| config_text(s, "")).await;
-    let token = d.token(60).await;
-    let path = format!("{CREDS}app-a");
+    // Failing before the token PUT, which starts the caller's AssumeRole.
     d.sts.set(Behavior::Fail(StsError::Unavailable(
         "connection refused".into(),
     )));
+    let token = d.token(60).await;
+    let path = format!("{CREDS}app-a");
     let r = d.get(&path, &token).await;
     assert_eq!(r.status, 503);
     assert!(r.body.contains("503 - Service Unavailable"), "{}", r.body);
@@ -365,12 +366,13 @@ async fn sts_failures_become_imds_shaped_5xx_never_empty_credentials() {
 #[tokio::test]
 async fn access_denied_is_500_and_too_short_sessions_are_refused() {
     let d = TestDaemon::start(|s| config_text(s, "")).await;
-    let token = d.token(60).await;
-    let path = format!("{CREDS}app-a");
+    // Refusing before the token PUT, which starts the caller's AssumeRole.
     d.sts.set(Behavior::Fail(StsError::Refused {
         code: "AccessDenied".into(),
         message: "not authorized to perform sts:AssumeRole".into(),
     }));
+    let token = d.token(60).await;
+    let path = format!("{CREDS}app-a");
     let r = d.get(&path, &token).await;
     assert_eq!(r.status, 500);
     assert!(!r.body.contains("AccessDenied"));
@@ -378,10 +380,10 @@ async fn access_denied_is_500_and_too_short_sessions_are_refused() {
     // STS hands back a session with 10 minutes left: never served (botocore would treat it as
     // expired), even though it is not expired.
     let d = TestDaemon::start(|s| config_text(s, "")).await;
-    let token = d.token(60).await;
     d.sts.set(Behavior::Issue {
         lifetime: Some(Duration::from_secs(600)),
     });
+    let token = d.token(60).await;
     let r = d.get(&path, &token).await;
     assert_eq!(r.status, 500);
     assert!(!r.body.contains("ASIAFAKE"));
