@@ -144,16 +144,12 @@ async fn render_metrics(State(admin): State<Admin>) -> Response {
                 .set(left.as_secs_f64());
         }
     }
-    if let Some(not_after) = admin
+    if let Some(left) = admin
         .state
         .own_source()
-        .and_then(|s| s.certificate_not_after())
+        .and_then(|s| s.certificate_expires_in(now))
     {
-        let left = match not_after.duration_since(now) {
-            Ok(left) => left.as_secs_f64(),
-            Err(past) => -past.duration().as_secs_f64(),
-        };
-        metrics::gauge!(crate::metrics::SOURCE_CERTIFICATE_EXPIRY).set(left);
+        metrics::gauge!(crate::metrics::SOURCE_CERTIFICATE_EXPIRY).set(left as f64);
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::{EXIT_CONFIG, load_config};
+use crate::config::Config;
 use crate::explain::{self, PolicyOutcome, Subject};
 use crate::runtime::Runtime;
 
@@ -13,14 +14,21 @@ pub(super) fn rule(path: PathBuf, subject: Subject) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let caller = match explain::caller_for(&subject, &config) {
+    let what = format!("{subject:?}");
+    report(&config, &subject, &what)
+}
+
+/// Prints the report for `subject` (described as `what` when it cannot be read): exit 0 if a
+/// rule matched, 1 if none did.
+fn report(config: &Config, subject: &Subject, what: &str) -> ExitCode {
+    let caller = match explain::caller_for(subject, config) {
         Ok(caller) => caller,
         Err(e) => {
-            eprintln!("cannot read {subject:?}: {e}");
+            eprintln!("cannot read {what}: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let (report, matched) = explain::report(&config, &caller);
+    let (report, matched) = explain::report(config, &caller);
     out!("{report}");
     if matched {
         ExitCode::SUCCESS
@@ -59,20 +67,11 @@ pub(super) async fn container(path: PathBuf, name_or_id: &str) -> ExitCode {
         pid,
         meta: inspected.meta,
     };
-    let caller = match explain::caller_for(&subject, &config) {
-        Ok(caller) => caller,
-        Err(e) => {
-            eprintln!("cannot read container {name_or_id:?} (pid {pid}): {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let (report, matched) = explain::report(&config, &caller);
-    out!("{report}");
-    if matched {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    report(
+        &config,
+        &subject,
+        &format!("container {name_or_id:?} (pid {pid})"),
+    )
 }
 
 /// `explain --app` when only IAM can decide.

@@ -105,15 +105,6 @@ impl Namespaces {
         })
     }
 
-    /// How many namespaces are indexed (for metrics and tests).
-    pub fn len(&self) -> usize {
-        self.index.read().expect("netns index lock").spaces.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Whether namespace `ino` is indexed.
     pub fn contains(&self, ino: u64) -> bool {
         self.index

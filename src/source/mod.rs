@@ -96,14 +96,6 @@ impl Source {
         })
     }
 
-    /// The aws-config default chain (tests, and `[source]` left out).
-    pub fn chain() -> Self {
-        Self {
-            kind: Kind::Chain,
-            last_rotation: Mutex::new(None),
-        }
-    }
-
     pub fn is_chain(&self) -> bool {
         matches!(self.kind, Kind::Chain)
     }
@@ -136,6 +128,12 @@ impl Source {
             Kind::RolesAnywhere(ra) => Some(ra.not_after()),
             _ => None,
         }
+    }
+
+    /// Seconds until the Roles Anywhere certificate ends (negative after).
+    pub fn certificate_expires_in(&self, now: SystemTime) -> Option<i64> {
+        self.certificate_not_after()
+            .map(|at| seconds_until(at, now))
     }
 
     /// Whether the source can still get credentials: not with an expired certificate.

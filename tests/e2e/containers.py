@@ -548,7 +548,7 @@ def container_host(uids: Sequence[int]) -> Iterator[ContainerHost]:
         host.moto = stack.enter_context(
             serving(
                 "moto",
-                [*netns_enter(netns), str(PYTHON), str(CLIENTS_DIR / "moto_sts_at.py"), MOTO_ADDRESS],
+                [*netns_enter(netns), str(PYTHON), str(CLIENTS_DIR / "moto_sts.py"), MOTO_ADDRESS],
                 hermetic_env(),
                 workdir / "moto",
             )
