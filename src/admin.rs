@@ -125,7 +125,7 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
 
 async fn render_metrics(State(admin): State<Admin>) -> Response {
     let now = admin.state.now();
-    crate::metrics::update_active_tokens(now);
+    crate::metrics::update_active_tokens(admin.state.boot_time());
     let cache = admin.state.cache();
     let stats = cache.stats();
     metrics::gauge!(crate::metrics::CACHE_ENTRIES).set(stats.entries as f64);
@@ -221,7 +221,7 @@ async fn rotate_container_token(
         )
             .into_response();
     };
-    let now = admin.state.now();
+    let now = admin.state.moment();
     let name = app.clone();
     let rotation = tokio::task::spawn_blocking(move || tokens.rotate(&name, now)).await;
     match rotation {

@@ -4,11 +4,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
 use metrics::{Counter, SharedString};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::time::BootTime;
 
 /// Requests by `path` kind, `status` and `app` ("" when the caller maps to none).
 pub const REQUESTS: &str = "imds_broker_requests_total";
@@ -59,6 +60,9 @@ pub const NETWORK_NAMESPACES: &str = "imds_broker_network_namespaces";
 /// Container runtime API requests by `call` (inspect, find, events) and `outcome` (ok,
 /// not_found, unreachable, timeout, status, protocol).
 pub const RUNTIME_REQUESTS: &str = "imds_broker_runtime_requests_total";
+/// Wall-clock steps the credential refresher noticed (the wall clock moving apart from the boot
+/// clock by more than `time::STEP_TOLERANCE` between two of its passes).
+pub const CLOCK_STEPS: &str = "imds_broker_clock_steps_total";
 
 /// STS latency buckets, in seconds: from a fast regional endpoint to a timing-out one.
 const STS_LATENCY_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -127,6 +131,11 @@ fn describe() {
         RUNTIME_REQUESTS,
         "Container runtime API requests, by call and outcome"
     );
+    metrics::describe_counter!(
+        CLOCK_STEPS,
+        "Wall-clock steps noticed (token lifetimes and rotation intervals are not affected)"
+    );
+    metrics::counter!(CLOCK_STEPS).increment(0);
     // Exported at zero before the first failure, so an alert on its increase sees the first one.
     for op in AUDIT_FAILED_OPS {
         metrics::counter!(AUDIT_WRITE_FAILURES, "op" => *op).increment(0);
@@ -231,12 +240,17 @@ fn kept<'m, V>(map: &'m mut HashMap<String, V>, app: &str, make: impl FnOnce() -
     map.get_mut(app).expect("inserted above")
 }
 
-/// Tokens are stateless, so the daemon keeps only counts of their expiry, per minute.
+/// Tokens are stateless, so the daemon keeps only counts of their expiry, per minute of the
+/// boot clock (their TTL is real time).
 static TOKEN_EXPIRIES: Mutex<BTreeMap<u64, u64>> = Mutex::new(BTreeMap::new());
 
-pub fn token_issued(expires: SystemTime) {
+pub fn clock_stepped() {
+    metrics::counter!(CLOCK_STEPS).increment(1);
+}
+
+pub fn token_issued(expires: BootTime) {
     metrics::counter!(TOKENS_ISSUED).increment(1);
-    let minute = unix_secs(expires).div_ceil(60);
+    let minute = expires.since_boot.as_secs().div_ceil(60);
     *TOKEN_EXPIRIES
         .lock()
         .expect("token expiry lock")
@@ -245,18 +259,12 @@ pub fn token_issued(expires: SystemTime) {
 }
 
 /// Drops expired minutes and publishes how many tokens are still valid (to the minute).
-pub fn update_active_tokens(now: SystemTime) {
+pub fn update_active_tokens(now: BootTime) {
     let mut expiries = TOKEN_EXPIRIES.lock().expect("token expiry lock");
-    let current = unix_secs(now) / 60;
+    let current = now.since_boot.as_secs() / 60;
     *expiries = expiries.split_off(&(current + 1));
     let active: u64 = expiries.values().sum();
     metrics::gauge!(ACTIVE_TOKENS).set(active as f64);
-}
-
-fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs()
 }
 
 #[cfg(test)]

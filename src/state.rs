@@ -18,6 +18,7 @@ use crate::identity::Caller;
 use crate::metrics::Counters;
 use crate::shutdown::Tasks;
 use crate::source::Source;
+use crate::time::{BootTime, Moment};
 use crate::token::TokenKey;
 use crate::token::container::TokenStore;
 
@@ -175,6 +176,20 @@ impl AppState {
         self.inner.clock.now()
     }
 
+    /// The boot clock, for intervals the daemon grants (see `crate::time`).
+    pub fn boot_time(&self) -> BootTime {
+        self.inner.clock.boot_time()
+    }
+
+    /// Now on both clocks.
+    pub fn moment(&self) -> Moment {
+        let clock = &self.inner.clock;
+        Moment {
+            wall: clock.now(),
+            boot: clock.boot_time(),
+        }
+    }
+
     pub fn started_at(&self) -> SystemTime {
         self.inner.started_at
     }
@@ -227,7 +242,7 @@ impl AppState {
         cache.prefetch(prefetch);
         // After the swap: a new app's token file appears once the app can be served.
         if let Some(store) = self.container_tokens() {
-            crate::token::container::record(&store.reconcile(&config.apps, self.now()));
+            crate::token::container::record(&store.reconcile(&config.apps, self.moment()));
         }
         ReloadSummary {
             apps,

@@ -252,7 +252,7 @@ async fn a_requested_rotation_revokes_the_old_token_at_once() {
     let daemon = TestDaemon::start(|dir| config_text(dir, "")).await;
     let (old_a, b) = (token(&daemon, "app-a"), token(&daemon, "app-b"));
     let tokens = daemon.state.container_tokens().unwrap().clone();
-    let rotation = tokens.rotate("app-a", daemon.state.now()).unwrap();
+    let rotation = tokens.rotate("app-a", daemon.state.moment()).unwrap();
     assert!(rotation.result.is_ok());
     let new_a = token(&daemon, "app-a");
     assert_ne!(new_a, old_a);
@@ -605,7 +605,7 @@ async fn a_parent_swapped_for_a_link_cannot_put_a_token_file_in_a_root_only_dire
     );
     reload(&daemon, &text(&daemon.dir.path().join("state")));
     let store = daemon.state.container_tokens().unwrap().clone();
-    let rotation = store.rotate("app-a", daemon.state.now());
+    let rotation = store.rotate("app-a", daemon.state.moment());
     assert_eq!(
         entries(&root_only),
         Vec::<String>::new(),
@@ -671,7 +671,7 @@ async fn a_link_to_another_apps_token_file_does_not_get_it_overwritten() {
     ] {
         as_user(APP_UID, &script);
         reload(&daemon, &text(&daemon.dir.path().join("state")));
-        let rotation = store.rotate("app-a", daemon.state.now());
+        let rotation = store.rotate("app-a", daemon.state.moment());
         assert_eq!(
             std::fs::read_to_string(&b_file).unwrap(),
             b,

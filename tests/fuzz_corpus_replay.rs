@@ -83,7 +83,7 @@ async fn http_seeds_over_tcp_to_a_running_daemon() {
         other: state.token_key().mint(
             "local:uid=999;cgroup=/other.slice",
             Duration::from_secs(60),
-            state.now(),
+            state.boot_time(),
         ),
     };
     for (path, data) in inputs("http", "wire") {

@@ -151,6 +151,25 @@ async fn token_expires_after_its_ttl() {
 }
 
 #[tokio::test]
+async fn token_ttl_is_real_time_whatever_the_wall_clock_does() {
+    let d = TestDaemon::start(|s| config_text(s, "")).await;
+    // The wall clock goes back an hour: a 1 s token still dies 1 s later.
+    let short = d.token(1).await;
+    d.clock.step(-3600);
+    assert_eq!(d.get(CREDS, &short).await.status, 200);
+    d.clock.advance(Duration::from_secs(1));
+    assert_eq!(d.get(CREDS, &short).await.status, 401);
+    // It goes forward an hour: a 60 s token minted before is not cut short.
+    let long = d.token(60).await;
+    d.clock.step(3600);
+    assert_eq!(d.get(CREDS, &long).await.status, 200);
+    d.clock.advance(Duration::from_secs(59));
+    assert_eq!(d.get(CREDS, &long).await.status, 200);
+    d.clock.advance(Duration::from_secs(1));
+    assert_eq!(d.get(CREDS, &long).await.status, 401);
+}
+
+#[tokio::test]
 async fn tokens_survive_a_daemon_restart() {
     // I-1.3.4, T3: the key is persisted in the state dir.
     let first = TestDaemon::start(|s| config_text(s, "")).await;

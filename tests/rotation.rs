@@ -564,3 +564,69 @@ async fn a_reloaded_policy_moves_refreshes_that_would_now_be_late_and_only_those
         creds.access_key_id
     );
 }
+
+/// [`TokioWall`] whose wall clock can also be stepped (an NTP step: no time passes). The fake
+/// STS uses it too, as moto shares the broker's faked clock in the end-to-end test.
+#[derive(Clone)]
+struct SteppedWall {
+    inner: TokioWall,
+    step_secs: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl SteppedWall {
+    fn step(&self, secs: i64) {
+        self.step_secs
+            .fetch_add(secs, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for SteppedWall {
+    fn now(&self) -> std::time::SystemTime {
+        let step = self.step_secs.load(std::sync::atomic::Ordering::SeqCst);
+        let by = Duration::from_secs(step.unsigned_abs());
+        let wall = self.inner.now();
+        if step >= 0 { wall + by } else { wall - by }
+    }
+
+    fn boot_time(&self) -> imds_broker::time::BootTime {
+        self.inner.boot_time()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clock_step_refreshes_each_app_in_use_once_and_a_step_back_refreshes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = SteppedWall {
+        inner: TokioWall::new(),
+        step_secs: Arc::default(),
+    };
+    let sts = FakeSts::with_clock(Arc::new(clock.clone()), Duration::from_millis(100));
+    let config =
+        Config::parse(&two_apps(dir.path(), "app-b", true), Path::new("test.toml")).unwrap();
+    let state = app_state(config, sts.clone(), Arc::new(clock.clone()));
+    let a = state.config().apps[0].assume_role_input().clone();
+    state.start_refresher();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    state.cache().get(&a).await.unwrap();
+    assert_eq!(sts.calls(), 1);
+    // Forward by idle_after: the app was used a second ago, so it is not idle; its credentials
+    // are expired by the new wall clock and are refreshed unprompted, once.
+    clock.step(DEFAULT_IDLE_AFTER.as_secs() as i64);
+    tokio::time::sleep(imds_broker::credentials::MAX_NAP + Duration::from_secs(1)).await;
+    assert_eq!(sts.calls(), 2, "one refresh after the step");
+    assert_eq!(
+        state.cache().stats().entries,
+        1,
+        "the app in use was not dropped"
+    );
+    let creds = state.cache().get(&a).await.unwrap();
+    assert!(creds.remaining(clock.now()) > DEFAULT_MIN_REMAINING);
+    assert_eq!(sts.calls(), 2, "served from the cache");
+    // Back an hour: nothing comes due early, so nothing is called for a while.
+    clock.step(-3600);
+    tokio::time::sleep(10 * MIN).await;
+    assert_eq!(sts.calls(), 2, "no refresh after a step back");
+    let again = state.cache().get(&a).await.unwrap();
+    assert_eq!(again.access_key_id, creds.access_key_id);
+    state.stop_background().await;
+}

@@ -200,7 +200,9 @@ impl Fixture {
     /// A token minted now for `binding` by the daemon's key.
     pub fn token(&self, mode: Mode, binding: &str) -> String {
         let state = &self.mode(mode).0;
-        state.token_key().mint(binding, TOKEN_TTL, state.now())
+        state
+            .token_key()
+            .mint(binding, TOKEN_TTL, state.boot_time())
     }
 
     /// Fresh tokens for this case's caller and for another identity.

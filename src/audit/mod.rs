@@ -175,11 +175,14 @@ pub fn credentials_denied(caller: &Caller, reason: DenyReason, detail: &str) {
     );
 }
 
-pub fn token_issued(caller: &Caller, ttl_secs: u64, now: SystemTime) {
-    crate::metrics::token_issued(now + std::time::Duration::from_secs(ttl_secs));
+/// `expires` is the wall-clock time the token would expire at were the clock not stepped: its
+/// TTL is real time (see `crate::token`).
+pub fn token_issued(caller: &Caller, ttl_secs: u64, now: crate::time::Moment) {
+    let ttl = std::time::Duration::from_secs(ttl_secs);
+    crate::metrics::token_issued(now.boot + ttl);
     audit_event!(info, "token.issued", caller,
         ttl_secs,
-        expires = %imds_time(now + std::time::Duration::from_secs(ttl_secs)),
+        expires = %imds_time(now.wall + ttl),
         "session token issued"
     );
 }

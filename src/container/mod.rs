@@ -162,7 +162,7 @@ async fn serve(
         },
     };
     let state = &endpoint.state;
-    let app_name = match endpoint.tokens.verify(token, state.now()) {
+    let app_name = match endpoint.tokens.verify(token, state.moment()) {
         Verdict::Valid { app } => app,
         Verdict::Stale { app } => {
             return refuse(
@@ -244,7 +244,7 @@ fn document(creds: &Credentials, role_arn: &str, account_id: &str) -> String {
 /// app gets its token file now, rotation runs on schedule; returns the endpoint's router.
 pub fn start(state: &AppState, tokens: Arc<TokenStore>) -> Router {
     state.attach_container_tokens(tokens.clone());
-    tokens::record(&tokens.reconcile(&state.config().apps, state.now()));
+    tokens::record(&tokens.reconcile(&state.config().apps, state.moment()));
     let task_state = state.clone();
     let task_tokens = tokens.clone();
     state.spawn_background("container token rotation", move |stop| {
@@ -253,25 +253,21 @@ pub fn start(state: &AppState, tokens: Arc<TokenStore>) -> Router {
     router(state.clone(), tokens)
 }
 
-/// Replaces each app's token once it is `container.rotate_every` old, until `stop`.
+/// Replaces each app's token once it is `container.rotate_every` old (real time: see
+/// `token::container`), until `stop`.
 pub async fn rotate_on_schedule(state: AppState, tokens: Arc<TokenStore>, stop: CancellationToken) {
     loop {
         let Some(settings) = state.config().container.clone() else {
             return;
         };
-        let now = state.now();
         let wait = tokens
-            .next_due(settings.rotate_every)
-            .map_or(ROTATION_CHECK, |due| {
-                due.duration_since(now)
-                    .unwrap_or(Duration::ZERO)
-                    .min(ROTATION_CHECK)
-            });
+            .next_due(settings.rotate_every, state.moment())
+            .map_or(ROTATION_CHECK, |due| due.min(ROTATION_CHECK));
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        let (store, now) = (tokens.clone(), state.now());
+        let (store, now) = (tokens.clone(), state.moment());
         let rotated = tokio::task::spawn_blocking(move || {
             store.rotate_due(settings.rotate_every, settings.grace, now)
         })

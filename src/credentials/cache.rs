@@ -25,6 +25,7 @@ use super::schedule::{self, Phase};
 use super::{AssumeRoleInput, CredentialSource, Credentials, StsError, refresh, retry};
 use crate::config::{CredentialPolicy, DEFAULT_STS_BURST, DEFAULT_STS_CALLS_PER_SECOND};
 use crate::shutdown::Tasks;
+use crate::time::BootTime;
 
 /// While STS is failing, the last good credentials are served until they have this little left
 /// (EC2 itself rotates "at least five minutes before the expiration"); after that, a 5xx.
@@ -40,9 +41,13 @@ pub const STS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Degraded serving is logged at most this often per entry.
 const DEGRADED_LOG_EVERY: Duration = Duration::from_secs(60);
 
-/// Wall-clock time, injectable so tests can move it.
+/// Wall-clock time, injectable so tests can move it; and the boot clock, for the intervals the
+/// daemon measures itself (see `crate::time`), which tests move with it.
 pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> SystemTime;
+    fn boot_time(&self) -> BootTime {
+        BootTime::now()
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -136,8 +141,9 @@ pub(super) struct EntryState {
     current: Option<Arc<Credentials>>,
     /// When the next background refresh starts; `None` after a refusal.
     refresh_at: Option<SystemTime>,
-    /// The last request (or the prefetch); entries unused for `idle_after` are not refreshed.
-    last_used: Option<SystemTime>,
+    /// The last request (or the prefetch); entries unused for `idle_after` (of real time: a
+    /// wall-clock step must not make every app idle at once) are not refreshed.
+    last_used: Option<BootTime>,
     /// A worker task is running for this entry (calling STS or waiting to retry).
     worker: bool,
     /// The STS call in flight, shared by every caller that waits for it.
@@ -166,9 +172,15 @@ impl Entry {
 }
 
 impl EntryState {
-    fn is_active(&self, now: SystemTime, idle_after: Duration) -> bool {
-        self.last_used
-            .is_some_and(|used| now.duration_since(used).unwrap_or_default() < idle_after)
+    fn is_active(&self, now: BootTime, idle_after: Duration) -> bool {
+        self.idle_in(now, idle_after).is_some()
+    }
+
+    /// How long until the entry turns idle; `None` if it is (or was never used).
+    fn idle_in(&self, now: BootTime, idle_after: Duration) -> Option<Duration> {
+        let used = self.last_used?;
+        let unused = now.since(used).unwrap_or(Duration::MAX);
+        idle_after.checked_sub(unused).filter(|d| !d.is_zero())
     }
 
     fn held(&self) -> bool {
@@ -238,7 +250,7 @@ impl CredentialCache {
             let mut st = entry.lock();
             let now = inner.clock.now();
             let policy = inner.policy();
-            st.last_used = Some(now);
+            st.last_used = Some(inner.clock.boot_time());
             if let Some(current) = st.current.clone()
                 && current.remaining(now) > policy.min_remaining
             {
@@ -273,7 +285,7 @@ impl CredentialCache {
         for input in inputs {
             let entry = inner.entry(&input);
             let mut st = entry.lock();
-            st.last_used.get_or_insert(inner.clock.now());
+            st.last_used.get_or_insert(inner.clock.boot_time());
             if st.current.is_none() && !st.worker && !st.held() {
                 drop(inner.attempt(&entry, &mut st, &input));
             }
@@ -546,7 +558,7 @@ async fn worker(
                     failures += 1;
                     let transient = error.is_transient();
                     let retry = transient
-                        && st.is_active(now, policy.idle_after)
+                        && st.is_active(inner.clock.boot_time(), policy.idle_after)
                         && !entry.cancel.is_cancelled();
                     st.failure = Some(Failure {
                         error: error.clone(),
@@ -674,14 +686,16 @@ pub(super) struct EntryView {
     pub held: bool,
     /// Until when the entry can serve anything at all (degraded included).
     pub servable_until: Option<SystemTime>,
-    pub last_used: Option<SystemTime>,
+    /// How long until an active entry turns idle.
+    pub idle_in: Option<Duration>,
 }
 
 impl Entry {
-    pub(super) fn view(&self, now: SystemTime, policy: &CredentialPolicy) -> EntryView {
+    pub(super) fn view(&self, boot: BootTime, policy: &CredentialPolicy) -> EntryView {
         let st = self.lock();
+        let idle_in = st.idle_in(boot, policy.idle_after);
         EntryView {
-            active: st.is_active(now, policy.idle_after),
+            active: idle_in.is_some(),
             worker: st.worker,
             refresh_due_at: st.refresh_at,
             held: st.held(),
@@ -689,7 +703,7 @@ impl Entry {
                 .current
                 .as_ref()
                 .and_then(|c| c.expiration.checked_sub(DEGRADED_MIN_REMAINING)),
-            last_used: st.last_used,
+            idle_in,
         }
     }
 }
@@ -700,7 +714,7 @@ impl Inner {
         let now = self.clock.now();
         let idle_after = self.policy().idle_after;
         let mut st = entry.lock();
-        if st.refresh_due(now) && st.is_active(now, idle_after) {
+        if st.refresh_due(now) && st.is_active(self.clock.boot_time(), idle_after) {
             drop(self.attempt(entry, &mut st, input));
         }
     }
@@ -712,7 +726,7 @@ impl Inner {
             return false;
         }
         let now = self.clock.now();
-        let view = entry.view(now, &self.policy());
+        let view = entry.view(self.clock.boot_time(), &self.policy());
         let dead = !view.active && !view.worker && view.servable_until.is_none_or(|t| t <= now);
         if dead {
             entries.remove(input);

@@ -211,7 +211,11 @@ fn require_token(
         (Some(token), None) => token
             .to_str()
             .map_err(|_| TokenError::Malformed)
-            .and_then(|t| state.token_key().verify(t, &conn.binding, state.now()))
+            .and_then(|t| {
+                state
+                    .token_key()
+                    .verify(t, &conn.binding, state.boot_time())
+            })
             .map(|_| ())
             .map_err(ImdsError::from),
         (Some(_), Some(_)) => Err(TokenError::Malformed.into()),

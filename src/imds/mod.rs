@@ -168,10 +168,10 @@ async fn put_token(State(state): State<AppState>, request: Request) -> Result<Re
     }
     let requested = requested_ttl(request.headers())?;
     let granted = requested.min(config.server.token_max_ttl.as_secs());
-    let now = state.now();
+    let now = state.moment();
     let token = state
         .token_key()
-        .mint(&conn.binding, Duration::from_secs(granted), now);
+        .mint(&conn.binding, Duration::from_secs(granted), now.boot);
     audit::token_issued(conn, granted, now);
     let mut response = text(token);
     response

@@ -1,6 +1,11 @@
 //! IMDSv2 session tokens: stateless HMAC tokens bound to the caller that minted them, under a key
 //! persisted in the state directory, so every token stays valid for its whole TTL across restarts
 //! (aws-sdk-rust caches a token for up to 6 h and never drops it on 401).
+//!
+//! A token's TTL is real time: its expiry is a reading of the boot clock (see `crate::time`),
+//! and the boot it was taken in is bound into the MAC. A wall-clock step, either way, neither
+//! lengthens nor shortens a token; a token from an earlier boot is refused (the apps that held
+//! it did not survive the reboot either).
 
 pub mod container;
 pub mod file;
@@ -19,23 +24,42 @@ use rand::RngCore;
 use sha2::Sha256;
 
 use crate::safe_dir::{self, DirError, SafeDir};
+use crate::time::{BootTime, Moment};
 
 type HmacSha256 = Hmac<Sha256>;
 
 const KEY_FILE: &str = "token.key";
 const KEY_LEN: usize = 32;
-const VERSION: u8 = 1;
+/// Version 2: the expiry is on the boot clock, and the boot id is under the MAC.
+const VERSION: u8 = 2;
 const NONCE_LEN: usize = 16;
 const MAC_LEN: usize = 32;
+/// Both versions: version, expiry (ms), nonce, MAC.
 const TOKEN_LEN: usize = 1 + 8 + NONCE_LEN + MAC_LEN;
-const DOMAIN: &[u8] = b"imds-broker/token/v1";
+const DOMAIN: &[u8] = b"imds-broker/token/v2";
+/// Version 1 (before 2): the expiry is wall-clock ms since the epoch. Only read, see
+/// [`Legacy`].
+const VERSION_1: u8 = 1;
+const DOMAIN_1: &[u8] = b"imds-broker/token/v1";
 
-/// The HMAC key (only its keyed MAC state is kept). Never printed.
+/// The HMAC key (only its keyed MAC states are kept). Never printed.
 #[derive(Clone)]
 pub struct TokenKey {
     /// The MAC keyed and fed the constant prefix once: every request verifies a token, and
     /// keying HMAC costs two SHA-256 blocks.
     keyed: HmacSha256,
+    legacy: Legacy,
+}
+
+/// Version-1 tokens minted by the daemon this one replaced stay valid for the real time they
+/// had left when this key was loaded (an upgrade must not cut off aws-sdk-rust, which keeps a
+/// token for its whole TTL). That is read once, on the wall clock, at load; from then on it is
+/// counted on the boot clock, so a later step does not move it. No version-1 token is minted,
+/// so none passes once the longest TTL has gone by since the load.
+#[derive(Clone)]
+struct Legacy {
+    keyed: HmacSha256,
+    loaded: Moment,
 }
 
 impl fmt::Debug for TokenKey {
@@ -108,27 +132,41 @@ impl TokenKey {
     }
 
     fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        let mut keyed = HmacSha256::new_from_slice(&bytes).expect("HMAC takes any key length");
-        keyed.update(DOMAIN);
-        keyed.update(&[VERSION]);
-        Self { keyed }
+        Self::loaded_at(bytes, Moment::now())
     }
 
-    fn mac(&self, expires_ms: u64, nonce: &[u8], binding: &str) -> HmacSha256 {
+    fn loaded_at(bytes: [u8; KEY_LEN], loaded: Moment) -> Self {
+        let keyed_for = |domain: &[u8], version: u8| {
+            let mut keyed = HmacSha256::new_from_slice(&bytes).expect("HMAC takes any key length");
+            keyed.update(domain);
+            keyed.update(&[version]);
+            keyed
+        };
+        Self {
+            keyed: keyed_for(DOMAIN, VERSION),
+            legacy: Legacy {
+                keyed: keyed_for(DOMAIN_1, VERSION_1),
+                loaded,
+            },
+        }
+    }
+
+    fn mac(&self, boot: &BootTime, expires_ms: u64, nonce: &[u8], binding: &str) -> HmacSha256 {
         let mut mac = self.keyed.clone();
+        mac.update(boot.boot.as_bytes());
         mac.update(&expires_ms.to_be_bytes());
         mac.update(nonce);
         mac.update(binding.as_bytes());
         mac
     }
 
-    /// Mints a token for `binding` that expires `ttl` after `now`.
-    pub fn mint(&self, binding: &str, ttl: Duration, now: SystemTime) -> String {
-        let expires_ms = unix_ms(now).saturating_add(ttl.as_millis() as u64);
+    /// Mints a token for `binding` that expires `ttl` of real time after `now`.
+    pub fn mint(&self, binding: &str, ttl: Duration, now: BootTime) -> String {
+        let expires_ms = boot_ms(now.since_boot).saturating_add(boot_ms(ttl));
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         let tag = self
-            .mac(expires_ms, &nonce, binding)
+            .mac(&now, expires_ms, &nonce, binding)
             .finalize()
             .into_bytes();
         let mut raw = Vec::with_capacity(TOKEN_LEN);
@@ -139,13 +177,13 @@ impl TokenKey {
         URL_SAFE_NO_PAD.encode(raw)
     }
 
-    /// Checks that `token` was minted by this key for `binding` and has not expired at `now`.
-    /// Returns the time it has left.
+    /// Checks that `token` was minted by this key for `binding` in this boot and has not
+    /// expired at `now`. Returns the time it has left.
     pub fn verify(
         &self,
         token: &str,
         binding: &str,
-        now: SystemTime,
+        now: BootTime,
     ) -> Result<Duration, TokenError> {
         if token.len() > 2 * TOKEN_LEN {
             return Err(TokenError::Malformed);
@@ -156,19 +194,52 @@ impl TokenKey {
             .decode_slice(token, &mut buf)
             .map_err(|_| TokenError::Malformed)?;
         let raw = &buf[..len];
-        if raw.len() != TOKEN_LEN || raw[0] != VERSION {
+        if raw.len() != TOKEN_LEN || !matches!(raw[0], VERSION | VERSION_1) {
             return Err(TokenError::Malformed);
         }
         let expires_ms = u64::from_be_bytes(raw[1..9].try_into().expect("8 bytes"));
         let nonce = &raw[9..9 + NONCE_LEN];
-        self.mac(expires_ms, nonce, binding)
-            .verify_slice(&raw[9 + NONCE_LEN..])
+        let tag = &raw[9 + NONCE_LEN..];
+        if raw[0] == VERSION_1 {
+            return self.legacy.verify(expires_ms, nonce, tag, binding, now);
+        }
+        self.mac(&now, expires_ms, nonce, binding)
+            .verify_slice(tag)
             .map_err(|_| TokenError::NotValidForCaller)?;
-        let now_ms = unix_ms(now);
+        let now_ms = boot_ms(now.since_boot);
         if now_ms >= expires_ms {
             return Err(TokenError::Expired);
         }
         Ok(Duration::from_millis(expires_ms - now_ms))
+    }
+}
+
+impl Legacy {
+    fn verify(
+        &self,
+        expires_unix_ms: u64,
+        nonce: &[u8],
+        tag: &[u8],
+        binding: &str,
+        now: BootTime,
+    ) -> Result<Duration, TokenError> {
+        let mut mac = self.keyed.clone();
+        mac.update(&expires_unix_ms.to_be_bytes());
+        mac.update(nonce);
+        mac.update(binding.as_bytes());
+        mac.verify_slice(tag)
+            .map_err(|_| TokenError::NotValidForCaller)?;
+        let left_at_load = Duration::from_millis(expires_unix_ms)
+            .saturating_sub(Duration::from_millis(unix_ms(self.loaded.wall)));
+        // Another boot: the process that loaded the key is gone with it.
+        let since_load = now
+            .since(self.loaded.boot)
+            .ok_or(TokenError::NotValidForCaller)?;
+        let left = left_at_load.saturating_sub(since_load);
+        if left.is_zero() {
+            return Err(TokenError::Expired);
+        }
+        Ok(left)
     }
 }
 
@@ -177,7 +248,7 @@ impl TokenKey {
 pub enum TokenError {
     #[error("token is malformed")]
     Malformed,
-    #[error("token was not minted by this daemon for this caller")]
+    #[error("token was not minted by this daemon for this caller in this boot")]
     NotValidForCaller,
     #[error("token has expired")]
     Expired,
@@ -189,15 +260,20 @@ fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+fn boot_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::time::BootId;
     use std::fs;
 
     #[test]
     fn token_round_trips_and_is_visible_ascii() {
         let key = TokenKey::random();
-        let now = SystemTime::now();
+        let now = BootTime::now();
         let t = key.mint("local:uid=1000", Duration::from_secs(60), now);
         assert!(t.bytes().all(|b| b.is_ascii_graphic()), "{t}");
         let left = key.verify(&t, "local:uid=1000", now).unwrap();
@@ -207,7 +283,7 @@ mod tests {
     #[test]
     fn token_is_bound_to_caller_and_key() {
         let key = TokenKey::random();
-        let now = SystemTime::now();
+        let now = BootTime::now();
         let t = key.mint("local:uid=1000", Duration::from_secs(60), now);
         assert_eq!(
             key.verify(&t, "local:uid=1001", now),
@@ -222,7 +298,7 @@ mod tests {
     #[test]
     fn token_expires_exactly_at_ttl() {
         let key = TokenKey::random();
-        let now = SystemTime::now();
+        let now = BootTime::now();
         let t = key.mint("b", Duration::from_secs(1), now);
         assert!(
             key.verify(&t, "b", now + Duration::from_millis(999))
@@ -237,7 +313,7 @@ mod tests {
     #[test]
     fn tampered_or_garbage_tokens_are_refused() {
         let key = TokenKey::random();
-        let now = SystemTime::now();
+        let now = BootTime::now();
         let t = key.mint("b", Duration::from_secs(60), now);
         // Push the expiry forward by editing the token: the MAC must catch it.
         let mut raw = URL_SAFE_NO_PAD.decode(&t).unwrap();
@@ -257,12 +333,81 @@ mod tests {
     }
 
     #[test]
+    fn a_token_from_another_boot_is_refused() {
+        let key = TokenKey::random();
+        let now = BootTime::now();
+        let t = key.mint("b", Duration::from_secs(600), now);
+        let rebooted = BootTime {
+            boot: BootId::from_bytes([7; 16]),
+            // Even at a boot-clock reading inside the TTL.
+            since_boot: now.since_boot,
+        };
+        assert_eq!(
+            key.verify(&t, "b", rebooted),
+            Err(TokenError::NotValidForCaller)
+        );
+    }
+
+    /// A version-1 token as the daemon before version 2 minted it.
+    fn mint_v1(bytes: [u8; KEY_LEN], binding: &str, expires: SystemTime) -> String {
+        let mut mac = HmacSha256::new_from_slice(&bytes).unwrap();
+        mac.update(DOMAIN_1);
+        mac.update(&[VERSION_1]);
+        let expires_ms = unix_ms(expires);
+        let nonce = [5u8; NONCE_LEN];
+        mac.update(&expires_ms.to_be_bytes());
+        mac.update(&nonce);
+        mac.update(binding.as_bytes());
+        let mut raw = vec![VERSION_1];
+        raw.extend_from_slice(&expires_ms.to_be_bytes());
+        raw.extend_from_slice(&nonce);
+        raw.extend_from_slice(&mac.finalize().into_bytes());
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    #[test]
+    fn version_1_tokens_live_out_the_real_time_they_had_at_load_only() {
+        let bytes = [3u8; KEY_LEN];
+        let loaded = Moment::now();
+        let key = TokenKey::loaded_at(bytes, loaded);
+        let t = mint_v1(bytes, "b", loaded.wall + Duration::from_secs(60));
+        let at = |secs| loaded.boot + Duration::from_secs(secs);
+        // 60 s left at load: counted on the boot clock, whatever the wall clock does later.
+        assert_eq!(key.verify(&t, "b", at(0)), Ok(Duration::from_secs(60)));
+        assert_eq!(key.verify(&t, "b", at(59)), Ok(Duration::from_secs(1)));
+        assert_eq!(key.verify(&t, "b", at(60)), Err(TokenError::Expired));
+        assert_eq!(
+            key.verify(&t, "c", at(0)),
+            Err(TokenError::NotValidForCaller)
+        );
+        let other_boot = BootTime {
+            boot: BootId::from_bytes([7; 16]),
+            since_boot: loaded.boot.since_boot,
+        };
+        assert_eq!(
+            key.verify(&t, "b", other_boot),
+            Err(TokenError::NotValidForCaller)
+        );
+        // Expired before the load: refused at once.
+        let old = mint_v1(bytes, "b", loaded.wall - Duration::from_secs(1));
+        assert_eq!(key.verify(&old, "b", at(0)), Err(TokenError::Expired));
+        // A version-2 token is not a version-1 token with its version byte changed.
+        let v2 = key.mint("b", Duration::from_secs(60), at(0));
+        let mut raw = URL_SAFE_NO_PAD.decode(&v2).unwrap();
+        raw[0] = VERSION_1;
+        assert_eq!(
+            key.verify(&URL_SAFE_NO_PAD.encode(raw), "b", at(0)),
+            Err(TokenError::NotValidForCaller)
+        );
+    }
+
+    #[test]
     fn key_persists_with_private_mode_and_bad_modes_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         let a = TokenKey::load_or_create(&state).unwrap();
         let b = TokenKey::load_or_create(&state).unwrap();
-        let now = SystemTime::now();
+        let now = BootTime::now();
         let minted = a.mint("local:uid=1000", Duration::from_secs(60), now);
         assert!(
             b.verify(&minted, "local:uid=1000", now).is_ok(),

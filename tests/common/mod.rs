@@ -19,6 +19,7 @@ use imds_broker::secret::Secret;
 use imds_broker::shutdown::Tasks;
 use imds_broker::signal::Hangups;
 use imds_broker::state::AppState;
+use imds_broker::time::BootTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -57,9 +58,10 @@ pub fn cache_with_fake_sts() -> (
     (Arc::new(cache), sts, clock)
 }
 
-/// A wall clock that only moves when the test says so.
+/// A wall clock and a boot clock that only move when the test says so: `advance` is time
+/// passing (both move), `step` an NTP step (the wall clock only).
 #[derive(Clone)]
-pub struct ManualClock(Arc<Mutex<SystemTime>>);
+pub struct ManualClock(Arc<Mutex<(SystemTime, BootTime)>>);
 
 impl ManualClock {
     pub fn new() -> Self {
@@ -68,19 +70,37 @@ impl ManualClock {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        Self(Arc::new(Mutex::new(
+        Self(Arc::new(Mutex::new((
             SystemTime::UNIX_EPOCH + Duration::from_secs(now),
-        )))
+            BootTime::now(),
+        ))))
     }
 
     pub fn advance(&self, by: Duration) {
-        *self.0.lock().unwrap() += by;
+        let mut clocks = self.0.lock().unwrap();
+        clocks.0 += by;
+        clocks.1 = clocks.1 + by;
+    }
+
+    /// Steps the wall clock by `secs` (either way); no time passes.
+    pub fn step(&self, secs: i64) {
+        let mut clocks = self.0.lock().unwrap();
+        let by = Duration::from_secs(secs.unsigned_abs());
+        clocks.0 = if secs >= 0 {
+            clocks.0 + by
+        } else {
+            clocks.0 - by
+        };
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> SystemTime {
-        *self.0.lock().unwrap()
+        self.0.lock().unwrap().0
+    }
+
+    fn boot_time(&self) -> BootTime {
+        self.0.lock().unwrap().1
     }
 }
 
@@ -100,6 +120,8 @@ pub enum Behavior {
 pub struct TokioWall {
     /// The wall-clock time at the tokio instant the clock was made.
     pub base: SystemTime,
+    /// The boot clock then.
+    boot: BootTime,
     start: tokio::time::Instant,
 }
 
@@ -107,6 +129,7 @@ impl TokioWall {
     pub fn new() -> Self {
         Self {
             base: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            boot: BootTime::now(),
             start: tokio::time::Instant::now(),
         }
     }
@@ -115,6 +138,10 @@ impl TokioWall {
 impl Clock for TokioWall {
     fn now(&self) -> SystemTime {
         self.base + self.start.elapsed()
+    }
+
+    fn boot_time(&self) -> BootTime {
+        self.boot + self.start.elapsed()
     }
 }
 
