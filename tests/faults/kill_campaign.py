@@ -14,7 +14,7 @@ Scenarios (`--scenario`, `all` runs each in turn with `--iterations` kills):
              files a clean start makes, with their modes, and keep every key that was whole at
              the kill (a replaced key would kill the tokens issued with it).
 - reload:    SIGHUP with the other of two configs (an app with a container token added or
-             removed, prefetch toggled), killed 0-300 ms later; the next start must serve the
+             removed, prefetch toggled), killed 0-50 or 0-300 ms later; the next start must serve the
              config on disk.
 
 After every kill the audit file must verify, except for a torn last line; after the next start
@@ -70,7 +70,8 @@ CLI_TIMEOUT_S = 15  # one `token rotate`, `audit verify` or client check
 LOAD_WAIT_S = 15  # for every load client to be served after a start
 ROTATION_KILL_S = (0.0, 0.4)  # after listening
 LOAD_KILL_S = (0.0, 0.5)  # after every client was served
-RELOAD_KILL_S = (0.0, 0.3)  # after the SIGHUP
+AUDIT_GROWING_S = 0.01  # a kill counts as during audit writes if the file grew in this span
+RELOAD_KILL_S = ((0.0, 0.05), (0.0, 0.3))  # after the SIGHUP: half while it is applied, half later
 STARTUP_SPAN = 1.2  # token-key: kill within this share of a clean start-up's duration
 ROTATORS = 2
 LOAD_WORKERS = ((APP_A.uid, 2), (APP_B.uid, 2), (UNMAPPED_UID, 1))
@@ -448,14 +449,17 @@ def load(ctx: Ctx, iterations: int) -> Run:
                 before = {id(w): w.served() for w in mapped}
                 if late := wait_served(mapped, before, LOAD_WAIT_S):
                     run.fail(f"{where}: uids {[w.uid for w in late]} not served within {LOAD_WAIT_S}s")
-                time.sleep(ctx.rng.uniform(*LOAD_KILL_S))
+                time.sleep(max(0.0, ctx.rng.uniform(*LOAD_KILL_S) - AUDIT_GROWING_S))
+                size_before = trail.audit.stat().st_size
+                time.sleep(AUDIT_GROWING_S)
                 # Read before the kill: every token here was issued before it.
                 held = {uid: [t for w in mapped if w.uid == uid for t in w.latest_tokens()] for uid in names}
-                size_before = trail.audit.stat().st_size
+                growing = trail.audit.stat().st_size > size_before
                 server.proc.kill()
                 server.proc.wait(CLI_TIMEOUT_S)
                 run.kills += 1
-            run.count("audit_bytes_at_kills", size_before)
+            # How many kills came while audit batches were being written.
+            run.count("kills_with_audit_growing", growing)
             trail.after_kill(f"kill {i}")
         run.count("requests_served", sum(w.served() for w in mapped))
     trail.final("after the clean stop", only_verify_key(state_dir))
@@ -482,6 +486,18 @@ def shape(files: dict[str, tuple[int, bytes]]) -> list[tuple[str, str]]:
     return sorted(
         ("audit-verify-ID.key" if VERIFY_KEY_RE.match(n) else n, oct(mode)) for n, (mode, _) in files.items()
     )
+
+
+def signal_daemon(server: Server, signum: int, launcher: list[str]) -> bool:
+    """Sends `signum` to the daemon: under strace, to strace's child (strace stopped or killed
+    lets its tracee run on). Whether there was a daemon to signal."""
+    if not launcher:
+        server.proc.send_signal(signum)
+        return True
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+    for child in children:
+        os.kill(int(child), signum)
+    return bool(children)
 
 
 def token_key(ctx: Ctx, iterations: int) -> Run:
@@ -513,6 +529,7 @@ def token_key(ctx: Ctx, iterations: int) -> Run:
             server.wait_listening(2)
             spans.append(time.monotonic() - began)
             reference = shape(snapshot(root / "state"))
+            signal_daemon(server, signal.SIGTERM, launcher)
     span = sorted(spans)[1] * STARTUP_SPAN
     run.count("startup_ms_median", int(sorted(spans)[1] * 1000))
     for i in range(iterations):
@@ -527,11 +544,7 @@ def token_key(ctx: Ctx, iterations: int) -> Run:
         server = Server("imds-broker", argv, broker_env(), logs)
         time.sleep(ctx.rng.uniform(0, span))
         if launcher:
-            # The daemon, not strace: a killed strace lets its tracee run on.
-            children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
-            for child in children:
-                os.kill(int(child), signal.SIGKILL)
-            run.count("kills_before_exec", not children)
+            run.count("kills_before_exec", not signal_daemon(server, signal.SIGKILL, launcher))
             server.proc.wait(CLI_TIMEOUT_S)
         server.proc.kill()
         server.proc.wait(CLI_TIMEOUT_S)
@@ -638,9 +651,10 @@ def reload(ctx: Ctx, iterations: int) -> Run:
                 write_config(tmp, configs[on_disk])
                 tmp.replace(path)
                 server.proc.send_signal(signal.SIGHUP)
-                time.sleep(ctx.rng.uniform(*RELOAD_KILL_S))
-                reloaded = "configuration reloaded" in server.stderr_text() or "config.loaded" in server.stderr_text()
-                run.count("kills_after_reload_logged", reloaded)
+                time.sleep(ctx.rng.uniform(*ctx.rng.choice(RELOAD_KILL_S)))
+                # One config.loaded at start, one when the reload was applied.
+                applied = server.stderr_text().count('event="config.loaded"') > 1
+                run.count("kills_after_reload_applied" if applied else "kills_before_reload_applied")
                 server.proc.kill()
                 server.proc.wait(CLI_TIMEOUT_S)
                 run.kills += 1
