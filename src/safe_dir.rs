@@ -26,7 +26,7 @@ use std::path::{Component, Path, PathBuf};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat, renameat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fchmod, fstat, fstatat, mkdirat};
-use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fsync, unlinkat};
+use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fsync, linkat, unlinkat};
 use rand::RngCore;
 
 /// A directory reached from `/` through no symbolic link and only through directories that
@@ -405,6 +405,27 @@ impl SafeDir {
         Ok(())
     }
 
+    /// Makes the new file `name` holding `bytes`, with `mode`, such that `name` never exists
+    /// holding less: the content is written and synced under a temporary name (see
+    /// [`SafeDir::remove_temp_files`]) and then linked to `name`, which fails with
+    /// `AlreadyExists` if anything is there (it is never replaced). A kill at any step leaves
+    /// no `name` or the whole file, and at most a temporary file.
+    pub fn create_file_whole(&self, name: &OsStr, bytes: &[u8], mode: u32) -> io::Result<()> {
+        let name = plain(name)?;
+        let tmp = temp_name(name);
+        let mut file = self.create_file(OsStr::new(&tmp), mode)?;
+        let result = (|| -> io::Result<()> {
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            linkat(&self.fd, tmp.as_str(), &self.fd, name, AtFlags::empty())?;
+            Ok(())
+        })();
+        let _ = unlinkat(&self.fd, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+        result?;
+        fsync(&self.fd)?;
+        Ok(())
+    }
+
     /// Removes the file (or link) `name`; one already gone is not an error.
     pub fn remove_file(&self, name: &OsStr) -> io::Result<()> {
         match unlinkat(&self.fd, plain(name)?, UnlinkatFlags::NoRemoveDir) {
@@ -418,7 +439,7 @@ impl SafeDir {
         Ok(fsync(&self.fd)?)
     }
 
-    /// Removes what a [`SafeDir::replace_file`] of `name` cut short (the process was killed
+    /// Removes what a [`SafeDir::replace_file`] or [`SafeDir::create_file_whole`] of `name` cut short (the process was killed
     /// between making its temporary file and renaming it) left behind: only entries named
     /// exactly as that function names its temporary files, removed through this handle
     /// (`unlinkat` never follows a link: a link found there is removed, not what it points
@@ -591,6 +612,33 @@ mod tests {
             "the directory stays"
         );
         assert_eq!(safe.remove_temp_files(name).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_whole_file_is_created_once_and_never_replaced() {
+        let base = base();
+        let dir = mkdir(&base.path().join("d"), 0o700, me());
+        let safe = SafeDir::open(&dir).unwrap();
+        let name = OsStr::new("key");
+        safe.create_file_whole(name, b"first", 0o600).unwrap();
+        let e = safe.create_file_whole(name, b"second", 0o600).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(dir.join("key")).unwrap(), b"first");
+        let meta = fs::metadata(dir.join("key")).unwrap();
+        assert_eq!((meta.mode() & 0o7777, meta.nlink()), (0o600, 1));
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temp file left");
+        // A link planted at the name is not followed either.
+        fs::write(base.path().join("victim"), "keep").unwrap();
+        std::os::unix::fs::symlink(base.path().join("victim"), dir.join("planted")).unwrap();
+        assert!(
+            safe.create_file_whole(OsStr::new("planted"), b"x", 0o600)
+                .is_err()
+        );
+        assert_eq!(
+            fs::read_to_string(base.path().join("victim")).unwrap(),
+            "keep"
+        );
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 2);
     }
 
     #[test]

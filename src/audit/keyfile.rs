@@ -117,6 +117,7 @@ fn state_text(key: &EpochKey) -> Zeroizing<String> {
 
 /// Writes the first sealing state into `state_dir` (created 0700), refusing to replace one;
 /// `owner` (uid, gid) is given to the file when set (keygen run as root for the daemon's user).
+/// The file appears whole or not at all (see [`create_whole`]).
 pub fn create_state(
     state_dir: &Path,
     key: &EpochKey,
@@ -124,20 +125,101 @@ pub fn create_state(
 ) -> Result<PathBuf, SealError> {
     ensure_dir(state_dir)?;
     let path = state_dir.join(STATE_FILE);
-    let mut file = create_new(0o600).open(&path).map_err(|e| match e.kind() {
-        io::ErrorKind::AlreadyExists => SealError::Exists { path: path.clone() },
-        _ => io_err(&path)(e),
-    })?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(io_err(&path))?;
-    }
-    file.write_all(state_text(key).as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(io_err(&path))?;
-    File::open(state_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(state_dir))?;
+    create_whole(&path, state_text(key).as_bytes(), 0o600, owner)?;
     Ok(path)
+}
+
+/// Makes the new file `path` holding `body`, with `mode` (and owner), such that `path` never
+/// exists holding less: a kill mid-write would otherwise leave a key file that the next start
+/// cannot read. The body is written and synced as `.NAME.tmp` beside it, linked to `path`
+/// (which fails if anything, a symlink included, is there), the temporary name removed and the
+/// directory synced. A kill leaves at most the temporary file, removed by the next write or by
+/// [`remove_leftovers`].
+fn create_whole(
+    path: &Path,
+    body: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<(), SealError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| {
+        io_err(path)(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a file name",
+        ))
+    })?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    remove_if_there(&tmp)?;
+    let mut file = create_new(mode).open(&tmp).map_err(io_err(&tmp))?;
+    let written = (|| {
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+        }
+        file.write_all(body)?;
+        file.sync_all()
+    })()
+    .map_err(io_err(&tmp));
+    let linked = written.and_then(|()| {
+        fs::hard_link(&tmp, path).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => SealError::Exists {
+                path: path.to_owned(),
+            },
+            _ => io_err(path)(e),
+        })
+    });
+    let _ = fs::remove_file(&tmp);
+    linked?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+fn remove_if_there(path: &Path) -> Result<(), SealError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+/// Removes what a kill while writing a key file left in `state_dir`: the sealing state's
+/// temporary file, the verification key's, and a sealing state that is empty (a kill between
+/// creating and writing it, before it was written whole: nothing was sealed with it). Only
+/// while no sealer runs. Returns how many files were removed.
+pub fn remove_leftovers(state_dir: &Path) -> Result<usize, SealError> {
+    let mut removed = 0;
+    let entries = match fs::read_dir(state_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_err(state_dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err(state_dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let temp = name == STATE_TMP
+            || name
+                .strip_prefix('.')
+                .and_then(|n| n.strip_suffix(".tmp"))
+                .is_some_and(|n| n.starts_with(VERIFY_PREFIX) && n.ends_with(VERIFY_SUFFIX));
+        let empty_state = name == STATE_FILE
+            && entry
+                .metadata()
+                .is_ok_and(|meta| meta.is_file() && meta.len() == 0);
+        if temp || empty_state {
+            remove_if_there(&entry.path())?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        File::open(state_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(state_dir))?;
+    }
+    Ok(removed)
 }
 
 /// Replaces the sealing state with `key`: a new 0600 file, synced, renamed over the old one, the
@@ -146,11 +228,7 @@ pub fn create_state(
 pub fn replace_state(state_dir: &Path, key: &EpochKey) -> Result<(), SealError> {
     let path = state_dir.join(STATE_FILE);
     let tmp = state_dir.join(STATE_TMP);
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(&tmp)(e)),
-    }
+    remove_if_there(&tmp)?;
     let mut file = create_new(0o600).open(&tmp).map_err(io_err(&tmp))?;
     file.write_all(state_text(key).as_bytes())
         .and_then(|()| file.sync_all())
@@ -196,7 +274,7 @@ pub fn read_state(state_dir: &Path) -> Result<Option<EpochKey>, SealError> {
 }
 
 /// Writes the verification key (the schedule's first key) to `path`, mode 0400, refusing to
-/// replace anything there (a symlink included).
+/// replace anything there (a symlink included); it appears whole or not at all.
 pub fn write_verify_key(path: &Path, key: &EpochKey, host: &str) -> Result<(), SealError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         ensure_dir(dir)?;
@@ -212,15 +290,7 @@ pub fn write_verify_key(path: &Path, key: &EpochKey, host: &str) -> Result<(), S
          # Whoever holds it can also forge seals: keep it off the audited host.\n\
          # Check an audit file with: imds-broker audit verify --key THIS_FILE AUDIT_FILE\n",
     );
-    let mut file = create_new(0o400).open(path).map_err(|e| match e.kind() {
-        io::ErrorKind::AlreadyExists => SealError::Exists {
-            path: path.to_owned(),
-        },
-        _ => io_err(path)(e),
-    })?;
-    file.write_all(body.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(io_err(path))
+    create_whole(path, body.as_bytes(), 0o400, None)
 }
 
 /// Reads a verification key file.
@@ -361,5 +431,49 @@ mod tests {
         .unwrap();
         let err = read_verify_key(&other).unwrap_err().to_string();
         assert!(err.contains("not a imds-broker-audit-key/1 file"), "{err}");
+    }
+
+    #[test]
+    fn key_files_appear_whole_and_only_their_leftovers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let key = EpochKey::generate();
+        create_state(&state_dir, &key, None).unwrap();
+        let verify = state_dir.join(verify_key_name(&key.key_id));
+        write_verify_key(&verify, &key, "h").unwrap();
+        for path in [state_dir.join(STATE_FILE), verify.clone()] {
+            assert_eq!(fs::metadata(&path).unwrap().nlink(), 1, "{path:?}");
+        }
+        assert_eq!(fs::read_dir(&state_dir).unwrap().count(), 2, "no temp file");
+        // What kills left, and what is not the sealing keys' to remove.
+        fs::write(state_dir.join(STATE_TMP), "half").unwrap();
+        fs::write(state_dir.join(".audit-verify-0123.key.tmp"), "").unwrap();
+        let others = [
+            "audit.log",
+            ".token.key.0123456789abcdef.tmp",
+            "audit-verify-x.key.tmp",
+        ];
+        for other in others {
+            fs::write(state_dir.join(other), "").unwrap();
+        }
+        assert_eq!(remove_leftovers(&state_dir).unwrap(), 2);
+        assert!(
+            read_state(&state_dir).unwrap().is_some(),
+            "a whole state stays"
+        );
+        // An empty state (killed between creating and writing it) goes too.
+        fs::write(state_dir.join(STATE_FILE), "").unwrap();
+        assert_eq!(remove_leftovers(&state_dir).unwrap(), 1);
+        assert!(read_state(&state_dir).unwrap().is_none());
+        let mut left: Vec<_> = fs::read_dir(&state_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mut want: Vec<String> = others.iter().map(|o| o.to_string()).collect();
+        want.push(verify_key_name(&key.key_id));
+        want.sort();
+        assert_eq!(left, want);
+        assert_eq!(remove_leftovers(&dir.path().join("none")).unwrap(), 0);
     }
 }

@@ -13,7 +13,7 @@
 //! lines, which the first seal covers through the chain.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
@@ -289,6 +289,14 @@ impl Sealer {
     ) -> Result<(Self, Startup), SealError> {
         let state_path = state_dir.join(keyfile::STATE_FILE);
         let mut made = None;
+        let removed = keyfile::remove_leftovers(&state_dir)?;
+        if removed > 0 {
+            tracing::warn!(
+                state_dir = %state_dir.display(),
+                removed,
+                "removed temporary files of the audit sealing keys left by a crash"
+            );
+        }
         let key = match keyfile::read_state(&state_dir)? {
             Some(key) => key,
             None => {
@@ -298,19 +306,20 @@ impl Sealer {
                         file_epoch: last.epoch,
                     });
                 }
-                let key = EpochKey::generate();
-                let verify_path = state_dir.join(keyfile::verify_key_name(&key.key_id));
-                keyfile::write_verify_key(&verify_path, &key, host)?;
-                keyfile::create_state(&state_dir, &key, None)?;
-                tracing::warn!(
-                    key_id = %key.key_id,
-                    verification_key = %verify_path.display(),
-                    "audit sealing started with a new key: move the verification key off this host \
-                     (whoever can read it can forge seals) and check the audit file with \
-                     `imds-broker audit verify --key FILE`"
-                );
-                made = Some(verify_path);
-                key
+                if let Some((key, path)) = resumable(&state_dir) {
+                    // A first start killed after its verification key was written and before
+                    // its state was: go on with that schedule, or the key the operator takes
+                    // away would verify nothing.
+                    keyfile::create_state(&state_dir, &key, None)?;
+                    tracing::warn!(
+                        key_id = %key.key_id,
+                        verification_key = %path.display(),
+                        "audit sealing resumed the key schedule of a start cut short before its state was saved"
+                    );
+                    key
+                } else {
+                    Self::start_schedule(&state_dir, host, &mut made)?
+                }
             }
         };
         let mut sealer = Sealer {
@@ -380,6 +389,27 @@ impl Sealer {
             );
         }
         Ok((sealer, startup))
+    }
+
+    /// A new key schedule: its verification key first, then its state (see [`resumable`]).
+    fn start_schedule(
+        state_dir: &Path,
+        host: &str,
+        made: &mut Option<PathBuf>,
+    ) -> Result<EpochKey, SealError> {
+        let key = EpochKey::generate();
+        let verify_path = state_dir.join(keyfile::verify_key_name(&key.key_id));
+        keyfile::write_verify_key(&verify_path, &key, host)?;
+        keyfile::create_state(state_dir, &key, None)?;
+        tracing::warn!(
+            key_id = %key.key_id,
+            verification_key = %verify_path.display(),
+            "audit sealing started with a new key: move the verification key off this host \
+             (whoever can read it can forge seals) and check the audit file with \
+             `imds-broker audit verify --key FILE`"
+        );
+        *made = Some(verify_path);
+        Ok(key)
     }
 
     pub fn epoch(&self) -> u64 {
@@ -474,6 +504,17 @@ impl Sealer {
     pub fn is_saved(&self) -> bool {
         !self.unsaved
     }
+}
+
+/// The schedule a first start began and a kill cut short between writing its verification key
+/// and its state: with no state and no sealed line, the one verification key the daemon left
+/// in `state_dir` (read whole; both files appear whole or not at all). Several, or one that
+/// does not read, is no schedule to resume.
+fn resumable(state_dir: &Path) -> Option<(EpochKey, PathBuf)> {
+    let [path] = <[PathBuf; 1]>::try_from(keyfile::verify_keys_in(state_dir)).ok()?;
+    let key = keyfile::read_verify_key(&path).ok()?;
+    let name = keyfile::verify_key_name(&key.key_id);
+    (key.epoch == 0 && path.file_name()? == std::ffi::OsStr::new(&name)).then_some((key, path))
 }
 
 /// What [`Checker`] found in a whole file.
@@ -872,5 +913,98 @@ pub(crate) mod tests {
         let (lines, key) = trail(&[2, 2, 2]);
         let report = check(&lines[4..], &key).unwrap();
         assert_eq!((report.first_epoch, report.last_epoch), (1, 2));
+    }
+
+    /// The state dir's file names, sorted.
+    fn names(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn policy() -> EpochPolicy {
+        EpochPolicy {
+            every: Duration::from_secs(900),
+            events: 1000,
+        }
+    }
+
+    fn private_dir(base: &tempfile::TempDir) -> PathBuf {
+        use std::os::unix::fs::DirBuilderExt;
+        let state_dir = base.path().join("state");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&state_dir)
+            .unwrap();
+        state_dir
+    }
+
+    #[test]
+    fn a_first_start_killed_while_writing_the_state_starts_cleanly() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let state_dir = private_dir(&base);
+        // Killed between creating the state file and writing it, and while writing the
+        // temporary files of the state and of a verification key.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(state_dir.join(keyfile::STATE_FILE))
+            .unwrap();
+        std::fs::write(state_dir.join(".audit-seal.state.tmp"), "format = ").unwrap();
+        std::fs::write(
+            state_dir.join(".audit-verify-0123456789abcdef.key.tmp"),
+            "# imds",
+        )
+        .unwrap();
+        let (sealer, startup) = Sealer::open(state_dir.clone(), policy(), None, "h").unwrap();
+        assert_eq!(startup, Startup::Continue);
+        assert_eq!(
+            names(&state_dir),
+            [
+                keyfile::STATE_FILE.to_owned(),
+                keyfile::verify_key_name(sealer.key_id())
+            ]
+        );
+        let saved = keyfile::read_state(&state_dir).unwrap().unwrap();
+        assert_eq!((saved.epoch, saved.key_id.as_str()), (0, sealer.key_id()));
+    }
+
+    #[test]
+    fn a_first_start_killed_between_the_verification_key_and_the_state_is_resumed() {
+        let base = tempfile::tempdir().unwrap();
+        let state_dir = private_dir(&base);
+        let key = EpochKey::generate();
+        let verify = state_dir.join(keyfile::verify_key_name(&key.key_id));
+        keyfile::write_verify_key(&verify, &key, "h").unwrap();
+        let (sealer, startup) = Sealer::open(state_dir.clone(), policy(), None, "h").unwrap();
+        assert_eq!(startup, Startup::Continue);
+        // The key the operator will take away is the one that seals: no second schedule.
+        assert_eq!(sealer.key_id(), key.key_id);
+        assert_eq!(
+            names(&state_dir),
+            [
+                keyfile::STATE_FILE.to_owned(),
+                keyfile::verify_key_name(&key.key_id)
+            ]
+        );
+        let saved = keyfile::read_state(&state_dir).unwrap().unwrap();
+        assert_eq!(saved.key.to_hex(), key.key.to_hex());
+        // Two verification keys are no schedule to guess from: a new one, both kept.
+        let other = EpochKey::generate();
+        keyfile::write_verify_key(
+            &state_dir.join(keyfile::verify_key_name(&other.key_id)),
+            &other,
+            "h",
+        )
+        .unwrap();
+        std::fs::remove_file(state_dir.join(keyfile::STATE_FILE)).unwrap();
+        let (fresh, _) = Sealer::open(state_dir.clone(), policy(), None, "h").unwrap();
+        assert!(fresh.key_id() != key.key_id && fresh.key_id() != other.key_id);
+        assert_eq!(names(&state_dir).len(), 4);
     }
 }

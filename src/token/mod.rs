@@ -12,7 +12,7 @@ pub mod file;
 
 use std::ffi::OsStr;
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -83,6 +83,12 @@ pub enum KeyError {
 impl TokenKey {
     /// Loads the key from `state_dir`, creating the directory (0700) and a fresh random key
     /// (0600) on first start. The directory must be the daemon's (see [`SafeDir::private`]).
+    ///
+    /// A kill at any moment of the first start must not leave a key file that the next start
+    /// refuses, nor make it replace a key that tokens were issued with: the key file appears
+    /// whole or not at all ([`SafeDir::create_file_whole`]), the temporary file a kill left is
+    /// removed, and an empty key file (what a kill between creating and writing it left, before
+    /// this was so) is replaced, since no token was ever issued with it.
     pub fn load_or_create(state_dir: &Path) -> Result<Self, KeyError> {
         let (dir, narrowed) = SafeDir::private(state_dir)?;
         if let Some(mode) = narrowed {
@@ -93,35 +99,58 @@ impl TokenKey {
             path: path.clone(),
             source,
         };
-        match dir.open_file(OsStr::new(KEY_FILE)) {
-            Ok(mut file) => {
-                let mode = file.metadata().map_err(io_err)?.mode() & 0o7777;
-                if mode & 0o077 != 0 {
-                    return Err(KeyError::Permissions { path, mode });
+        let name = OsStr::new(KEY_FILE);
+        // Nothing else writes the key while the daemon starts.
+        dir.remove_temp_files(name).map_err(io_err)?;
+        match dir.open_file(name) {
+            Ok(file) => match Self::read(file, &path)? {
+                Some(key) => Ok(key),
+                None => {
+                    tracing::warn!(path = %path.display(), "the token key file was empty (a first start was cut short); made a new key");
+                    let key = random_key();
+                    dir.replace_file(name, &key, 0o600, None).map_err(io_err)?;
+                    Ok(Self::from_bytes(key))
                 }
-                let mut key = [0u8; KEY_LEN];
-                let mut rest = Vec::new();
-                file.read_exact(&mut key)
-                    .map_err(|_| KeyError::Length { path: path.clone() })?;
-                file.read_to_end(&mut rest).map_err(io_err)?;
-                if !rest.is_empty() {
-                    return Err(KeyError::Length { path });
-                }
-                Ok(Self::from_bytes(key))
-            }
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let mut key = [0u8; KEY_LEN];
-                rand::rng().fill_bytes(&mut key);
-                let mut file = dir
-                    .create_file(OsStr::new(KEY_FILE), 0o600)
-                    .map_err(io_err)?;
-                file.write_all(&key).map_err(io_err)?;
-                file.sync_all().map_err(io_err)?;
-                dir.sync().map_err(io_err)?;
+                let key = random_key();
+                dir.create_file_whole(name, &key, 0o600).map_err(io_err)?;
                 Ok(Self::from_bytes(key))
             }
             Err(e) => Err(io_err(e)),
         }
+    }
+
+    /// The key in `file`, or `None` if it is empty.
+    fn read(mut file: std::fs::File, path: &Path) -> Result<Option<Self>, KeyError> {
+        let meta = file.metadata().map_err(|source| KeyError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Permissions {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        if meta.len() == 0 {
+            return Ok(None);
+        }
+        let mut key = [0u8; KEY_LEN];
+        let mut rest = Vec::new();
+        let length = || KeyError::Length {
+            path: path.to_owned(),
+        };
+        file.read_exact(&mut key).map_err(|_| length())?;
+        file.read_to_end(&mut rest).map_err(|source| KeyError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        if !rest.is_empty() {
+            return Err(length());
+        }
+        Ok(Some(Self::from_bytes(key)))
     }
 
     #[cfg(test)]
@@ -252,6 +281,12 @@ pub enum TokenError {
     NotValidForCaller,
     #[error("token has expired")]
     Expired,
+}
+
+fn random_key() -> [u8; KEY_LEN] {
+    let mut key = [0u8; KEY_LEN];
+    rand::rng().fill_bytes(&mut key);
+    key
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -399,6 +434,37 @@ mod tests {
             key.verify(&URL_SAFE_NO_PAD.encode(raw), "b", at(0)),
             Err(TokenError::NotValidForCaller)
         );
+    }
+
+    #[test]
+    fn what_a_killed_first_start_left_is_cleaned_and_a_whole_key_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        fs::create_dir(&state).unwrap();
+        fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        // Killed between creating the key file and writing it (before the key was created
+        // whole), and between writing a temporary key and linking it.
+        let path = state.join(KEY_FILE);
+        fs::write(&path, b"").unwrap();
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let left = state.join(".token.key.0123456789abcdef.tmp");
+        fs::write(&left, [7u8; KEY_LEN]).unwrap();
+        let key = TokenKey::load_or_create(&state).unwrap();
+        assert!(!left.exists(), "the temporary file is removed");
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!((meta.len(), meta.mode() & 0o777), (KEY_LEN as u64, 0o600));
+        // The key now written is the one every later start loads.
+        let now = BootTime::now();
+        let minted = key.mint("local:uid=1000", Duration::from_secs(60), now);
+        let again = TokenKey::load_or_create(&state).unwrap();
+        assert!(again.verify(&minted, "local:uid=1000", now).is_ok());
+        assert_eq!(fs::read_dir(&state).unwrap().count(), 1, "only the key");
+        // A short key is not the remains of a kill: refused, not replaced.
+        fs::write(&path, [1u8; 5]).unwrap();
+        assert!(matches!(
+            TokenKey::load_or_create(&state),
+            Err(KeyError::Length { .. })
+        ));
     }
 
     #[test]
