@@ -168,11 +168,12 @@ async fn render_metrics(State(admin): State<Admin>) -> Response {
 /// Ready when serving (this listener only starts once the config is loaded and the IMDS
 /// listeners are bound), unless `[audit] on_failure = "serve"` the audit file is being written,
 /// the daemon's own source has not expired, and every `prefetch` app holds unexpired credentials
-/// or waits for its moment of the start-up spread (`credentials.prefetch_spread`). Waiting apps
-/// count only once an AssumeRole has succeeded since start, which one prefetch app makes within
+/// or is on its way to its first ones: waiting for its moment of the start-up spread
+/// (`credentials.prefetch_spread`) or fetching them, with no failure. Those on their way count
+/// only once an AssumeRole has succeeded since start, which one prefetch app makes within
 /// `PROOF_WINDOW`: a host is not declared ready on a source nobody has tried, nor kept unready
-/// for the whole window. A prefetch app whose fetch is under way or failed, or that has nothing
-/// and nothing scheduled, keeps the daemon unready, as before the spread.
+/// for the whole window (nor flapping as each spread fetch runs). A prefetch app whose fetch
+/// failed, or that has nothing and nothing under way, keeps the daemon unready.
 async fn readyz(State(admin): State<Admin>) -> Response {
     let config = admin.state.config();
     let now = admin.state.now();
@@ -225,7 +226,7 @@ async fn readyz(State(admin): State<Admin>) -> Response {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "not ready: no AssumeRole has succeeded yet to prove the source; {} prefetch app(s) wait for the start-up spread, the next in {}s\n",
+                "not ready: no AssumeRole has succeeded yet to prove the source; {} prefetch app(s) on their way to their first credentials, the next fetch in {}s\n",
                 waiting.len(),
                 next.as_secs()
             ),

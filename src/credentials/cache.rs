@@ -341,11 +341,16 @@ impl CredentialCache {
             .spawn("prefetch spread", spread(inner.clone(), plan));
     }
 
-    /// How long until the spread first fetch of `input` starts, while one is scheduled.
+    /// How long until the first fetch of `input` starts while its spread moment is ahead, or
+    /// zero while a first fetch is under way and has not failed: an entry on its way to its
+    /// first credentials, with nothing wrong yet.
     pub fn prefetch_pending(&self, input: &AssumeRoleInput) -> Option<Duration> {
         let entry = self.inner.entries.lock().ok()?.get(input).cloned()?;
-        let at = entry.lock().prefetch_at?;
-        Some(at.saturating_duration_since(Instant::now()))
+        let st = entry.lock();
+        if let Some(at) = st.prefetch_at {
+            return Some(at.saturating_duration_since(Instant::now()));
+        }
+        (st.current.is_none() && st.worker && st.failure.is_none()).then_some(Duration::ZERO)
     }
 
     /// Whether an AssumeRole has succeeded since the cache was made: the source is proven.
