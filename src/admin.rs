@@ -137,7 +137,14 @@ async fn render_metrics(State(admin): State<Admin>) -> Response {
             metrics::gauge!(crate::metrics::AUDIT_EPOCH).set(epoch as f64);
         }
     }
-    for app in &admin.state.config().apps {
+    let config = admin.state.config();
+    let pending = config
+        .apps
+        .iter()
+        .filter(|app| cache.prefetch_pending(app.assume_role_input()).is_some())
+        .count();
+    metrics::gauge!(crate::metrics::PREFETCH_PENDING).set(pending as f64);
+    for app in &config.apps {
         if let Some(creds) = cache.peek(app.assume_role_input()).and_then(|e| e.current) {
             let left = creds.remaining(now);
             metrics::gauge!(crate::metrics::CREDENTIAL_EXPIRY, "app" => app.name.clone())
@@ -159,25 +166,34 @@ async fn render_metrics(State(admin): State<Admin>) -> Response {
 }
 
 /// Ready when serving (this listener only starts once the config is loaded and the IMDS
-/// listeners are bound), every `prefetch` app holds unexpired credentials and, unless
-/// `[audit] on_failure = "serve"`, the audit file is being written.
+/// listeners are bound), unless `[audit] on_failure = "serve"` the audit file is being written,
+/// the daemon's own source has not expired, and every `prefetch` app holds unexpired credentials
+/// or is on its way to its first ones: waiting for its moment of the start-up spread
+/// (`credentials.prefetch_spread`) or fetching them, with no failure. Those on their way count
+/// only once an AssumeRole has succeeded since start, which one prefetch app makes within
+/// `PROOF_WINDOW`: a host is not declared ready on a source nobody has tried, nor kept unready
+/// for the whole window (nor flapping as each spread fetch runs). A prefetch app whose fetch
+/// failed, or that has nothing and nothing under way, keeps the daemon unready.
 async fn readyz(State(admin): State<Admin>) -> Response {
     let config = admin.state.config();
     let now = admin.state.now();
-    let cold: Vec<&str> = config
-        .apps
-        .iter()
-        .filter(|app| app.prefetch)
-        .filter(|app| {
-            let current = admin
-                .state
-                .cache()
-                .peek(app.assume_role_input())
-                .and_then(|e| e.current);
-            current.is_none_or(|c| c.expiration <= now)
-        })
-        .map(|app| app.name.as_str())
-        .collect();
+    let cache = admin.state.cache();
+    let mut cold = Vec::new();
+    let mut waiting = Vec::new();
+    for app in config.apps.iter().filter(|app| app.prefetch) {
+        let input = app.assume_role_input();
+        let valid = cache
+            .peek(input)
+            .and_then(|e| e.current)
+            .is_some_and(|c| c.expiration > now);
+        if valid {
+            continue;
+        }
+        match cache.prefetch_pending(input) {
+            Some(left) => waiting.push(left),
+            None => cold.push(app.name.as_str()),
+        }
+    }
     if config.audit.on_failure == OnFailure::Refuse
         && let Some(reason) = crate::audit::health::failing()
     {
@@ -194,18 +210,30 @@ async fn readyz(State(admin): State<Admin>) -> Response {
         )
             .into_response();
     }
-    if cold.is_empty() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (
+    if !cold.is_empty() {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "not ready: no valid credentials yet for prefetch app(s) {}\n",
                 cold.join(", ")
             ),
         )
-            .into_response()
+            .into_response();
     }
+    if let Some(next) = waiting.iter().min()
+        && !cache.source_proven()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: no AssumeRole has succeeded yet to prove the source; {} prefetch app(s) on their way to their first credentials, the next fetch in {}s\n",
+                waiting.len(),
+                next.as_secs()
+            ),
+        )
+            .into_response();
+    }
+    (StatusCode::OK, "ready\n").into_response()
 }
 
 /// `imds-broker token rotate APP`: a new token in the app's file now; the old one stops
@@ -270,6 +298,9 @@ pub struct AppStatus {
     /// When the app's container-endpoint token was issued, and its file.
     #[serde(default)]
     pub container_token: Option<(String, String)>,
+    /// Seconds until the app's first fetch of the start-up spread, while it waits for it.
+    #[serde(default)]
+    pub prefetch_in_secs: Option<u64>,
 }
 
 /// What `/status` answers: a row per app, and where the audit file's chain stands.
@@ -335,6 +366,11 @@ async fn status(State(admin): State<Admin>) -> Response {
                     .iter()
                     .find(|t| t.app == app.name)
                     .map(|t| (imds_time(t.issued_at), t.token_file.display().to_string())),
+                prefetch_in_secs: admin
+                    .state
+                    .cache()
+                    .prefetch_pending(app.assume_role_input())
+                    .map(|left| left.as_secs()),
             }
         })
         .collect();
@@ -367,6 +403,16 @@ pub fn status_table(report: &StatusReport) -> String {
             r.last_refresh.as_deref().unwrap_or("-"),
             r.last_error.as_deref().unwrap_or("-"),
         ));
+    }
+    for r in rows {
+        if let Some(secs) = r.prefetch_in_secs {
+            out.push_str(&format!(
+                "{}: first fetch in {}m{:02}s (prefetch spread)\n",
+                r.app,
+                secs / 60,
+                secs % 60
+            ));
+        }
     }
     for r in rows {
         if let Some((issued, file)) = &r.container_token {

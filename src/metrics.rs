@@ -26,6 +26,8 @@ pub const STS_LATENCY: &str = "imds_broker_sts_latency_seconds";
 /// Seconds until the cached credentials of `app` expire.
 pub const CREDENTIAL_EXPIRY: &str = "imds_broker_credentials_expiry_seconds";
 pub const CACHE_ENTRIES: &str = "imds_broker_cache_entries";
+/// Prefetch apps whose first fetch waits for its moment of the start-up spread.
+pub const PREFETCH_PENDING: &str = "imds_broker_prefetch_pending";
 /// Apps whose STS calls are failing while they serve their last good credentials.
 pub const DEGRADED_ENTRIES: &str = "imds_broker_degraded_entries";
 /// Requests answered with last good credentials below `min_remaining` (STS failing).
@@ -103,6 +105,10 @@ fn describe() {
         "Seconds until an app's cached credentials expire"
     );
     metrics::describe_gauge!(CACHE_ENTRIES, "Cached credential sets");
+    metrics::describe_gauge!(
+        PREFETCH_PENDING,
+        "Prefetch apps waiting for their moment of the start-up spread"
+    );
     metrics::describe_gauge!(
         DEGRADED_ENTRIES,
         "Apps serving last good credentials while STS fails"

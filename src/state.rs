@@ -194,16 +194,19 @@ impl AppState {
         self.inner.started_at
     }
 
-    /// Fetches credentials for every `prefetch` app and starts the background refresher (until
-    /// [`AppState::stop_background`]).
+    /// Schedules the first fetch of every `prefetch` app at a random moment of
+    /// `credentials.prefetch_spread` (a fleet restarted at once must not call STS in one second)
+    /// and starts the background refresher (until [`AppState::stop_background`]).
     pub fn start_refresher(&self) {
         let config = self.config();
-        self.cache().prefetch(prefetched(&config));
+        self.cache()
+            .prefetch_spread(prefetched(&config), config.credentials.prefetch_spread);
         self.cache().start_refresher();
     }
 
     /// Swaps in a new config: cached credentials stay for apps whose AssumeRole input did not
-    /// change, the others are dropped; new `prefetch` apps are fetched.
+    /// change, the others are dropped; new `prefetch` apps are fetched, spread over
+    /// `credentials.prefetch_spread` like at start (a config push reaches a fleet at once too).
     pub fn apply_config(&self, config: Config) -> ReloadSummary {
         let old = self.config();
         let keep: HashSet<_> = config
@@ -233,13 +236,14 @@ impl AppState {
                 .reconfigure(config.sts.max_calls_per_second, config.sts.burst);
         }
         let prefetch: Vec<_> = prefetched(&config).collect();
+        let spread = config.credentials.prefetch_spread;
         let apps = config.apps.len();
         // Swap first: a request on the old snapshot may still create an entry for an old input,
         // but never one the new config would be served from.
         let config = Arc::new(config);
         self.inner.config.store(config.clone());
         let dropped = cache.retain(|input| keep.contains(input));
-        cache.prefetch(prefetch);
+        cache.prefetch_spread(prefetch, spread);
         // After the swap: a new app's token file appears once the app can be served.
         if let Some(store) = self.container_tokens() {
             crate::token::container::record(&store.reconcile(&config.apps, self.moment()));

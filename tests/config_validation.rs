@@ -86,6 +86,12 @@ fn each_invalid_fixture_names_file_line_and_field() {
             "at least 25m",
         ),
         (
+            "prefetch_spread_too_long.toml",
+            8,
+            "credentials.prefetch_spread",
+            "at most 30m",
+        ),
+        (
             "uid_and_user.toml",
             12,
             "app[0].match.user",

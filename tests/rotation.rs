@@ -18,8 +18,8 @@ use imds_broker::config::{
 };
 use imds_broker::credentials::{
     CacheError, Clock, CredentialCache, CredentialSource, Credentials, DEGRADED_MIN_REMAINING,
-    MIN_NAP, REFRESH_MARGIN, REFUSAL_HOLD, RETRY_BASE, RETRY_CAP, RETRY_JITTER, StsBudget,
-    StsError, TokioTime,
+    MIN_NAP, PROOF_WINDOW, REFRESH_MARGIN, REFUSAL_HOLD, RETRY_BASE, RETRY_CAP, RETRY_JITTER,
+    StsBudget, StsError, TokioTime,
 };
 use imds_broker::imds::ImdsError;
 use imds_broker::state::AppState;
@@ -484,7 +484,9 @@ async fn prefetch_warms_at_start_and_idle_apps_stop_being_refreshed() {
     let state = app_state(config, sts.clone(), Arc::new(clock.clone()));
     let a = state.config().apps[0].assume_role_input().clone();
     state.start_refresher();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The only prefetch app proves the source: fetched within PROOF_WINDOW of the start, not
+    // anywhere in `prefetch_spread` (tests/prefetch_spread.rs has the spread itself).
+    tokio::time::sleep(PROOF_WINDOW).await;
     assert_eq!(sts.calls_for("app-a"), 1, "prefetched at start");
     assert_eq!(sts.calls_for("app-b"), 0, "not asked for, not prefetched");
     // The first request is a cache hit.

@@ -10,7 +10,7 @@
 //! otherwise get the last good credentials or the last error at once.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -128,6 +128,8 @@ pub(super) struct Inner {
     /// `tasks`' token: the refresher's, and the parent of every entry's.
     pub(super) stop: CancellationToken,
     degraded_serves: AtomicU64,
+    /// An AssumeRole has succeeded since start: the daemon's source works (for readiness).
+    obtained: AtomicBool,
 }
 
 pub(super) struct Entry {
@@ -151,6 +153,9 @@ pub(super) struct EntryState {
     /// The last failure, until the next success.
     failure: Option<Failure>,
     degraded_logged_at: Option<Instant>,
+    /// When the spread first fetch of a prefetch app starts (tokio's clock); cleared, and the
+    /// schedule void, once any fetch of the entry starts.
+    prefetch_at: Option<Instant>,
 }
 
 struct Failure {
@@ -236,6 +241,7 @@ impl CredentialCache {
                 stop: tasks.token().clone(),
                 tasks,
                 degraded_serves: AtomicU64::new(0),
+                obtained: AtomicBool::new(false),
             }),
         }
     }
@@ -290,6 +296,78 @@ impl CredentialCache {
                 drop(inner.attempt(&entry, &mut st, &input));
             }
         }
+    }
+
+    /// Schedules the first fetch of each of `inputs` that has no credentials, no fetch under way
+    /// and no moment yet, at a random moment of `window` from now ([`schedule::prefetch_delays`];
+    /// one of them early while no AssumeRole has succeeded yet, to prove the source). An entry
+    /// asked for before its moment is fetched at once and its moment is void; [`Self::retain`]
+    /// and shutdown cancel the moments with the entries. A zero `window` is [`Self::prefetch`].
+    pub fn prefetch_spread(
+        &self,
+        inputs: impl IntoIterator<Item = AssumeRoleInput>,
+        window: Duration,
+    ) {
+        if window.is_zero() {
+            return self.prefetch(inputs);
+        }
+        let inner = &self.inner;
+        let waiting: Vec<_> = inputs
+            .into_iter()
+            .map(|input| {
+                let entry = inner.entry(&input);
+                (input, entry)
+            })
+            .filter(|(_, entry)| {
+                let st = entry.lock();
+                st.current.is_none() && !st.worker && st.prefetch_at.is_none()
+            })
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        let start = Instant::now();
+        let delays = schedule::prefetch_delays(
+            waiting.len(),
+            window,
+            !inner.obtained.load(Ordering::Relaxed),
+            &mut rand::rng(),
+        );
+        let mut plan: Vec<_> = waiting
+            .into_iter()
+            .zip(delays)
+            .map(|((input, entry), delay)| {
+                let at = start + delay;
+                entry.lock().prefetch_at = Some(at);
+                (at, input, entry)
+            })
+            .collect();
+        plan.sort_by_key(|(at, _, _)| *at);
+        tracing::debug!(
+            apps = plan.len(),
+            window_secs = window.as_secs(),
+            "prefetch spread over the start-up window"
+        );
+        inner
+            .tasks
+            .spawn("prefetch spread", spread(inner.clone(), plan));
+    }
+
+    /// How long until the first fetch of `input` starts while its spread moment is ahead, or
+    /// zero while a first fetch is under way and has not failed: an entry on its way to its
+    /// first credentials, with nothing wrong yet.
+    pub fn prefetch_pending(&self, input: &AssumeRoleInput) -> Option<Duration> {
+        let entry = self.inner.entries.lock().ok()?.get(input).cloned()?;
+        let st = entry.lock();
+        if let Some(at) = st.prefetch_at {
+            return Some(at.saturating_duration_since(Instant::now()));
+        }
+        (st.current.is_none() && st.worker && st.failure.is_none()).then_some(Duration::ZERO)
+    }
+
+    /// Whether an AssumeRole has succeeded since the cache was made: the source is proven.
+    pub fn source_proven(&self) -> bool {
+        self.inner.obtained.load(Ordering::Relaxed)
     }
 
     /// Drops every cached entry whose input is not in `keep` (after a config reload), stopping
@@ -440,6 +518,8 @@ impl Inner {
                 .shared();
         }
         st.worker = true;
+        // Asked for before its spread moment (or at it): the moment has nothing left to do.
+        st.prefetch_at = None;
         let (tx, attempt) = new_attempt(st);
         self.tasks.spawn(
             "sts worker",
@@ -548,6 +628,7 @@ async fn worker(
                     );
                     st.current = Some(creds.clone());
                     st.refresh_at = Some(at);
+                    inner.obtained.store(true, Ordering::Relaxed);
                     st.failure = None;
                     st.degraded_logged_at = None;
                     st.worker = false;
@@ -594,6 +675,29 @@ async fn worker(
     let mut st = entry.lock();
     st.worker = false;
     st.attempt = None;
+}
+
+/// Starts each planned first fetch at its moment, unless the entry was asked for meanwhile
+/// (the moment is void), dropped by a reload, or the cache is shutting down.
+async fn spread(inner: Arc<Inner>, plan: Vec<(Instant, AssumeRoleInput, Arc<Entry>)>) {
+    for (at, input, entry) in plan {
+        tokio::select! {
+            biased;
+            _ = inner.stop.cancelled() => return,
+            _ = entry.cancel.cancelled() => continue,
+            _ = tokio::time::sleep_until(at) => {}
+        }
+        let mut st = entry.lock();
+        if st.prefetch_at != Some(at) {
+            continue;
+        }
+        st.prefetch_at = None;
+        // Kept warm for `idle_after` from its first fetch, as an unspread prefetch is.
+        st.last_used.get_or_insert(inner.clock.boot_time());
+        if st.current.is_none() && !st.worker && !st.held() {
+            drop(inner.attempt(&entry, &mut st, &input));
+        }
+    }
 }
 
 fn log_success(
@@ -688,6 +792,8 @@ pub(super) struct EntryView {
     pub servable_until: Option<SystemTime>,
     /// How long until an active entry turns idle.
     pub idle_in: Option<Duration>,
+    /// A spread first fetch is scheduled: not idle, only not yet asked for.
+    pub prefetch_pending: bool,
 }
 
 impl Entry {
@@ -704,6 +810,7 @@ impl Entry {
                 .as_ref()
                 .and_then(|c| c.expiration.checked_sub(DEGRADED_MIN_REMAINING)),
             idle_in,
+            prefetch_pending: st.prefetch_at.is_some(),
         }
     }
 }
@@ -727,7 +834,10 @@ impl Inner {
         }
         let now = self.clock.now();
         let view = entry.view(self.clock.boot_time(), &self.policy());
-        let dead = !view.active && !view.worker && view.servable_until.is_none_or(|t| t <= now);
+        let dead = !view.active
+            && !view.worker
+            && !view.prefetch_pending
+            && view.servable_until.is_none_or(|t| t <= now);
         if dead {
             entries.remove(input);
             entry.cancel.cancel();

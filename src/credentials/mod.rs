@@ -3,7 +3,8 @@
 //!
 //! - [`cache`](CredentialCache): one entry per AssumeRole input; serves credentials, shares one
 //!   STS call among concurrent callers, keeps serving the last good credentials while STS fails.
-//! - `schedule`: when a refresh starts (jittered, so apps and hosts spread their calls).
+//! - `schedule`: when a refresh starts (jittered, so apps and hosts spread their calls), and
+//!   when a prefetch app's first fetch starts after a start or a reload.
 //! - `retry`: how long to wait after a failed STS call.
 //! - `budget`: the global AssumeRole rate every STS call draws from.
 //! - `refresh`: the background task that starts scheduled refreshes and drops idle entries.
@@ -32,7 +33,7 @@ pub use cache::{
 };
 pub use refresh::{MAX_NAP, MIN_NAP};
 pub use retry::{RETRY_BASE, RETRY_CAP, RETRY_JITTER, backoff};
-pub use schedule::{Phase, REFRESH_MARGIN, refresh_at};
+pub use schedule::{PROOF_WINDOW, Phase, REFRESH_MARGIN, prefetch_delays, refresh_at};
 pub use self_loop::{ProcessSettings, SelfLoopError, Settings, check_not_own_source};
 pub use sts::StsSource;
 

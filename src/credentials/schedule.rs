@@ -74,6 +74,36 @@ pub fn refresh_at<R: Rng + ?Sized>(
     obtained + Duration::from_secs_f64(offset.clamp(0.0, b))
 }
 
+/// With a start-up spread, one prefetch app of the host (chosen at random) has its first fetch
+/// within this long of the start: the daemon's first AssumeRole proves its source works, and
+/// readiness waits for that proof (see `admin::readyz`), not for the whole window. A fleet's
+/// proofs spread over this span too (10,000 hosts: about 330 calls a second).
+pub const PROOF_WINDOW: Duration = Duration::from_secs(30);
+
+/// When, from now, the first fetch of each of `n` prefetch apps starts, spread over `window`
+/// after a start or a reload (a fleet restarted or reconfigured at once would otherwise call STS
+/// in the same second): uniform in `[0, window)`, except that with `prove` one app drawn at
+/// random starts within [`PROOF_WINDOW`] (or the window, if shorter). An empty `window` means
+/// every app at once.
+pub fn prefetch_delays<R: Rng + ?Sized>(
+    n: usize,
+    window: Duration,
+    prove: bool,
+    rng: &mut R,
+) -> Vec<Duration> {
+    if window.is_zero() {
+        return vec![Duration::ZERO; n];
+    }
+    let mut delays: Vec<Duration> = (0..n)
+        .map(|_| window.mul_f64(rng.random::<f64>()))
+        .collect();
+    if prove && n > 0 {
+        let first = rng.random_range(0..n);
+        delays[first] = window.min(PROOF_WINDOW).mul_f64(rng.random::<f64>());
+    }
+    delays
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +117,7 @@ mod tests {
             min_remaining: 30 * MIN,
             refresh_window: 10 * MIN,
             idle_after: 60 * MIN,
+            prefetch_spread: 5 * MIN,
         }
     }
 
@@ -150,5 +181,46 @@ mod tests {
             let at = refresh_at(t0, t0 + 36 * MIN, &policy(), Phase::Renewal, &mut rng);
             assert!(at >= t0 && at <= t0 + 5 * MIN);
         }
+    }
+
+    #[test]
+    fn prefetch_delays_fill_the_window_and_one_proves_the_source_early() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let window = 5 * MIN;
+        let mut per_minute = [0u32; 5];
+        let mut earliest = Vec::new();
+        for _ in 0..2000 {
+            let delays = prefetch_delays(50, window, true, &mut rng);
+            assert_eq!(delays.len(), 50);
+            assert!(delays.iter().all(|d| *d < window));
+            earliest.push(*delays.iter().min().unwrap());
+            for d in delays {
+                per_minute[(d.as_secs() / 60) as usize] += 1;
+            }
+        }
+        assert!(
+            earliest.iter().all(|d| *d < PROOF_WINDOW),
+            "one app proves early"
+        );
+        // Uniform over the window (the proving app's draw barely shows: 1 in 50).
+        for count in per_minute {
+            let share = f64::from(count) / 100_000.0;
+            assert!((share - 0.2).abs() < 0.02, "{per_minute:?}");
+        }
+        // Without the proof, the earliest of 2 draws is often past PROOF_WINDOW.
+        let late = (0..1000)
+            .filter(|_| {
+                prefetch_delays(2, window, false, &mut rng)
+                    .iter()
+                    .min()
+                    .unwrap()
+                    >= &PROOF_WINDOW
+            })
+            .count();
+        assert!(late > 500, "{late}");
+        assert_eq!(
+            prefetch_delays(3, Duration::ZERO, true, &mut rng),
+            [Duration::ZERO; 3]
+        );
     }
 }

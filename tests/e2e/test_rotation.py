@@ -131,6 +131,10 @@ state_dir = "{state_dir}"
 region = "{REGION}"
 endpoint_url = "{sts_endpoint}"
 
+[credentials]
+# At once: this test times the prefetch, and its reload's new prefetch, itself.
+prefetch_spread = "0"
+
 [[app]]
 name = "{APP_A.name}"
 role_arn = "{role_arn}"
