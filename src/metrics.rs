@@ -48,6 +48,23 @@ pub const AUDIT_REFUSED: &str = "imds_broker_audit_refused_total";
 /// The `op` labels of [`AUDIT_WRITE_FAILURES`], each exported from the start (at zero).
 pub const AUDIT_FAILED_OPS: &[&str] = &["write", "fsync", "reopen"];
 
+/// Entries in each map that grows with distinct callers, by `map` ([`CALLER_STATE_MAPS`]);
+/// each is capped (README, "Per-caller state").
+pub const CALLER_STATE: &str = "imds_broker_caller_state_entries";
+/// The `map` labels of [`CALLER_STATE`], each exported from the start (at zero).
+pub const CALLER_STATE_MAPS: &[&str] = &[
+    "rate_limiter",
+    "audit_repeats",
+    "exe_digests",
+    "exe_hash_budget",
+    "cgroup_index",
+];
+/// Audit events waiting for the writer (at most its queue's length).
+pub const AUDIT_QUEUE: &str = "imds_broker_audit_queue_events";
+/// Audit events dropped because the writer's queue was full (the writer is stuck or far
+/// behind); each is also among [`AUDIT_EVENTS_LOST`] and in the next `audit.gap` line.
+pub const AUDIT_QUEUE_DROPPED: &str = "imds_broker_audit_queue_dropped_total";
+
 /// IMDS and container-endpoint connections open now (under `limits.max_connections`).
 pub const OPEN_CONNECTIONS: &str = "imds_broker_open_connections";
 
@@ -127,9 +144,22 @@ fn describe() {
         RUNTIME_REQUESTS,
         "Container runtime API requests, by call and outcome"
     );
+    metrics::describe_gauge!(
+        CALLER_STATE,
+        "Entries in each per-caller map (each capped), by map"
+    );
+    metrics::describe_gauge!(AUDIT_QUEUE, "Audit events waiting for the writer");
+    metrics::describe_counter!(
+        AUDIT_QUEUE_DROPPED,
+        "Audit events dropped because the writer's queue was full"
+    );
     // Exported at zero before the first failure, so an alert on its increase sees the first one.
     for op in AUDIT_FAILED_OPS {
         metrics::counter!(AUDIT_WRITE_FAILURES, "op" => *op).increment(0);
+    }
+    metrics::counter!(AUDIT_QUEUE_DROPPED).increment(0);
+    for map in CALLER_STATE_MAPS {
+        metrics::gauge!(CALLER_STATE, "map" => *map).increment(0.0);
     }
 }
 
@@ -235,13 +265,23 @@ fn kept<'m, V>(map: &'m mut HashMap<String, V>, app: &str, make: impl FnOnce() -
 static TOKEN_EXPIRIES: Mutex<BTreeMap<u64, u64>> = Mutex::new(BTreeMap::new());
 
 pub fn token_issued(expires: SystemTime) {
+    token_issued_at(expires, SystemTime::now());
+}
+
+/// [`token_issued`] at `now`: minutes already past are dropped here too, so the counts stay
+/// within the longest token TTL (360 minutes) even when nothing reads the metrics.
+fn token_issued_at(expires: SystemTime, now: SystemTime) {
     metrics::counter!(TOKENS_ISSUED).increment(1);
     let minute = unix_secs(expires).div_ceil(60);
-    *TOKEN_EXPIRIES
-        .lock()
-        .expect("token expiry lock")
-        .entry(minute)
-        .or_default() += 1;
+    let mut expiries = TOKEN_EXPIRIES.lock().expect("token expiry lock");
+    let current = unix_secs(now) / 60;
+    if expiries
+        .first_key_value()
+        .is_some_and(|(&m, _)| m <= current)
+    {
+        *expiries = expiries.split_off(&(current + 1));
+    }
+    *expiries.entry(minute).or_default() += 1;
 }
 
 /// Drops expired minutes and publishes how many tokens are still valid (to the minute).
@@ -289,6 +329,20 @@ mod tests {
             r#"imds_broker_credentials_served_total{app="app-a"} 2"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+    }
+
+    #[test]
+    fn token_expiry_counts_stay_within_the_longest_ttl_without_a_scrape() {
+        // In 2065: other tests of this process issue tokens now, into the same counts, and
+        // this test's clock is past theirs, so it drops them (a few may sneak in between).
+        let start = UNIX_EPOCH + Duration::from_secs(3_000_000_000);
+        // A day of tokens, one a minute, each valid for 6 h; nobody renders the metrics.
+        for minute in 0..24 * 60 {
+            let now = start + Duration::from_secs(minute * 60);
+            token_issued_at(now + Duration::from_secs(6 * 3600), now);
+            let len = TOKEN_EXPIRIES.lock().unwrap().len();
+            assert!(len <= 6 * 60 + 1 + 4, "{len} minutes kept");
         }
     }
 
