@@ -30,6 +30,9 @@ use tracing_subscriber::layer::SubscriberExt;
 const CREDS_PATH: &str = "/latest/meta-data/iam/security-credentials/app-a";
 /// What any request must be answered within, queue full or not.
 const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+/// Room for the test's 100 concurrent requests from one caller.
+const LIMITS: &str =
+    "\n[limits]\nrequests_per_second = 100000\nburst = 100000\nmax_connections_per_caller = 1000";
 
 /// An ext4 image mounted on a loop device for the test; thawed and unmounted when dropped, so
 /// a failing test never leaves the writer (or the host) blocked.
@@ -66,7 +69,12 @@ impl Ext4 {
 
 impl Drop for Ext4 {
     fn drop(&mut self) {
-        let _ = Command::new("fsfreeze").arg("-u").arg(self.path()).status();
+        // Thawed already unless the test failed midway (then this is what unblocks the writer).
+        let _ = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(self.path())
+            .stderr(std::process::Stdio::null())
+            .status();
         let _ = Command::new("umount")
             .args(["-l", "-d"])
             .arg(self.path())
@@ -196,7 +204,7 @@ async fn a_full_audit_queue_answers_at_once_refusing_or_serving_and_counts_what_
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer)).unwrap();
 
     // refuse (the default).
-    let d = TestDaemon::start(|state| config_text(state, "")).await;
+    let d = TestDaemon::start(|state| config_text(state, LIMITS)).await;
     assert_eq!(credentials(&d).await.0, 200);
     flush(&sink).await;
     disk.freeze();
@@ -232,8 +240,10 @@ async fn a_full_audit_queue_answers_at_once_refusing_or_serving_and_counts_what_
     d.stop().await;
 
     // serve.
-    let d =
-        TestDaemon::start(|state| config_text(state, "\n[audit]\non_failure = \"serve\"")).await;
+    let d = TestDaemon::start(|state| {
+        config_text(state, &format!("{LIMITS}\n[audit]\non_failure = \"serve\""))
+    })
+    .await;
     assert_eq!(credentials(&d).await.0, 200);
     flush(&sink).await;
     disk.freeze();
