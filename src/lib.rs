@@ -18,7 +18,7 @@
 //! | which app | [`policy`] |
 //! | who is calling | [`identity`] (`sock_diag`, `cgroup`, `process`, `exe_digest`, `netns`, `container`), [`runtime`] (what the container runtime says) |
 //! | configuration | [`config`] |
-//! | helpers | [`arn`], [`glob`], [`secret`], [`time`], [`safe_dir`], [`iam`], [`metrics`], [`signal`], [`systemd`], [`shutdown`], [`http_client`] |
+//! | helpers | [`arn`], [`bounded`], [`glob`], [`secret`], [`time`], [`safe_dir`], [`iam`], [`metrics`], [`signal`], [`systemd`], [`shutdown`], [`http_client`] |
 //!
 //! How a request flows through them:
 //! - [`server`] accepts a connection and asks [`identity`] who owns the other end (netlink
@@ -40,6 +40,7 @@ pub mod admin;
 pub mod admit;
 pub mod arn;
 pub mod audit;
+pub mod bounded;
 pub mod cli;
 pub mod config;
 pub mod container;

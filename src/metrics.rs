@@ -51,6 +51,23 @@ pub const AUDIT_REFUSED: &str = "imds_broker_audit_refused_total";
 /// The `op` labels of [`AUDIT_WRITE_FAILURES`], each exported from the start (at zero).
 pub const AUDIT_FAILED_OPS: &[&str] = &["write", "fsync", "reopen"];
 
+/// Entries in each map that grows with distinct callers, by `map` ([`CALLER_STATE_MAPS`]);
+/// each is capped (README, "Per-caller state").
+pub const CALLER_STATE: &str = "imds_broker_caller_state_entries";
+/// The `map` labels of [`CALLER_STATE`], each exported from the start (at zero).
+pub const CALLER_STATE_MAPS: &[&str] = &[
+    "rate_limiter",
+    "audit_repeats",
+    "exe_digests",
+    "exe_hash_budget",
+    "cgroup_index",
+];
+/// Audit events waiting for the writer (at most its queue's length).
+pub const AUDIT_QUEUE: &str = "imds_broker_audit_queue_events";
+/// Audit events dropped because the writer's queue was full (the writer is stuck or far
+/// behind); each is also among [`AUDIT_EVENTS_LOST`] and in the next `audit.gap` line.
+pub const AUDIT_QUEUE_DROPPED: &str = "imds_broker_audit_queue_dropped_total";
+
 /// IMDS and container-endpoint connections open now (under `limits.max_connections`).
 pub const OPEN_CONNECTIONS: &str = "imds_broker_open_connections";
 
@@ -142,9 +159,22 @@ fn describe() {
         "Wall-clock steps noticed (token lifetimes and rotation intervals are not affected)"
     );
     metrics::counter!(CLOCK_STEPS).increment(0);
+    metrics::describe_gauge!(
+        CALLER_STATE,
+        "Entries in each per-caller map (each capped), by map"
+    );
+    metrics::describe_gauge!(AUDIT_QUEUE, "Audit events waiting for the writer");
+    metrics::describe_counter!(
+        AUDIT_QUEUE_DROPPED,
+        "Audit events dropped because the writer's queue was full"
+    );
     // Exported at zero before the first failure, so an alert on its increase sees the first one.
     for op in AUDIT_FAILED_OPS {
         metrics::counter!(AUDIT_WRITE_FAILURES, "op" => *op).increment(0);
+    }
+    metrics::counter!(AUDIT_QUEUE_DROPPED).increment(0);
+    for map in CALLER_STATE_MAPS {
+        metrics::gauge!(CALLER_STATE, "map" => *map).increment(0.0);
     }
 }
 
@@ -255,13 +285,23 @@ pub fn clock_stepped() {
 }
 
 pub fn token_issued(expires: BootTime) {
+    token_issued_at(expires, BootTime::now());
+}
+
+/// [`token_issued`] at `now`: minutes already past are dropped here too, so the counts stay
+/// within the longest token TTL (360 minutes) even when nothing reads the metrics.
+fn token_issued_at(expires: BootTime, now: BootTime) {
     metrics::counter!(TOKENS_ISSUED).increment(1);
     let minute = expires.since_boot.as_secs().div_ceil(60);
-    *TOKEN_EXPIRIES
-        .lock()
-        .expect("token expiry lock")
-        .entry(minute)
-        .or_default() += 1;
+    let mut expiries = TOKEN_EXPIRIES.lock().expect("token expiry lock");
+    let current = now.since_boot.as_secs() / 60;
+    if expiries
+        .first_key_value()
+        .is_some_and(|(&m, _)| m <= current)
+    {
+        *expiries = expiries.split_off(&(current + 1));
+    }
+    *expiries.entry(minute).or_default() += 1;
 }
 
 /// Drops expired minutes and publishes how many tokens are still valid (to the minute).
@@ -276,6 +316,7 @@ pub fn update_active_tokens(now: BootTime) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn kept_counters_count_like_the_macros_even_after_starting_over() {
@@ -303,6 +344,23 @@ mod tests {
             r#"imds_broker_credentials_served_total{app="app-a"} 2"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+    }
+
+    #[test]
+    fn token_expiry_counts_stay_within_the_longest_ttl_without_a_scrape() {
+        // Decades into the boot: other tests of this process issue tokens now, into the same
+        // counts, and this test's clock is past theirs, so it drops them (a few may sneak in).
+        let start = BootTime {
+            since_boot: Duration::from_secs(1_000_000_000),
+            ..BootTime::now()
+        };
+        // A day of tokens, one a minute, each valid for 6 h; nobody renders the metrics.
+        for minute in 0..24 * 60 {
+            let now = start + Duration::from_secs(minute * 60);
+            token_issued_at(now + Duration::from_secs(6 * 3600), now);
+            let len = TOKEN_EXPIRIES.lock().unwrap().len();
+            assert!(len <= 6 * 60 + 1 + 4, "{len} minutes kept");
         }
     }
 

@@ -129,13 +129,20 @@ impl AppState {
         }
         match self.cache().get(app.assume_role_input()).await {
             Ok(creds) => {
-                audit::credentials_issued(
+                let recorded = audit::credentials_issued(
                     caller,
                     endpoint,
                     app,
                     (&creds.access_key_id, creds.expiration),
-                    self.counters(),
                 );
+                // The check above passed, but the writer's queue filled meanwhile and this
+                // issuance's line was dropped: refused like the callers after it will be.
+                if !recorded && self.config().audit.on_failure == OnFailure::Refuse {
+                    let why = audit::health::BACKLOGGED;
+                    audit::credentials_unrecordable(caller, endpoint, app, why);
+                    return Err(CacheError::AuditUnavailable(why.to_owned()));
+                }
+                self.counters().served(&app.name);
                 Ok(creds)
             }
             Err(e) => {

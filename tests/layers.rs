@@ -15,6 +15,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "helpers: plain data and pure functions",
         &[
             "arn",
+            "bounded",
             "glob",
             "secret",
             "time",

@@ -18,7 +18,6 @@ use std::sync::LazyLock;
 
 use crate::config::App;
 use crate::identity::Caller;
-use crate::metrics::Counters;
 use crate::time::imds_time;
 
 /// Why a caller got no credentials.
@@ -108,26 +107,28 @@ pub(crate) use audit_event;
 /// Issuances already in the audit trail. Process-wide: a process runs one daemon.
 static ISSUED: LazyLock<repeats::Issued> = LazyLock::new(repeats::Issued::default);
 
-/// Counts every serve; audits the first of each (caller, endpoint, app, access key id), see
-/// [`repeats`]. `endpoint` is `imds` or `container`.
+/// Audits the first of each (caller, endpoint, app, access key id), see [`repeats`];
+/// `endpoint` is `imds` or `container`. Whether the issuance is recorded: `false` when its line
+/// was dropped (the audit writer's queue is full), in which case it is neither counted as served
+/// nor remembered, and under `on_failure = "refuse"` must not be served.
 pub fn credentials_issued(
     caller: &Caller,
     endpoint: &'static str,
     app: &App,
     (access_key_id, expiration): (&str, SystemTime),
-    counters: &Counters,
-) {
-    counters.served(&app.name);
+) -> bool {
     ISSUED.once(caller, endpoint, &app.name, access_key_id, || {
-        audit_event!(info, "credentials.issued", caller,
-            endpoint,
-            app = %app.name,
-            role_arn = %app.role_arn(),
-            access_key_id,
-            expiration = %imds_time(expiration),
-            "credentials issued"
-        )
-    });
+        sink::queued(|| {
+            audit_event!(info, "credentials.issued", caller,
+                endpoint,
+                app = %app.name,
+                role_arn = %app.role_arn(),
+                access_key_id,
+                expiration = %imds_time(expiration),
+                "credentials issued"
+            )
+        })
+    })
 }
 
 /// Credentials refused because the audit file cannot be written (`on_failure = "refuse"`).

@@ -4,16 +4,17 @@
 //! every repeat made the audit writer the daemon's bottleneck. The metrics still count each
 //! serve.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
+use crate::bounded::Generations;
 use crate::identity::Caller;
 
-/// Issuances remembered at most; past this the memory starts over, so a rotation's old keys
-/// and callers long gone do not accumulate. Forgetting only means auditing a repeat again.
+/// Issuances remembered at most; those not repeated for longest are forgotten first, so a
+/// rotation's old keys and callers long gone do not accumulate while a caller that keeps
+/// polling stays remembered. Forgetting only means auditing a repeat again.
 pub const MAX_REMEMBERED: usize = 4096;
 
 /// Issuances already audited, keyed by a hash of (caller identity, endpoint, app, access key
@@ -21,8 +22,10 @@ pub const MAX_REMEMBERED: usize = 4096;
 /// full key is stored and compared, so a hash collision can only cause a repeat to be audited
 /// again, never a new issuance to be skipped.
 pub struct Issued {
-    seen: Mutex<HashMap<u64, Seen>>,
+    seen: Mutex<Generations<u64, Seen>>,
     hasher: RandomState,
+    /// [`crate::metrics::CALLER_STATE`] for `seen`.
+    size: metrics::Gauge,
 }
 
 struct Seen {
@@ -35,15 +38,18 @@ struct Seen {
 impl Default for Issued {
     fn default() -> Self {
         Self {
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Generations::new(MAX_REMEMBERED)),
             hasher: RandomState::new(),
+            size: metrics::gauge!(crate::metrics::CALLER_STATE, "map" => "audit_repeats"),
         }
     }
 }
 
 impl Issued {
     /// Runs `audit` if this is the first issuance of `access_key_id` for `app` to `caller` on
-    /// `endpoint`.
+    /// `endpoint`; whether the issuance is in the trail (or on its way): `audit` says whether
+    /// its line was queued, and one that was not is not remembered, so the next repeat tries
+    /// again.
     /// `audit` runs under the lock, so no concurrent repeat is answered before the first one's
     /// event is queued: credentials never leave ahead of their audit line.
     pub fn once(
@@ -52,13 +58,13 @@ impl Issued {
         endpoint: &'static str,
         app: &str,
         access_key_id: &str,
-        audit: impl FnOnce(),
-    ) {
+        audit: impl FnOnce() -> bool,
+    ) -> bool {
         let hash = self
             .hasher
             .hash_one((identity(caller), endpoint, app, access_key_id));
-        // A panic elsewhere while holding the lock leaves the map consistent (it is only ever
-        // inserted into or cleared), and the audit trail must keep working.
+        // A panic elsewhere while holding the lock leaves the map consistent (each change is one
+        // insert or one generation replaced), and the audit trail must keep working.
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         if seen.get(&hash).is_some_and(|s| {
             s.endpoint == endpoint
@@ -66,10 +72,10 @@ impl Issued {
                 && s.access_key_id == access_key_id
                 && same(&s.caller, caller)
         }) {
-            return;
+            return true;
         }
-        if seen.len() >= MAX_REMEMBERED {
-            seen.clear();
+        if !audit() {
+            return false;
         }
         seen.insert(
             hash,
@@ -80,7 +86,8 @@ impl Issued {
                 access_key_id: access_key_id.to_owned(),
             },
         );
-        audit();
+        self.size.set(seen.len() as f64);
+        true
     }
 }
 
@@ -142,7 +149,10 @@ mod tests {
 
     fn audited(issued: &Issued, caller: &Caller, app: &str, key: &str) -> bool {
         let mut ran = false;
-        issued.once(caller, "imds", app, key, || ran = true);
+        issued.once(caller, "imds", app, key, || {
+            ran = true;
+            true
+        });
         ran
     }
 
@@ -157,7 +167,10 @@ mod tests {
         assert!(audited(&issued, &first, "a", "ASIA2"), "new key");
         assert!(audited(&issued, &first, "b", "ASIA1"), "other app");
         let mut ran = false;
-        issued.once(&first, "container", "a", "ASIA1", || ran = true);
+        issued.once(&first, "container", "a", "ASIA1", || {
+            ran = true;
+            true
+        });
         assert!(ran, "other endpoint");
         assert!(
             audited(&issued, &caller(1000, 11, 4000), "a", "ASIA1"),
@@ -194,6 +207,38 @@ mod tests {
             "a",
             &format!("ASIA{}", MAX_REMEMBERED * 2 + 6)
         ));
+        // The oldest went first: auditing it again is what forgetting costs.
+        assert!(audited(&issued, &me, "a", "ASIA0"));
+    }
+
+    #[test]
+    fn ten_thousand_callers_do_not_make_a_polling_caller_audited_again() {
+        let issued = Issued::default();
+        let polling = caller(1000, 10, 4000);
+        assert!(audited(&issued, &polling, "a", "ASIA1"));
+        for uid in 0..10_000 {
+            assert!(audited(
+                &issued,
+                &caller(100_000 + uid, 20 + uid, 4000),
+                "a",
+                "ASIA1"
+            ));
+            assert!(issued.seen.lock().unwrap().len() <= MAX_REMEMBERED);
+            // An SDK polls its credentials every few minutes, every few hundred new callers.
+            if uid % 500 == 0 {
+                assert!(!audited(&issued, &polling, "a", "ASIA1"), "after {uid}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_issuance_whose_line_was_dropped_is_not_remembered() {
+        let issued = Issued::default();
+        let me = caller(1000, 10, 4000);
+        assert!(!issued.once(&me, "imds", "a", "ASIA1", || false));
+        // The repeat is audited (and may be refused) again, not waved through as recorded.
+        assert!(audited(&issued, &me, "a", "ASIA1"));
+        assert!(issued.once(&me, "imds", "a", "ASIA1", || unreachable!()));
     }
 
     #[test]

@@ -12,11 +12,22 @@
 //! first write that succeeds again is an `audit.gap` line saying how many were lost. A file
 //! deleted while open is noticed before each batch and recreated at its path, the chain going
 //! on from the last line written, after an `audit.file_deleted` line.
+//!
+//! A full queue never blocks the request path for long: an emitter waits at most
+//! [`QUEUE_WAIT`] for room (a burst the writer is working through), and past that (the writer
+//! is blocked in a write that does not return: a frozen or hung filesystem) the event is
+//! dropped and counted ([`crate::metrics::AUDIT_QUEUE_DROPPED`]), the writer's next `audit.gap`
+//! line includes it, and health reports the writer backlogged until it has caught up, so
+//! `on_failure = "refuse"` refuses credentials meanwhile; while backlogged, events are dropped
+//! without waiting. [`queued`] tells the emitting code whether its events made it into the
+//! queue, so an issuance whose line was dropped is refused too.
 
+use std::cell::Cell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -36,9 +47,17 @@ use super::seal::{EndReason, EpochPolicy, LastSealed, SealError, Sealer, Startup
 
 /// The most events written before one fsync; the writer also syncs whenever the queue is empty.
 const MAX_BATCH: usize = 256;
-/// Events waiting for the writer. When it falls behind, emitters wait for room rather than the
-/// queue growing without bound (or events being dropped: an audit trail has no gaps).
-const QUEUE_EVENTS: usize = 16 * 1024;
+/// Events waiting for the writer at most. When it is full, events are dropped and counted
+/// rather than the emitter waiting (a request-path thread blocked on a writer that never
+/// returns would stall every request) or the queue growing without bound.
+pub const QUEUE_EVENTS: usize = 16 * 1024;
+/// The writer counts as caught up once its queue is down to this many events.
+const CAUGHT_UP: usize = QUEUE_EVENTS / 2;
+/// How long an emitter waits for room in a full queue before it drops its event: long enough
+/// for the writer to take a batch under load, short enough for an SDK's 1 s IMDS timeout.
+pub const QUEUE_WAIT: Duration = Duration::from_millis(500);
+/// How often a waiting emitter tries again.
+const QUEUE_POLL: Duration = Duration::from_millis(1);
 /// How much of an existing file's tail is read to find where its chain stands.
 const TAIL_BYTES: u64 = 64 * 1024;
 /// When an epoch's end line could not be written, how long until the next try by time.
@@ -73,12 +92,38 @@ pub enum OpenError {
 #[derive(Clone)]
 pub struct AuditSink {
     tx: mpsc::SyncSender<Msg>,
+    queue: Arc<Queue>,
 }
 
 /// The tracing layer that feeds the sink.
 pub struct AuditLayer {
     tx: mpsc::SyncSender<Msg>,
     host: String,
+    queue: Arc<Queue>,
+}
+
+/// What the layer and the writer share about the queue between them.
+struct Queue {
+    /// Events sent and not yet taken by the writer.
+    events: AtomicUsize,
+    /// Events dropped since the writer last looked.
+    dropped: AtomicU64,
+    /// A reopen asked for while the queue was full.
+    reopen: AtomicBool,
+    health: Arc<Health>,
+}
+
+thread_local! {
+    /// Whether an audit event emitted on this thread was dropped, since [`queued`] cleared it.
+    static DROPPED_HERE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `emit` and says whether every audit event it emitted (on this thread, through an
+/// [`AuditLayer`]) is in the writer's queue. With no layer installed, nothing is dropped.
+pub fn queued(emit: impl FnOnce()) -> bool {
+    DROPPED_HERE.set(false);
+    emit();
+    !DROPPED_HERE.replace(false)
 }
 
 /// The sink before its writer starts: events are queued meanwhile. Lets the daemon install its
@@ -88,6 +133,7 @@ pub struct Unstarted {
     tx: mpsc::SyncSender<Msg>,
     rx: mpsc::Receiver<Msg>,
     host: String,
+    queue: Arc<Queue>,
 }
 
 impl Unstarted {
@@ -98,30 +144,53 @@ impl Unstarted {
             path.to_owned(),
             self.host,
             seal,
-            health::process(),
+            self.queue.health.clone(),
             Instant::now(),
         )?;
-        let rx = self.rx;
+        let (rx, queue) = (self.rx, self.queue.clone());
         thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, &queue))
             .map_err(|source| OpenError::Io {
                 path: path.to_owned(),
                 source,
             })?;
-        Ok(AuditSink { tx: self.tx })
+        Ok(AuditSink {
+            tx: self.tx,
+            queue: self.queue,
+        })
     }
 }
 
 impl AuditSink {
     /// The layer that feeds the sink, and the sink to start.
     pub fn prepare(host: String) -> (Unstarted, AuditLayer) {
+        Self::prepare_reporting_to(host, health::process())
+    }
+
+    /// [`AuditSink::prepare`], reporting to `health` instead of the process's.
+    fn prepare_reporting_to(host: String, health: Arc<Health>) -> (Unstarted, AuditLayer) {
         let (tx, rx) = mpsc::sync_channel(QUEUE_EVENTS);
+        let queue = Arc::new(Queue {
+            events: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+            reopen: AtomicBool::new(false),
+            health,
+        });
         let layer = AuditLayer {
             tx: tx.clone(),
             host: host.clone(),
+            queue: queue.clone(),
         };
-        (Unstarted { tx, rx, host }, layer)
+        (
+            Unstarted {
+                tx,
+                rx,
+                host,
+                queue,
+            },
+            layer,
+        )
     }
 
     /// [`AuditSink::prepare`] and [`Unstarted::start`] in one.
@@ -137,7 +206,11 @@ impl AuditSink {
     /// Reopens the file by path (after logrotate moved it); a sealed epoch with lines in the
     /// old file ends there first.
     pub fn reopen(&self) {
-        let _ = self.tx.send(Msg::Reopen);
+        // Never waits for room: SIGHUP is handled on a runtime thread. The writer looks at the
+        // flag before each batch.
+        if let Err(mpsc::TrySendError::Full(_)) = self.tx.try_send(Msg::Reopen) {
+            self.queue.reopen.store(true, Ordering::Release);
+        }
     }
 
     /// Returns once every event queued so far is written and synced.
@@ -249,7 +322,7 @@ impl Writer {
         Ok(writer)
     }
 
-    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+    fn run(mut self, rx: mpsc::Receiver<Msg>, queue: &Queue) {
         loop {
             let first = match self.next_deadline() {
                 None => match rx.recv() {
@@ -272,7 +345,24 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let events = pending
+                .iter()
+                .filter(|m| matches!(m, Msg::Event(_)))
+                .count();
+            let left = queue
+                .events
+                .fetch_sub(events, Ordering::AcqRel)
+                .saturating_sub(events);
+            metrics::gauge!(crate::metrics::AUDIT_QUEUE).set(left as f64);
+            // Dropped while the queue was full: in the next gap line, with the write failures.
+            self.lost += queue.dropped.swap(0, Ordering::AcqRel);
+            if queue.reopen.swap(false, Ordering::AcqRel) {
+                pending.insert(0, Msg::Reopen);
+            }
             self.handle(pending, Instant::now());
+            if left <= CAUGHT_UP {
+                queue.health.set_backlogged(false);
+            }
         }
     }
 
@@ -502,7 +592,9 @@ impl Writer {
         fields.insert("lost".into(), Value::from(lost));
         fields.insert(
             "message".into(),
-            Value::from("audit events were lost: the audit file could not be written"),
+            Value::from(
+                "audit events were lost: the audit file could not be written, or the writer's queue was full",
+            ),
         );
         let fields = envelope(fields, &self.host, "WARN");
         let mut buf = String::new();
@@ -728,7 +820,44 @@ impl<S: Subscriber> Layer<S> for AuditLayer {
         let mut fields = Fields(Map::new());
         event.record(&mut fields);
         let fields = envelope(fields.0, &self.host, event.metadata().level().as_str());
-        let _ = self.tx.send(Msg::Event(fields));
+        // Counted before sending, so the writer never takes more than was counted.
+        let queue = &self.queue;
+        queue.events.fetch_add(1, Ordering::AcqRel);
+        if self.send_or_wait(Msg::Event(fields)) {
+            return;
+        }
+        queue.events.fetch_sub(1, Ordering::AcqRel);
+        DROPPED_HERE.set(true);
+        queue.dropped.fetch_add(1, Ordering::AcqRel);
+        metrics::counter!(crate::metrics::AUDIT_QUEUE_DROPPED).increment(1);
+        metrics::counter!(crate::metrics::AUDIT_EVENTS_LOST).increment(1);
+    }
+}
+
+impl AuditLayer {
+    /// Queues `msg`, waiting up to [`QUEUE_WAIT`] for room unless the writer is already known
+    /// to be behind; whether it was queued.
+    fn send_or_wait(&self, msg: Msg) -> bool {
+        let mut msg = match self.tx.try_send(msg) {
+            Ok(()) => return true,
+            Err(mpsc::TrySendError::Disconnected(_)) => return false,
+            Err(mpsc::TrySendError::Full(msg)) => msg,
+        };
+        if self.queue.health.backlogged() {
+            return false;
+        }
+        let deadline = Instant::now() + QUEUE_WAIT;
+        while Instant::now() < deadline {
+            // A poll, not a synchronisation: std's channel cannot wait with a deadline.
+            thread::sleep(QUEUE_POLL);
+            msg = match self.tx.try_send(msg) {
+                Ok(()) => return true,
+                Err(mpsc::TrySendError::Disconnected(_)) => return false,
+                Err(mpsc::TrySendError::Full(msg)) => msg,
+            };
+        }
+        self.queue.health.set_backlogged(true);
+        false
     }
 }
 
@@ -1127,6 +1256,7 @@ mod tests {
             AuditLayer {
                 tx: sink.tx.clone(),
                 host: "host-1".into(),
+                queue: sink.queue.clone(),
             },
         );
         tracing::subscriber::with_default(tracing_subscriber::registry().with(layer2), || {
@@ -1180,6 +1310,72 @@ mod tests {
         sink.flush();
         let v = chain::verify(&fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(v.events as usize, THREADS * per_thread, "none dropped");
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_never_blocks_and_the_gap_line_records_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let health = Arc::new(Health::default());
+        // Not started yet: nothing takes events from the queue, as with a writer whose write
+        // never returns.
+        let (unstarted, layer) = AuditSink::prepare_reporting_to("h".into(), health.clone());
+        let queue = unstarted.queue.clone();
+        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer));
+        let emit = |n: usize| {
+            tracing::dispatcher::with_default(&dispatch, || {
+                queued(|| tracing::info!(target: "audit", event = "token.issued", n, "x"))
+            })
+        };
+        for n in 0..QUEUE_EVENTS {
+            assert!(emit(n));
+        }
+        assert!(health.failing().is_none());
+        // Full: the next emitter waits for room, briefly, then drops its event and is told;
+        // from now on callers are told the writer is behind.
+        let asked = Instant::now();
+        assert!(!emit(QUEUE_EVENTS));
+        let waited = asked.elapsed();
+        assert!(
+            waited >= QUEUE_WAIT && waited < QUEUE_WAIT * 4,
+            "{waited:?}"
+        );
+        assert_eq!(health.failing().as_deref(), Some(health::BACKLOGGED));
+        // Beyond: dropped without waiting.
+        let asked = Instant::now();
+        for n in 0..99 {
+            assert!(!emit(n));
+        }
+        assert!(asked.elapsed() < QUEUE_WAIT, "{:?}", asked.elapsed());
+        // An event emitted with no audit layer involved is not reported dropped.
+        assert!(queued(|| tracing::info!(target: "audit", "no layer")));
+        assert_eq!(queue.dropped.load(Ordering::Acquire), 100);
+        assert_eq!(queue.events.load(Ordering::Acquire), QUEUE_EVENTS);
+        // A reopen asked for meanwhile does not wait either.
+        let (tx, _) = (unstarted.tx.clone(), ());
+        AuditSink {
+            tx,
+            queue: queue.clone(),
+        }
+        .reopen();
+        assert!(queue.reopen.load(Ordering::Acquire));
+
+        // The writer starts (the write returns): it catches up, the drops are a gap line.
+        let sink = unstarted.start(&path, None).unwrap();
+        sink.flush();
+        assert!(health.failing().is_none(), "caught up");
+        assert_eq!(queue.events.load(Ordering::Acquire), 0);
+        let text = fs::read_to_string(&path).unwrap();
+        let v = chain::verify(&text).unwrap();
+        let gaps: Vec<Map<String, Value>> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Map<String, Value>>(l).unwrap())
+            .filter(|l| l["event"] == "audit.gap")
+            .collect();
+        assert_eq!(gaps.len(), 1);
+        assert_eq!(gaps[0]["lost"], 100);
+        assert_eq!(v.events as usize, QUEUE_EVENTS + 1);
+        sink.close();
     }
 
     /// A small tmpfs the test mounts (the tests run as root), unmounted when dropped.

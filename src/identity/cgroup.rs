@@ -12,6 +12,10 @@ use super::container::{self, ContainerRef};
 /// Resolves cgroup ids to paths by walking the cgroup2 hierarchy. The id of a cgroup is the
 /// inode number of its directory, so one walk indexes every cgroup; a miss (a cgroup created
 /// since) triggers one more walk.
+///
+/// Bound: each walk replaces the index, so it holds the cgroups that existed at the last walk
+/// and no more (a removed cgroup goes at the next walk). That is capped by the kernel
+/// (`cgroup.max.descendants`), which spends far more memory on each cgroup than its entry here.
 pub struct CgroupIndex {
     root: Option<PathBuf>,
     by_id: Mutex<HashMap<u64, Arc<CgroupInfo>>>,
@@ -98,6 +102,8 @@ impl CgroupIndex {
             walk(root, Node::root(root, &meta), 0, &mut fresh);
         }
         let found = fresh.get(&id).cloned();
+        metrics::gauge!(crate::metrics::CALLER_STATE, "map" => "cgroup_index")
+            .set(fresh.len() as f64);
         *self.by_id.lock().expect("cgroup index lock") = fresh;
         found
     }
@@ -540,5 +546,37 @@ mod tests {
             Some("/system.slice/b.service")
         );
         assert_eq!(path_of(&index, 1 << 60), None);
+    }
+
+    #[test]
+    fn the_index_holds_what_exists_at_the_last_walk_and_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("system.slice/live.service");
+        fs::create_dir_all(&live).unwrap();
+        let live_ino = fs::metadata(&live).unwrap().ino();
+        // A user makes 3,000 cgroups in a delegated subtree and connects from each.
+        let flood = dir.path().join("user.slice/user-1000.slice/flood");
+        let mut inos = Vec::new();
+        for n in 0..3000 {
+            let d = flood.join(format!("c{n}"));
+            fs::create_dir_all(&d).unwrap();
+            inos.push(fs::metadata(&d).unwrap().ino());
+        }
+        let index = CgroupIndex::with_root(Some(dir.path().to_owned()));
+        assert!(path_of(&index, inos[2999]).is_some());
+        let len = || index.by_id.lock().unwrap().len();
+        assert_eq!(len(), 3000 + 6);
+        // It removes them; the next miss (a new cgroup) walks again and they are gone. (Made
+        // first: a test directory's inode may be reused, a cgroup's id never is.)
+        let new = dir.path().join("system.slice/new.service");
+        fs::create_dir(&new).unwrap();
+        fs::remove_dir_all(&flood).unwrap();
+        assert!(path_of(&index, fs::metadata(&new).unwrap().ino()).is_some());
+        assert_eq!(len(), 6);
+        assert!(cached_path_of(&index, inos[0]).is_none());
+        assert_eq!(
+            cached_path_of(&index, live_ino).as_deref(),
+            Some("/system.slice/live.service")
+        );
     }
 }

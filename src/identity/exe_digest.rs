@@ -11,8 +11,10 @@
 //! - One file is hashed at a time, so however many uids ask, hashing holds at most one core.
 //! - Callers are only hashed when a rule's other criteria already hold
 //!   ([`crate::policy::wants_exe_hash`]).
+//! - Both maps are bounded ([`crate::bounded`]): at most [`MAX_CACHED`] digests, those not
+//!   asked for in the longest time going first, and at most [`MAX_TRACKED_UIDS`] budgets, the
+//!   fullest going first (a uid that spent its budget keeps owing it).
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::num::NonZeroU32;
@@ -20,20 +22,19 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 
 use governor::clock::DefaultClock;
-use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
+use crate::bounded::{BoundedRateStore, Generations};
 use crate::config::Limits;
 use crate::identity::process;
 
 const MIB: u64 = 1 << 20;
-/// Digests kept; past this the cache starts over (an attacker minting file versions cannot
-/// grow it without bound).
-const MAX_CACHED: usize = 4096;
-/// Beyond this many uids with budget state, the full ones are forgotten.
-const MAX_TRACKED_UIDS: usize = 10_000;
+/// Digests kept (an attacker minting file versions cannot grow the cache without bound).
+pub const MAX_CACHED: usize = 4096;
+/// Uids whose hashing budget is kept.
+pub const MAX_TRACKED_UIDS: usize = 10_000;
 
 /// Identifies one version of one file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,10 +72,12 @@ pub enum DigestError {
     Io { pid: u32, source: io::Error },
 }
 
-type UidLimiter = RateLimiter<u32, DefaultKeyedStateStore<u32>, DefaultClock>;
+type UidLimiter = RateLimiter<u32, BoundedRateStore<u32>, DefaultClock>;
 
 pub struct ExeDigests {
-    cache: Mutex<HashMap<FileVersion, Arc<str>>>,
+    cache: Mutex<Generations<FileVersion, Arc<str>>>,
+    /// [`crate::metrics::CALLER_STATE`] for `cache`.
+    cached: metrics::Gauge,
     per_uid: UidLimiter,
     one_at_a_time: Semaphore,
     max_bytes: u64,
@@ -92,9 +95,15 @@ impl ExeDigests {
     pub fn new(max_mib: u32, mib_per_second: u32) -> Self {
         let max_mib = NonZeroU32::new(max_mib).unwrap_or(NonZeroU32::MIN);
         let rate = NonZeroU32::new(mib_per_second).unwrap_or(NonZeroU32::MIN);
+        let budgets = metrics::gauge!(crate::metrics::CALLER_STATE, "map" => "exe_hash_budget");
         Self {
-            cache: Mutex::new(HashMap::new()),
-            per_uid: RateLimiter::keyed(Quota::per_second(rate).allow_burst(max_mib)),
+            cache: Mutex::new(Generations::new(MAX_CACHED)),
+            cached: metrics::gauge!(crate::metrics::CALLER_STATE, "map" => "exe_digests"),
+            per_uid: RateLimiter::new(
+                Quota::per_second(rate).allow_burst(max_mib),
+                BoundedRateStore::new(MAX_TRACKED_UIDS, Some(budgets)),
+                DefaultClock::default(),
+            ),
             one_at_a_time: Semaphore::new(1),
             max_bytes: u64::from(max_mib.get()) * MIB,
             hashed: Default::default(),
@@ -137,9 +146,6 @@ impl ExeDigests {
         if self.per_uid.check_key_n(&uid, cost) != Ok(Ok(())) {
             return Err(DigestError::OverBudget { uid });
         }
-        if self.per_uid.len() > MAX_TRACKED_UIDS {
-            self.per_uid.retain_recent();
-        }
         let _turn = self
             .one_at_a_time
             .acquire()
@@ -165,10 +171,8 @@ impl ExeDigests {
         self.hashed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut cache = self.cache.lock().expect("digest cache");
-        if cache.len() >= MAX_CACHED {
-            cache.clear();
-        }
         cache.insert(version, digest.clone());
+        self.cached.set(cache.len() as f64);
         Ok(digest)
     }
 }
@@ -239,12 +243,47 @@ mod tests {
         let digests = Arc::new(ExeDigests::new(size_mib * 3 / 2, 1));
         let (pid, start) = me();
         digests.digest(pid, start, 7).await.unwrap();
-        digests.cache.lock().unwrap().clear(); // as if the file had changed
+        *digests.cache.lock().unwrap() = Generations::new(MAX_CACHED); // as if the file had changed
         let err = digests.digest(pid, start, 7).await.unwrap_err();
         assert!(matches!(err, DigestError::OverBudget { uid: 7 }), "{err}");
         // Another uid has its own budget.
         digests.digest(pid, start, 8).await.unwrap();
         assert_eq!(digests.files_hashed(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_file_versions_keeps_the_cache_bounded_and_a_live_digest_cached() {
+        let digests = Arc::new(ExeDigests::new(1024, 1024));
+        let (pid, start) = me();
+        let mine = digests.digest(pid, start, 7).await.unwrap();
+        let file = File::open("/proc/self/exe").unwrap();
+        let live = FileVersion::of(&file.metadata().unwrap());
+        for n in 0..(MAX_CACHED * 5) as u64 {
+            // Versions an attacker mints by touching a copy (only its ctime moves).
+            let version = FileVersion {
+                ctime: (n as i64, 0),
+                ..live
+            };
+            let mut cache = digests.cache.lock().unwrap();
+            cache.insert(version, "x".into());
+            assert!(cache.len() <= MAX_CACHED);
+            // The service that keeps connecting is still a hit.
+            if n % 1000 == 0 {
+                assert_eq!(cache.get(&live), Some(&mine));
+            }
+        }
+        let before = digests.files_hashed();
+        digests.digest(pid, start, 7).await.unwrap();
+        assert_eq!(
+            digests.files_hashed(),
+            before,
+            "the live digest was hashed again"
+        );
+        let first = FileVersion {
+            ctime: (0, 0),
+            ..live
+        };
+        assert!(digests.cache.lock().unwrap().get(&first).is_none());
     }
 
     #[tokio::test]
