@@ -86,6 +86,12 @@ fn each_invalid_fixture_names_file_line_and_field() {
             "at least 25m",
         ),
         (
+            "max_wait_too_long.toml",
+            8,
+            "credentials.max_wait",
+            "shorter than an STS attempt (10s)",
+        ),
+        (
             "uid_and_user.toml",
             12,
             "app[0].match.user",

@@ -127,6 +127,7 @@ pub struct RawCredentials {
     pub min_remaining: Option<Spanned<RawDuration>>,
     pub refresh_window: Option<Spanned<RawDuration>>,
     pub idle_after: Option<Spanned<RawDuration>>,
+    pub max_wait: Option<Spanned<RawDuration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -34,7 +34,7 @@ pub use refresh::{MAX_NAP, MIN_NAP};
 pub use retry::{RETRY_BASE, RETRY_CAP, RETRY_JITTER, backoff};
 pub use schedule::{Phase, REFRESH_MARGIN, refresh_at};
 pub use self_loop::{ProcessSettings, SelfLoopError, Settings, check_not_own_source};
-pub use sts::StsSource;
+pub use sts::{STS_CONNECT_TIMEOUT, StsSource};
 
 pub use crate::config::AssumeRoleInput;
 use crate::secret::Secret;

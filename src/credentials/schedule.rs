@@ -87,6 +87,7 @@ mod tests {
             min_remaining: 30 * MIN,
             refresh_window: 10 * MIN,
             idle_after: 60 * MIN,
+            ..CredentialPolicy::default()
         }
     }
 
