@@ -90,6 +90,22 @@ async fn a_request_cut_at_max_wait_leaves_the_call_running_for_the_next_one() {
     assert_eq!(sts.calls(), 1);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_slow_refresh_below_min_remaining_serves_the_last_good_ones_at_max_wait() {
+    let (cache, sts, clock) = cache_with_fake_sts();
+    let a = input("a");
+    let good = cache.get(&a).await.unwrap();
+    // 29 minutes left: below min_remaining, so the request waits for a refresh, which hangs.
+    clock.advance(Duration::from_secs(31 * 60));
+    sts.close();
+    let started = tokio::time::Instant::now();
+    let served = cache.get(&a).await.expect("the last good credentials");
+    assert_eq!(started.elapsed(), DEFAULT_MAX_WAIT);
+    assert_eq!(served.access_key_id, good.access_key_id);
+    assert_eq!(cache.stats().degraded_serves, 1);
+    sts.open();
+}
+
 fn two_apps(state_dir: &Path, max_wait: &str) -> String {
     let uid = nix::unistd::geteuid().as_raw();
     format!(
