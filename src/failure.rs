@@ -26,13 +26,26 @@ pub enum Failure {
     },
     /// STS or the cache failed in a way that may pass (throttling, timeouts): 503.
     Unavailable,
+    /// The AssumeRole call is still running past the request's wait: 503 with `Retry-After`,
+    /// since a retry soon may well find the credentials cached.
+    Pending {
+        retry_after: Duration,
+    },
     Internal,
 }
+
+/// What a caller cut off while STS is still answering is told to wait: the smallest whole
+/// second `Retry-After` can say. SDKs' IMDS clients ignore it; other callers need a hint.
+pub const PENDING_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl Failure {
     /// A credential failure: transient ones are worth retrying.
     pub fn of_credentials(e: &CacheError) -> Self {
-        if e.is_transient() {
+        if let CacheError::Pending(_) = e {
+            Failure::Pending {
+                retry_after: PENDING_RETRY_AFTER,
+            }
+        } else if e.is_transient() {
             Failure::Unavailable
         } else {
             Failure::Internal
@@ -47,7 +60,7 @@ impl Failure {
             Failure::NotFound => StatusCode::NOT_FOUND,
             Failure::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Failure::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::Unavailable | Failure::Pending { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -74,7 +87,7 @@ pub fn respond(
         Failure::MethodNotAllowed { allow } => {
             headers.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
-        Failure::RateLimited { retry_after } => {
+        Failure::RateLimited { retry_after } | Failure::Pending { retry_after } => {
             let secs = crate::rate_limit::retry_after_secs(retry_after);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

@@ -92,6 +92,12 @@ fn each_invalid_fixture_names_file_line_and_field() {
             "at most 30m",
         ),
         (
+            "max_wait_too_long.toml",
+            8,
+            "credentials.max_wait",
+            "shorter than an STS attempt (10s)",
+        ),
+        (
             "uid_and_user.toml",
             12,
             "app[0].match.user",

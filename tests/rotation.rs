@@ -318,10 +318,16 @@ async fn a_burst_of_cold_apps_stays_within_the_sts_budget() {
     let clock = TokioWall::new();
     let sts = FakeSts::with_clock(Arc::new(clock.clone()), Duration::ZERO);
     let (rate, burst) = (10, 50);
+    // Every caller waits for its own app's call, however late the budget lets it start (by
+    // default a caller stops waiting after `max_wait`; tests/sts_slow.rs).
+    let patient = CredentialPolicy {
+        max_wait: Duration::from_secs(60),
+        ..CredentialPolicy::default()
+    };
     let cache = CredentialCache::with_budget(
         sts.clone(),
         Arc::new(clock.clone()),
-        CredentialPolicy::default(),
+        patient,
         StsBudget::new(rate, burst, TokioTime),
     );
     let apps = 200;

@@ -59,6 +59,7 @@ pub use sts::{
     DEFAULT_REFRESH_WINDOW, DEFAULT_SESSION, DEFAULT_STS_BURST, DEFAULT_STS_CALLS_PER_SECOND,
     MAX_PREFETCH_SPREAD, MAX_SESSION, MIN_REMAINING_FLOOR, MIN_SERVABLE, MIN_SESSION, StsConfig,
 };
+pub use sts::{DEFAULT_MAX_WAIT, MIN_MAX_WAIT, STS_ATTEMPT_TIMEOUT};
 use validate::Validator;
 
 /// The validated configuration the daemon runs with.

@@ -128,6 +128,7 @@ pub struct RawCredentials {
     pub refresh_window: Option<Spanned<RawDuration>>,
     pub idle_after: Option<Spanned<RawDuration>>,
     pub prefetch_spread: Option<Spanned<RawDuration>>,
+    pub max_wait: Option<Spanned<RawDuration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -34,6 +34,16 @@ pub const DEFAULT_STS_BURST: u32 = 50;
 /// A session must stay servable for at least this long after issue, or the broker would spend
 /// its time calling STS: `duration >= min_remaining + MIN_SERVABLE`.
 pub const MIN_SERVABLE: Duration = Duration::from_secs(15 * 60);
+/// One AssumeRole call that has not answered in this long counts as a transient failure.
+pub const STS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a credential request waits for the AssumeRole call in flight before it is answered
+/// 503 (the call goes on, and its result is cached for the SDK's next try). Every SDK's IMDS
+/// client stops reading after 1 s (botocore, the aws CLI and the JS SDK v3 then give up;
+/// aws-sdk-rust retries a 5xx but not a timeout), so the answer must leave before that, with
+/// room for the caller's own scheduling on a busy host.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(800);
+/// Below this a cached entry's first caller could hardly ever be served by a fast STS.
+pub const MIN_MAX_WAIT: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone)]
 pub struct StsConfig {
@@ -57,6 +67,8 @@ pub struct CredentialPolicy {
     /// `prefetch` apps are first fetched at a random moment of this window after a start or a
     /// reload; zero fetches them all at once.
     pub prefetch_spread: Duration,
+    /// A request waits at most this long for an AssumeRole call, then gets a 503.
+    pub max_wait: Duration,
 }
 
 impl Default for CredentialPolicy {
@@ -66,6 +78,7 @@ impl Default for CredentialPolicy {
             refresh_window: DEFAULT_REFRESH_WINDOW,
             idle_after: DEFAULT_IDLE_AFTER,
             prefetch_spread: DEFAULT_PREFETCH_SPREAD,
+            max_wait: DEFAULT_MAX_WAIT,
         }
     }
 }
@@ -181,11 +194,30 @@ impl Validator<'_> {
                 ),
             );
         }
+        let max_wait = self.duration(
+            raw.max_wait.as_ref(),
+            "credentials.max_wait",
+            DEFAULT_MAX_WAIT,
+        );
+        if let Some(w) = &raw.max_wait
+            && !(MIN_MAX_WAIT..STS_ATTEMPT_TIMEOUT).contains(&max_wait)
+        {
+            self.push(
+                w.span(),
+                "credentials.max_wait",
+                format!(
+                    "must be at least {} and shorter than an STS attempt ({})",
+                    humantime::format_duration(MIN_MAX_WAIT),
+                    humantime::format_duration(STS_ATTEMPT_TIMEOUT)
+                ),
+            );
+        }
         CredentialPolicy {
             min_remaining,
             refresh_window,
             idle_after,
             prefetch_spread,
+            max_wait,
         }
     }
 

@@ -21,7 +21,9 @@ pub(super) fn sts_call(
             ("unusable", String::new())
         }
         // Never from an STS call; here only so the match stays whole.
-        Err(CacheError::AuditUnavailable(_)) => ("unavailable", String::new()),
+        Err(CacheError::AuditUnavailable(_) | CacheError::Pending(_)) => {
+            ("unavailable", String::new())
+        }
     };
     metrics::counter!(crate::metrics::STS_CALLS, "outcome" => outcome, "code" => code.clone())
         .increment(1);

@@ -6,8 +6,9 @@
 //!
 //! Each entry has at most one *worker* task: it draws from the STS [budget](StsBudget), calls
 //! STS, and on a transient failure sleeps (backoff) and tries again for as long as the entry is
-//! in use. Callers never wait for a retry: they wait for the attempt in flight, if any, and
-//! otherwise get the last good credentials or the last error at once.
+//! in use. Callers never wait for a retry: they wait for the attempt in flight, if any, for at
+//! most `max_wait` (the attempt goes on without them), and otherwise get the last good
+//! credentials or the last error at once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,8 +37,7 @@ pub const FAILURE_HOLD: Duration = Duration::from_secs(2);
 /// After a refusal (AccessDenied, MalformedPolicyDocument, unusable answer), callers get the
 /// refusal for this long before one of them tries again: refusals are never retried in a loop.
 pub const REFUSAL_HOLD: Duration = Duration::from_secs(60);
-/// One AssumeRole call that has not answered in this long counts as a transient failure.
-pub const STS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+pub use crate::config::STS_ATTEMPT_TIMEOUT;
 /// Degraded serving is logged at most this often per entry.
 const DEGRADED_LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -69,6 +69,13 @@ pub enum CacheError {
     /// that cannot be recorded.
     #[error("not issued: the audit file cannot be written ({0})")]
     AuditUnavailable(String),
+    /// The AssumeRole call in flight did not answer within `credentials.max_wait`. The call
+    /// goes on, so the caller's next try gets its result.
+    #[error(
+        "STS has not answered within {}ms; the call goes on and its result is cached",
+        .0.as_millis()
+    )]
+    Pending(Duration),
 }
 
 impl CacheError {
@@ -77,7 +84,7 @@ impl CacheError {
     pub fn is_transient(&self) -> bool {
         match self {
             CacheError::Sts(e) => e.is_transient(),
-            CacheError::AuditUnavailable(_) => true,
+            CacheError::AuditUnavailable(_) | CacheError::Pending(_) => true,
             CacheError::TaskFailed => false,
         }
     }
@@ -247,12 +254,14 @@ impl CredentialCache {
     }
 
     /// Credentials for `input`: cached ones with more than `min_remaining` left, or the result
-    /// of the STS call in flight (one for all concurrent callers), or, while STS fails
-    /// transiently, the last good ones down to [`DEGRADED_MIN_REMAINING`].
+    /// of the STS call in flight (one for all concurrent callers) if it comes within
+    /// `max_wait`, or, while STS fails or is slow, the last good ones down to
+    /// [`DEGRADED_MIN_REMAINING`]. A caller that stops waiting leaves the call running: it
+    /// belongs to the entry's worker, so the next caller gets its result as soon as it lands.
     pub async fn get(&self, input: &AssumeRoleInput) -> Result<Arc<Credentials>, CacheError> {
         let inner = &self.inner;
         let entry = inner.entry(input);
-        let attempt = {
+        let (attempt, max_wait) = {
             let mut st = entry.lock();
             let now = inner.clock.now();
             let policy = inner.policy();
@@ -273,15 +282,15 @@ impl CredentialCache {
                 let error = failure.error.clone();
                 return inner.fallback(input, &mut st, now, error);
             }
-            inner.attempt(&entry, &mut st, input)
+            (inner.attempt(&entry, &mut st, input), policy.max_wait)
         };
-        match attempt.await {
-            Ok(creds) => Ok(creds),
-            Err(error) => {
-                let mut st = entry.lock();
-                inner.fallback(input, &mut st, inner.clock.now(), error)
-            }
-        }
+        let error = match tokio::time::timeout(max_wait, attempt).await {
+            Ok(Ok(creds)) => return Ok(creds),
+            Ok(Err(error)) => error,
+            Err(_) => CacheError::Pending(max_wait),
+        };
+        let mut st = entry.lock();
+        inner.fallback(input, &mut st, inner.clock.now(), error)
     }
 
     /// Starts fetching credentials for `inputs` that have none, without waiting. A prefetched

@@ -35,7 +35,7 @@ pub use refresh::{MAX_NAP, MIN_NAP};
 pub use retry::{RETRY_BASE, RETRY_CAP, RETRY_JITTER, backoff};
 pub use schedule::{PROOF_WINDOW, Phase, REFRESH_MARGIN, prefetch_delays, refresh_at};
 pub use self_loop::{ProcessSettings, SelfLoopError, Settings, check_not_own_source};
-pub use sts::StsSource;
+pub use sts::{STS_CONNECT_TIMEOUT, StsSource};
 
 pub use crate::config::AssumeRoleInput;
 use crate::secret::Secret;

@@ -117,7 +117,7 @@ mod tests {
             min_remaining: 30 * MIN,
             refresh_window: 10 * MIN,
             idle_after: 60 * MIN,
-            prefetch_spread: 5 * MIN,
+            ..CredentialPolicy::default()
         }
     }
 

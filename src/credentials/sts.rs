@@ -3,7 +3,7 @@
 //! worker retries with its backoff and draws every call from the STS budget, so one policy (and
 //! one count) covers them all.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use aws_config::BehaviorVersion;
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
@@ -39,6 +39,12 @@ const TRANSIENT_CODES: &[&str] = &[
     "ExpiredTokenException",
 ];
 
+/// A TCP connection to STS not established in this long fails the attempt at once (transient),
+/// instead of using up the whole attempt (`STS_ATTEMPT_TIMEOUT`). It leaves room for two SYN
+/// retransmissions (at 1 s and 3 s); it is the SDK's own default since behavior version
+/// 2026-01-12, set here so that an older behavior version cannot turn it off.
+pub const STS_CONNECT_TIMEOUT: Duration = Duration::from_millis(3100);
+
 pub struct StsSource {
     client: aws_sdk_sts::Client,
 }
@@ -56,8 +62,15 @@ impl StsSource {
     /// STS with the credentials and region of `shared`.
     pub fn from_shared(shared: &aws_types::SdkConfig, endpoint_url: Option<&str>) -> Self {
         // The cache retries with its own backoff and budget; SDK retries would multiply them.
+        // The attempt as a whole is bounded by the cache (`STS_ATTEMPT_TIMEOUT`); only the
+        // connect is bounded here, so a black-holed endpoint fails before the attempt does.
         let mut builder = aws_sdk_sts::config::Builder::from(shared)
-            .retry_config(aws_sdk_sts::config::retry::RetryConfig::disabled());
+            .retry_config(aws_sdk_sts::config::retry::RetryConfig::disabled())
+            .timeout_config(
+                aws_sdk_sts::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(STS_CONNECT_TIMEOUT)
+                    .build(),
+            );
         if let Some(url) = endpoint_url {
             builder = builder.endpoint_url(url);
         }

@@ -3,7 +3,7 @@
 //! that sends exactly the bytes a test writes.
 #![allow(dead_code)]
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -157,6 +157,8 @@ pub struct FakeSts {
     calls: Mutex<Vec<(SystemTime, AssumeRoleInput)>>,
     /// Level-triggered, so a call that starts after `open` never waits.
     gate: watch::Sender<bool>,
+    /// Roles whose calls wait (including ones already started) until released.
+    held: watch::Sender<HashSet<String>>,
     called: Notify,
 }
 
@@ -173,6 +175,7 @@ impl FakeSts {
             script: Mutex::new(VecDeque::new()),
             calls: Mutex::new(Vec::new()),
             gate: watch::Sender::new(true),
+            held: watch::Sender::new(HashSet::new()),
             called: Notify::new(),
         })
     }
@@ -222,6 +225,20 @@ impl FakeSts {
         self.gate.send_replace(true);
     }
 
+    /// Makes calls for `role` (by role name) wait, including ones already started, until
+    /// [`FakeSts::release`]; other roles are answered as usual.
+    pub fn hold(&self, role: &str) {
+        self.held.send_modify(|held| {
+            held.insert(role.to_owned());
+        });
+    }
+
+    pub fn release(&self, role: &str) {
+        self.held.send_modify(|held| {
+            held.remove(role);
+        });
+    }
+
     /// Waits until at least `n` calls have been made (an event, not a sleep).
     pub async fn wait_for_calls(&self, n: usize) {
         tokio::time::timeout(Duration::from_secs(10), async {
@@ -256,6 +273,8 @@ impl CredentialSource for FakeSts {
             .pop_front()
             .unwrap_or_else(|| self.behavior.lock().unwrap().clone());
         let mut gate = self.gate.subscribe();
+        let mut held = self.held.subscribe();
+        let role = input.role_arn.role_name().to_owned();
         let clock = self.clock.clone();
         let latency = self.latency;
         async move {
@@ -264,6 +283,7 @@ impl CredentialSource for FakeSts {
             }
             // Err only if the fake is gone; then nobody is waiting for the answer anyway.
             let _ = gate.wait_for(|open| *open).await;
+            let _ = held.wait_for(|held| !held.contains(&role)).await;
             match behavior {
                 Behavior::Fail(e) => Err(e),
                 Behavior::Issue { lifetime } => {
