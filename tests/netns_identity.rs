@@ -244,3 +244,83 @@ impl Drop for TestNetnsName {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
+
+/// A process that `unshare -Urn` put into a user and network namespace of its own, as an
+/// unprivileged uid: what any local user can make, as many as they like. Killed on drop.
+struct UserMadeNetns {
+    child: std::process::Child,
+    ino: u64,
+}
+
+impl UserMadeNetns {
+    fn new() -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "unshare",
+                "-Urn",
+                "sh",
+                "-c",
+                "stat -L -c %i /proc/self/ns/net; exec sleep 120",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("setpriv and unshare (util-linux)");
+        // The line comes once the namespace exists: no polling.
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let ino = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("unshare -Urn as nobody failed: {line:?}"));
+        Self { child, ino }
+    }
+}
+
+impl Drop for UserMadeNetns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Each indexed namespace costs the daemon two descriptors, and any user can make namespaces:
+/// those held only from other user namespaces are indexed up to a limit, and the namespaces
+/// root made (containers, `ip netns`) are indexed whatever a user made.
+#[tokio::test]
+async fn namespaces_users_make_are_indexed_only_up_to_a_limit() {
+    let user_made: Vec<UserMadeNetns> = (0..3).map(|_| UserMadeNetns::new()).collect();
+    let root_made = TestNetns::new(5);
+    let namespaces = Namespaces::with_foreign_limit(1).unwrap();
+    namespaces.refresh();
+    assert!(namespaces.contains(root_made.ino()), "root's namespace");
+    let indexed = user_made
+        .iter()
+        .filter(|n| namespaces.contains(n.ino))
+        .count();
+    assert_eq!(indexed, 1, "user-made namespaces indexed: the limit is 1");
+    // The limit holds across refreshes, and a freed place is taken again.
+    namespaces.refresh();
+    assert_eq!(
+        user_made
+            .iter()
+            .filter(|n| namespaces.contains(n.ino))
+            .count(),
+        1
+    );
+    let (kept, others): (Vec<_>, Vec<_>) = user_made
+        .into_iter()
+        .partition(|n| namespaces.contains(n.ino));
+    drop(kept);
+    namespaces.refresh();
+    assert_eq!(
+        others.iter().filter(|n| namespaces.contains(n.ino)).count(),
+        1,
+        "the place the dropped one freed is taken"
+    );
+}

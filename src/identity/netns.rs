@@ -12,6 +12,15 @@
 //!
 //! A kept socket keeps its namespace alive, so every refresh drops the namespaces that no
 //! process and no `/run/netns` mount refers to any more.
+//!
+//! Each indexed namespace costs the daemon two descriptors. Any user may make network
+//! namespaces (inside a user namespace of their own) and keep them alive, so namespaces whose
+//! every holder is in another user namespace than the daemon's are indexed only up to
+//! [`MAX_FOREIGN`]; beyond that they are not indexed (their callers are refused as from
+//! elsewhere). Namespaces that root made for the host's user namespace (rootful containers,
+//! `ip netns`, CNI) are never counted against it: putting a process of the daemon's user
+//! namespace into another network namespace takes `CAP_SYS_ADMIN` there, and `/run/netns` is
+//! root's.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -41,6 +50,10 @@ const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 /// Where `ip netns` and CNI runtimes bind-mount namespaces that may have no process yet.
 const NAMED_NAMESPACES: &str = "/run/netns";
 
+/// How many namespaces held only from other user namespaces (user-made, or containers with a
+/// remapped user namespace) are indexed at most.
+pub const MAX_FOREIGN: usize = 512;
+
 /// What the other network namespaces hold for a connection's client end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Found {
@@ -60,6 +73,10 @@ pub enum Found {
 pub struct Namespaces {
     /// The daemon's own namespace, which the host lookup already covers.
     host: u64,
+    /// The daemon's own user namespace: namespaces held from it were made by root.
+    host_user: u64,
+    /// At most this many namespaces held only from other user namespaces are indexed.
+    max_foreign: usize,
     index: RwLock<Index>,
     /// When the last refresh started; held across a refresh, so waiters share it.
     refreshing: tokio::sync::Mutex<Option<Instant>>,
@@ -90,16 +107,27 @@ pub enum Refresh {
 /// One namespace, through sockets opened inside it.
 struct Space {
     ino: u64,
+    /// Every holder seen when it was opened is in another user namespace than the daemon's.
+    foreign: bool,
     diag: Mutex<Socket>,
     route: Mutex<Socket>,
 }
 
 static WARNED_PRIVILEGE: AtomicBool = AtomicBool::new(false);
+static WARNED_FOREIGN: AtomicBool = AtomicBool::new(false);
 
 impl Namespaces {
     pub fn new() -> io::Result<Self> {
+        Self::with_foreign_limit(MAX_FOREIGN)
+    }
+
+    /// [`Namespaces::new`] with another limit on namespaces held only from other user
+    /// namespaces.
+    pub fn with_foreign_limit(max_foreign: usize) -> io::Result<Self> {
         Ok(Self {
             host: fs::metadata("/proc/thread-self/ns/net")?.ino(),
+            host_user: fs::metadata("/proc/thread-self/ns/user")?.ino(),
+            max_foreign,
             index: RwLock::new(Index::default()),
             refreshing: tokio::sync::Mutex::new(None),
         })
@@ -194,7 +222,7 @@ impl Namespaces {
 
     /// Re-reads which namespaces exist, and the addresses `scope` says. Blocking.
     pub fn refresh_with(&self, scope: Refresh) {
-        let seen = discover(self.host);
+        let seen = discover(self.host, self.host_user);
         let (mut spaces, mut addresses) = {
             let index = self.index.read().expect("netns index lock");
             let spaces: HashMap<u64, Arc<Space>> = index
@@ -211,11 +239,25 @@ impl Namespaces {
                 .collect();
             (spaces, addresses)
         };
-        for (ino, path) in &seen {
+        let mut foreign = spaces.values().filter(|s| s.foreign).count();
+        for (ino, held) in &seen {
             if spaces.contains_key(ino) {
                 continue;
             }
-            match Space::open(*ino, path) {
+            if held.foreign {
+                if foreign >= self.max_foreign {
+                    if !WARNED_FOREIGN.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            limit = self.max_foreign,
+                            "too many network namespaces held only from other user namespaces: the rest are not indexed, and callers in them are refused"
+                        );
+                    }
+                    continue;
+                }
+                foreign += 1;
+            }
+            let path = &held.path;
+            match Space::open(*ino, path, held.foreign) {
                 Ok(space) => {
                     spaces.insert(*ino, Arc::new(space));
                 }
@@ -272,9 +314,16 @@ fn note_open_failure(path: &Path, e: &io::Error) {
     }
 }
 
-/// Every network namespace some process or `/run/netns` mount refers to, but `host`: inode →
-/// a path that opens it.
-fn discover(host: u64) -> HashMap<u64, PathBuf> {
+/// A namespace found by [`discover`].
+struct Held {
+    /// A path that opens it.
+    path: PathBuf,
+    /// No holder seen is in the daemon's user namespace (`host_user`), nor a `/run/netns` mount.
+    foreign: bool,
+}
+
+/// Every network namespace some process or `/run/netns` mount refers to, but `host`.
+fn discover(host: u64, host_user: u64) -> HashMap<u64, Held> {
     let mut found = HashMap::new();
     let mut denied = 0usize;
     let proc_entries = fs::read_dir("/proc").into_iter().flatten().flatten();
@@ -288,12 +337,23 @@ fn discover(host: u64) -> HashMap<u64, PathBuf> {
                 .to_str()
                 .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
         })
-        .map(|e| e.path().join("ns/net"))
-        .chain(named.map(|e| e.path()));
-    for path in candidates {
+        .map(|e| {
+            let process = e.path();
+            // Unreadable (the process exited meanwhile) counts as foreign, the side the limit
+            // is safe on; another holder in the daemon's user namespace still clears it.
+            let foreign =
+                fs::metadata(process.join("ns/user")).map_or(true, |meta| meta.ino() != host_user);
+            (process.join("ns/net"), foreign)
+        })
+        .chain(named.map(|e| (e.path(), false)));
+    for (path, foreign) in candidates {
         match fs::metadata(&path) {
             Ok(meta) if meta.ino() != host => {
-                found.entry(meta.ino()).or_insert(path);
+                let held = found.entry(meta.ino()).or_insert(Held {
+                    path,
+                    foreign: true,
+                });
+                held.foreign &= foreign;
             }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => denied += 1,
@@ -312,7 +372,7 @@ fn discover(host: u64) -> HashMap<u64, PathBuf> {
 impl Space {
     /// Opens the namespace at `path` and the sockets inside it, from a thread that enters it
     /// and ends: `setns` changes only the calling thread, and no other thread ever moves.
-    fn open(ino: u64, path: &Path) -> io::Result<Self> {
+    fn open(ino: u64, path: &Path, foreign: bool) -> io::Result<Self> {
         let file = fs::File::open(path)?;
         // The process may have exited and its pid been reused since the scan.
         if file.metadata()?.ino() != ino {
@@ -333,6 +393,7 @@ impl Space {
         })?;
         Ok(Self {
             ino,
+            foreign,
             diag: Mutex::new(diag),
             route: Mutex::new(route),
         })
