@@ -64,6 +64,10 @@ state_dir = "{root / 'state'}"
 region = "{REGION}"
 endpoint_url = "{sts_endpoint}"
 
+[credentials]
+# At once: the test counts each app's AssumeRole calls from the prefetch on.
+prefetch_spread = "0"
+
 [container]
 listen = ["127.0.0.1:0"]
 token_dir = "{root / 'tokens'}"
