@@ -14,17 +14,15 @@
 mod common;
 
 use std::fs;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::audit::{admin, events, flush, health_becomes};
 use common::{TestDaemon, config_text};
 use imds_broker::audit::chain;
 use imds_broker::audit::sink::{AuditSink, QUEUE_EVENTS};
-use serde_json::{Map, Value};
 use tracing_subscriber::layer::SubscriberExt;
 
 const CREDS_PATH: &str = "/latest/meta-data/iam/security-credentials/app-a";
@@ -85,16 +83,6 @@ impl Drop for Ext4 {
 fn run(command: &mut Command) {
     let status = command.status().unwrap();
     assert!(status.success(), "{command:?} (the tests run as root)");
-}
-
-/// GET `path` from the daemon's admin socket: status and body.
-fn admin(d: &TestDaemon, path: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(d.dir.path().join("state/admin.sock")).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, out.split_once("\r\n\r\n").unwrap().1.to_owned())
 }
 
 fn metric(d: &TestDaemon, name: &str) -> u64 {
@@ -160,32 +148,6 @@ async fn all_answered(d: &TestDaemon, status: u16) -> Duration {
         slowest = slowest.max(took);
     }
     slowest
-}
-
-async fn health_becomes(healthy: bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while imds_broker::audit::health::failing().is_none() != healthy {
-        assert!(
-            Instant::now() < deadline,
-            "audit health never became {healthy}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn flush(sink: &AuditSink) {
-    let sink = sink.clone();
-    tokio::task::spawn_blocking(move || sink.flush())
-        .await
-        .unwrap();
-}
-
-fn events(path: &Path) -> Vec<Map<String, Value>> {
-    fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn lost_in_gaps(path: &Path) -> u64 {

@@ -12,15 +12,13 @@
 mod common;
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
+use common::audit::{admin, events, flush, health_becomes};
 use common::{TestDaemon, config_text};
 use imds_broker::audit::chain;
 use imds_broker::audit::sink::AuditSink;
-use serde_json::{Map, Value};
 use tracing_subscriber::layer::SubscriberExt;
 
 /// The credentials of the config's app (`app-a`, this process's uid).
@@ -77,36 +75,6 @@ impl Drop for TmpFs {
     }
 }
 
-/// GET `path` from the daemon's admin socket: status and body.
-fn admin(d: &TestDaemon, path: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(d.dir.path().join("state/admin.sock")).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, out.split_once("\r\n\r\n").unwrap().1.to_owned())
-}
-
-/// Waits (for the writer's retry timer, at most 10 s) until the audit health is `healthy`.
-async fn health_becomes(healthy: bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while imds_broker::audit::health::failing().is_none() != healthy {
-        assert!(
-            Instant::now() < deadline,
-            "audit health never became {healthy}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Returns once every event queued so far was handled by the writer.
-async fn flush(sink: &AuditSink) {
-    let sink = sink.clone();
-    tokio::task::spawn_blocking(move || sink.flush())
-        .await
-        .unwrap();
-}
-
 /// Takes tokens, one batch each, until the writer reports failing (the file's last page
 /// takes a few small lines after the filesystem is full); the last token's event was lost.
 async fn token_until_failing(d: &TestDaemon, sink: &AuditSink) -> String {
@@ -125,14 +93,6 @@ async fn credentials(d: &TestDaemon) -> (u16, String) {
     let token = d.token(60).await;
     let r = d.get(CREDS_PATH, &token).await;
     (r.status, r.body)
-}
-
-fn events(path: &Path) -> Vec<Map<String, Value>> {
-    fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

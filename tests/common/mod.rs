@@ -3,6 +3,8 @@
 //! that sends exactly the bytes a test writes.
 #![allow(dead_code)]
 
+pub mod audit;
+
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
