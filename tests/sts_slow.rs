@@ -13,14 +13,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_credential_types::Credentials as SourceCredentials;
-use aws_types::SdkConfig;
-use aws_types::region::Region;
 use common::{ROLE_A, TestDaemon, cache_with_fake_sts, input};
 use imds_broker::config::{Config, CredentialPolicy, DEFAULT_MAX_WAIT, STS_ATTEMPT_TIMEOUT};
 use imds_broker::credentials::{
-    CacheError, CredentialCache, CredentialSource, STS_CONNECT_TIMEOUT, StsError, StsSource,
-    SystemClock,
+    CacheError, CredentialCache, CredentialSource, STS_CONNECT_TIMEOUT, StsError, SystemClock,
 };
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
@@ -242,20 +238,6 @@ async fn one_app_whose_sts_hangs_holds_up_no_other_app_token_or_health_check() {
     d.stop().await;
 }
 
-/// A real STS client for `url` under `behavior` (the daemon uses the latest).
-fn sts_at(url: &str, behavior: aws_config::BehaviorVersion) -> StsSource {
-    let shared = SdkConfig::builder()
-        .behavior_version(behavior)
-        .region(Region::new("us-east-1"))
-        .credentials_provider(
-            aws_credential_types::provider::SharedCredentialsProvider::new(
-                SourceCredentials::for_tests_with_session_token(),
-            ),
-        )
-        .build();
-    StsSource::from_shared(&shared, Some(url))
-}
-
 /// A loopback listener whose accept queue is full, so further SYNs are dropped: a connection
 /// to it never completes, as to a black-holed address. The fillers must stay open.
 fn black_hole() -> (SocketAddr, socket2::Socket, Vec<TcpStream>) {
@@ -286,7 +268,7 @@ async fn a_black_holed_sts_fails_at_the_connect_timeout_whatever_the_behavior_ve
     #[allow(deprecated)]
     let older = aws_config::BehaviorVersion::v2025_08_07();
     let call = |behavior| {
-        let source = sts_at(&url, behavior);
+        let source = common::sts_client(&url, behavior);
         async move {
             let started = Instant::now();
             let result =
@@ -316,8 +298,10 @@ async fn an_sts_that_accepts_and_never_answers_ends_at_the_attempt_timeout() {
     // The kernel completes the handshake and takes the request; nobody ever reads it.
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", silent.local_addr().unwrap());
-    let source: Arc<dyn CredentialSource> =
-        Arc::new(sts_at(&url, aws_config::BehaviorVersion::latest()));
+    let source: Arc<dyn CredentialSource> = Arc::new(common::sts_client(
+        &url,
+        aws_config::BehaviorVersion::latest(),
+    ));
     // A caller that would wait longer than the attempt: it sees how the attempt ends.
     let patient = CredentialPolicy {
         max_wait: STS_ATTEMPT_TIMEOUT * 2,

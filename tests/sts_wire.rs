@@ -3,11 +3,10 @@
 //! daemon sends (role, session name, duration, SourceIdentity, session tags, signed with its
 //! own source key), how it reads the answer, and how STS errors are classified.
 
+mod common;
+
 use std::time::{Duration, SystemTime};
 
-use aws_credential_types::Credentials as SourceCredentials;
-use aws_types::SdkConfig;
-use aws_types::region::Region;
 use imds_broker::credentials::{AssumeRoleInput, CredentialSource, StsError, StsSource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -119,16 +118,7 @@ async fn role_chaining_sts(requests: usize) -> String {
 }
 
 fn source(url: &str) -> StsSource {
-    let shared = SdkConfig::builder()
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(
-            aws_credential_types::provider::SharedCredentialsProvider::new(
-                SourceCredentials::for_tests_with_session_token(),
-            ),
-        )
-        .build();
-    StsSource::from_shared(&shared, Some(url))
+    common::sts_client(url, aws_config::BehaviorVersion::latest())
 }
 
 fn input() -> AssumeRoleInput {

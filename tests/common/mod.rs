@@ -15,7 +15,9 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use imds_broker::audit::sink::AuditSink;
 use imds_broker::config::Config;
-use imds_broker::credentials::{AssumeRoleInput, Clock, CredentialSource, Credentials, StsError};
+use imds_broker::credentials::{
+    AssumeRoleInput, Clock, CredentialSource, Credentials, StsError, StsSource,
+};
 use imds_broker::daemon::{self, Stopped};
 use imds_broker::secret::Secret;
 use imds_broker::shutdown::Tasks;
@@ -596,4 +598,19 @@ async fn read_head(stream: &mut TcpStream) -> (RawResponse, Vec<u8>) {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A real STS client (aws-sdk-sts) for `url` under `behavior`, with test source credentials
+/// (the daemon uses the latest behavior version).
+pub fn sts_client(url: &str, behavior: aws_config::BehaviorVersion) -> StsSource {
+    let shared = aws_types::SdkConfig::builder()
+        .behavior_version(behavior)
+        .region(aws_types::region::Region::new("us-east-1"))
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(
+                aws_credential_types::Credentials::for_tests_with_session_token(),
+            ),
+        )
+        .build();
+    StsSource::from_shared(&shared, Some(url))
 }
