@@ -291,6 +291,10 @@ class Load:
                 detail = "" if ok else f"{time.strftime('%H:%M:%S')} as {app.name}:\n{describe(result)}"
             except subprocess.TimeoutExpired as err:
                 ok, detail = False, f"{time.strftime('%H:%M:%S')} as {app.name}: timed out after {err.timeout}s"
+            except OSError as err:
+                # The client could not even start (a missing binary): a failed call, counted,
+                # never a loop that dies quietly and leaves its kind at zero calls.
+                ok, detail = False, f"{time.strftime('%H:%M:%S')} as {app.name}: cannot run: {err}"
             self._record(client.name, ok, time.monotonic() - began, detail)
             self._pause(rng)
 
@@ -983,9 +987,12 @@ def main() -> int:
         parser.error("--minutes must be between 0.5 and 1440")
     if not (1 <= args.sample_every <= 60 and 10 <= args.reload_every and 0.1 <= args.pause <= 60):
         parser.error("--sample-every 1..60, --reload-every >= 10, --pause 0.1..60")
+    # Absolute: the clients run as other uids from their own home directories.
     args.broker = args.broker.resolve()
     if args.rust_client is None:
         args.rust_client = args.broker.parent / "examples" / "sdk_whoami"
+    args.rust_client = args.rust_client.resolve()
+    args.js_dir = args.js_dir.resolve()
     missing = [p for p in (args.broker, args.rust_client, args.js_dir / "node_modules") if not p.exists()]
     if missing:
         built = "cargo build --release --bins --examples; npm ci in tests/e2e/js"
